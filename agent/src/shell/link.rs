@@ -1,0 +1,400 @@
+//! The recorder's connection to the agent: delivers chunks in order and keeps
+//! every unacknowledged chunk in memory, so that an agent restart (an upgrade,
+//! a crash) loses nothing: after reconnecting, the agent says which chunk it
+//! needs next and the rest is sent again.
+//!
+//! Memory is bounded by a [`Budget`]. When it is exhausted the configured
+//! policy decides: `deny` makes the session wait (output stalls until the
+//! agent catches up), `allow` drops the chunk and names it in the session's
+//! Close message, so the gap is recorded, never silent.
+
+use crate::shell::syslog;
+use shelltrail_cast::chunk::Chunk;
+use shelltrail_proto::framing;
+use shelltrail_proto::v1::{
+    AgentFrame, Close, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame,
+};
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Largest frame the agent sends us (acks are tiny).
+const MAX_AGENT_FRAME: usize = 64 << 10;
+/// How long to wait for the agent's answer to Open, and for a write to go through.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the shelltrail agent is not reachable at {path}: {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the shelltrail agent refused the session: {0}")]
+    Refused(String),
+    #[error("the shelltrail agent answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// A connection on which the agent has accepted the session.
+pub struct Connection {
+    stream: UnixStream,
+    /// The first chunk the agent does not hold.
+    pub next_seq: u64,
+}
+
+/// Connects and opens (or resumes) the session.
+pub fn open(socket: &Path, meta: &SessionMeta, resume: bool) -> Result<Connection, ConnectError> {
+    let unreachable = |source| ConnectError::Unreachable {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(unreachable)?;
+    let frame = RecorderFrame {
+        body: Some(recorder_frame::Body::Open(Open {
+            meta: Some(meta.clone()),
+            resume,
+        })),
+    };
+    let mut buf = Vec::new();
+    framing::encode(&frame, &mut buf);
+    stream.write_all(&buf).map_err(unreachable)?;
+    let mut reader = FrameReader::default();
+    match reader.next(&mut stream) {
+        Ok(Some(AgentFrame {
+            body: Some(agent_frame::Body::Accepted(a)),
+        })) => {
+            stream.set_read_timeout(None).map_err(unreachable)?;
+            Ok(Connection {
+                stream,
+                next_seq: a.next_seq,
+            })
+        }
+        Ok(Some(AgentFrame {
+            body: Some(agent_frame::Body::Refused(r)),
+        })) => Err(ConnectError::Refused(r.reason)),
+        Ok(other) => Err(ConnectError::Protocol(format!(
+            "expected Accepted, got {other:?}"
+        ))),
+        Err(e) => Err(ConnectError::Protocol(e.to_string())),
+    }
+}
+
+/// Reads length-framed messages from a blocking stream.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next frame, or None at a clean end of stream.
+    fn next(&mut self, r: &mut impl Read) -> std::io::Result<Option<AgentFrame>> {
+        loop {
+            match framing::take::<AgentFrame>(&mut self.buf, MAX_AGENT_FRAME) {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            }
+            let mut tmp = [0u8; 4096];
+            let n = r.read(&mut tmp)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
+/// Bytes of recording held in memory and not yet acknowledged.
+pub struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+    cap: u64,
+}
+
+impl Budget {
+    pub fn new(cap: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            cap,
+        })
+    }
+
+    /// Takes `n` bytes if they fit.
+    pub fn try_take(&self, n: u64) -> bool {
+        let mut used = self.used.lock().expect("budget lock");
+        if *used + n > self.cap && *used > 0 {
+            return false;
+        }
+        *used += n;
+        true
+    }
+
+    /// Takes `n` bytes, waiting for acknowledgements to free them.
+    pub fn take_waiting(&self, n: u64) {
+        let mut used = self.used.lock().expect("budget lock");
+        while *used + n > self.cap && *used > 0 {
+            used = self.freed.wait(used).expect("budget lock");
+        }
+        *used += n;
+    }
+
+    fn give_back(&self, n: u64) {
+        let mut used = self.used.lock().expect("budget lock");
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
+/// Messages into the link thread.
+pub enum ToLink {
+    Chunk(Chunk),
+    /// The session is over: deliver this, then stop.
+    Close(Close),
+    /// From a connection's reader: acks (`epoch` tells stale connections apart).
+    Acked {
+        epoch: u64,
+        through: u64,
+        closed: bool,
+    },
+    ReaderDone {
+        epoch: u64,
+    },
+}
+
+/// What happened to the recording, reported when the link stops.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Chunks never acknowledged by the agent.
+    pub undelivered: u64,
+    pub close_acked: bool,
+}
+
+/// Runs the link until the session's Close is acknowledged, or until
+/// `close_timeout` after Close when the agent stays away.
+pub fn run(
+    socket: PathBuf,
+    meta: SessionMeta,
+    conn: Option<Connection>,
+    budget: Arc<Budget>,
+    tx: Sender<ToLink>,
+    rx: Receiver<ToLink>,
+    close_timeout: Duration,
+) -> Delivery {
+    let mut link = Link {
+        socket,
+        meta,
+        stream: None,
+        epoch: 0,
+        unacked: VecDeque::new(),
+        close: None,
+        close_acked: false,
+        budget,
+        tx,
+        retry_at: Instant::now(),
+        backoff: Duration::from_millis(50),
+        warned: false,
+    };
+    if let Some(c) = conn {
+        link.attach(c);
+    }
+    let mut close_deadline: Option<Instant> = None;
+    loop {
+        let wait = if link.stream.is_none() {
+            link.retry_at.saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_secs(1)
+        };
+        let wait = close_deadline.map_or(wait, |d| {
+            wait.min(d.saturating_duration_since(Instant::now()))
+        });
+        match rx.recv_timeout(wait) {
+            Ok(ToLink::Chunk(c)) => {
+                link.send_chunk(&c);
+                link.unacked.push_back(c);
+            }
+            Ok(ToLink::Close(c)) => {
+                link.close = Some(c);
+                link.send_close();
+                close_deadline = Some(Instant::now() + close_timeout);
+            }
+            Ok(ToLink::Acked {
+                epoch,
+                through,
+                closed,
+            }) if epoch == link.epoch => link.acked(through, closed),
+            Ok(ToLink::ReaderDone { epoch }) if epoch == link.epoch => {
+                link.lost("the agent closed the connection")
+            }
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if link.stream.is_none() && Instant::now() >= link.retry_at {
+            link.reconnect();
+        }
+        if link.close_acked {
+            break;
+        }
+        if close_deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    Delivery {
+        undelivered: link.unacked.len() as u64,
+        close_acked: link.close_acked,
+    }
+}
+
+struct Link {
+    socket: PathBuf,
+    meta: SessionMeta,
+    stream: Option<UnixStream>,
+    epoch: u64,
+    unacked: VecDeque<Chunk>,
+    close: Option<Close>,
+    close_acked: bool,
+    budget: Arc<Budget>,
+    tx: Sender<ToLink>,
+    retry_at: Instant,
+    backoff: Duration,
+    warned: bool,
+}
+
+impl Link {
+    fn attach(&mut self, conn: Connection) {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        // Everything below next_seq is durable at the agent: forget it.
+        while self.unacked.front().is_some_and(|c| c.seq < conn.next_seq) {
+            let c = self.unacked.pop_front().expect("front");
+            self.budget.give_back(c.bytes.len() as u64);
+        }
+        let reader = conn.stream.try_clone();
+        self.stream = Some(conn.stream);
+        match reader {
+            Ok(mut r) => {
+                let tx = self.tx.clone();
+                std::thread::Builder::new()
+                    .name("agent-acks".into())
+                    .spawn(move || {
+                        let mut fr = FrameReader::default();
+                        while let Ok(Some(f)) = fr.next(&mut r) {
+                            if let Some(agent_frame::Body::Ack(a)) = f.body {
+                                let msg = ToLink::Acked {
+                                    epoch,
+                                    through: a.through_seq,
+                                    closed: a.closed,
+                                };
+                                if tx.send(msg).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        let _ = tx.send(ToLink::ReaderDone { epoch });
+                    })
+                    .expect("spawn ack reader");
+            }
+            Err(e) => return self.lost(&format!("cannot clone the agent socket: {e}")),
+        }
+        // Resend what the agent does not have yet, in order.
+        let pending: Vec<Chunk> = self.unacked.iter().cloned().collect();
+        for c in &pending {
+            self.send_chunk(c);
+        }
+        self.send_close();
+    }
+
+    fn send(&mut self, frame: &RecorderFrame) {
+        let Some(s) = self.stream.as_mut() else {
+            return;
+        };
+        let mut buf = Vec::with_capacity(frame_len_hint(frame));
+        framing::encode(frame, &mut buf);
+        if let Err(e) = s.write_all(&buf) {
+            self.lost(&format!("write failed: {e}"));
+        }
+    }
+
+    fn send_chunk(&mut self, c: &Chunk) {
+        let frame = RecorderFrame {
+            body: Some(recorder_frame::Body::Chunk(shelltrail_proto::v1::Chunk {
+                seq: c.seq,
+                data: c.bytes.clone(),
+            })),
+        };
+        self.send(&frame);
+    }
+
+    fn send_close(&mut self) {
+        if let Some(c) = self.close.clone() {
+            self.send(&RecorderFrame {
+                body: Some(recorder_frame::Body::Close(c)),
+            });
+        }
+    }
+
+    fn acked(&mut self, through: u64, closed: bool) {
+        while self.unacked.front().is_some_and(|c| c.seq <= through) {
+            let c = self.unacked.pop_front().expect("front");
+            self.budget.give_back(c.bytes.len() as u64);
+        }
+        self.close_acked |= closed;
+        self.backoff = Duration::from_millis(50);
+    }
+
+    fn lost(&mut self, why: &str) {
+        if self.stream.take().is_some() {
+            self.epoch += 1;
+            syslog::warning(&format!(
+                "session {}: lost the agent ({why}); {} chunks held in memory, reconnecting",
+                self.meta.session_id,
+                self.unacked.len()
+            ));
+            self.retry_at = Instant::now();
+        }
+    }
+
+    fn reconnect(&mut self) {
+        match open(&self.socket, &self.meta, true) {
+            Ok(conn) => {
+                syslog::info(&format!(
+                    "session {}: agent reachable again; resuming at chunk {}",
+                    self.meta.session_id, conn.next_seq
+                ));
+                self.warned = false;
+                self.attach(conn);
+            }
+            Err(e) => {
+                if !self.warned {
+                    syslog::warning(&format!(
+                        "session {}: {e}; will keep retrying",
+                        self.meta.session_id
+                    ));
+                    self.warned = true;
+                }
+                // Exponential backoff with jitter, capped: many recorders
+                // reconnecting after an agent restart do not arrive in lockstep.
+                let jitter = Duration::from_millis(u64::from(std::process::id() % 50));
+                self.retry_at = Instant::now() + self.backoff + jitter;
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn frame_len_hint(frame: &RecorderFrame) -> usize {
+    use prost::Message;
+    frame.encoded_len() + framing::PREFIX
+}

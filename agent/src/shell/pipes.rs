@@ -1,0 +1,182 @@
+//! Sessions without a terminal: `ssh host cmd`, scp, sftp, rsync, git. Bytes
+//! pass through unchanged; stdout and stderr stay separate; closed stdin
+//! (`ssh -n`) closes the child's.
+//!
+//! For a recognised file transfer the payload is not recorded (unless the
+//! config asks): the copy loops count and hash each direction instead, so a
+//! 1 GiB upload costs the spool a few hundred bytes.
+
+use crate::shell::record::Event;
+use crate::shell::{Outcome, exit_code};
+use crate::sys;
+use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+use shelltrail_proto::v1::TransferSummary;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+/// After the child exits, how long to wait for a background process that
+/// still holds stdout or stderr open.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How a byte stream is kept.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// As `o` events.
+    Output,
+    /// As `i` events.
+    Input,
+    /// Counted and hashed only.
+    Summary,
+    /// Neither recorded nor hashed (input with input recording off).
+    Nothing,
+}
+
+struct Copied {
+    bytes: u64,
+    sha256: Option<String>,
+}
+
+/// Runs `cmd` with pipes until it exits.
+pub fn run(
+    mut cmd: Command,
+    events: SyncSender<Event>,
+    record_input: bool,
+    transfer: Option<&'static str>,
+) -> Result<Outcome> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT])?;
+    let mut child = sys::spawn(
+        &mut cmd,
+        sys::ChildSetup {
+            controlling_tty: false,
+        },
+    )
+    .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let pgid = Pid::from_raw(child.id() as i32);
+
+    let (out_keep, in_keep) = match (transfer.is_some(), record_input) {
+        (true, _) => (Keep::Summary, Keep::Summary),
+        (false, true) => (Keep::Output, Keep::Input),
+        (false, false) => (Keep::Output, Keep::Nothing),
+    };
+    let child_in = child.stdin.take().context("child stdin")?;
+    let child_out = child.stdout.take().context("child stdout")?;
+    let child_err = child.stderr.take().context("child stderr")?;
+
+    let stdin = dup(std::io::stdin().as_fd())?;
+    let stdout = dup(std::io::stdout().as_fd())?;
+    let stderr = dup(std::io::stderr().as_fd())?;
+    let ev = events.clone();
+    let input = std::thread::spawn(move || copy(stdin, child_in, in_keep, &ev));
+    let ev = events.clone();
+    let output = std::thread::spawn(move || copy(child_out, stdout, out_keep, &ev));
+    let ev = events.clone();
+    // stderr is always recorded: for a transfer it carries only error messages.
+    let errors = std::thread::spawn(move || copy(child_err, stderr, Keep::Output, &ev));
+
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let s = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
+            let _ = killpg(pgid, s);
+        }
+    });
+    let status = child.wait()?;
+    handle.close();
+
+    let deadline = Instant::now() + LINGER;
+    let out = join_by(output, deadline);
+    let _ = join_by(errors, deadline);
+    // Input may still be blocked reading the client: its counts are final
+    // only if it finished; for transfers the child reads stdin to EOF first.
+    let inp = if input.is_finished() {
+        input.join().ok()
+    } else {
+        None
+    };
+
+    let summary = transfer.map(|program| TransferSummary {
+        program: program.to_string(),
+        bytes_from_client: inp.as_ref().map_or(0, |c| c.bytes),
+        bytes_to_client: out.as_ref().map_or(0, |c| c.bytes),
+        sha256_from_client: inp
+            .as_ref()
+            .and_then(|c| c.sha256.clone())
+            .unwrap_or_default(),
+        sha256_to_client: out
+            .as_ref()
+            .and_then(|c| c.sha256.clone())
+            .unwrap_or_default(),
+    });
+    Ok(Outcome {
+        code: exit_code(status),
+        bytes_out: out.as_ref().map_or(0, |c| c.bytes),
+        bytes_in: inp.as_ref().map_or(0, |c| c.bytes),
+        transfer: summary,
+    })
+}
+
+fn join_by(t: std::thread::JoinHandle<Copied>, deadline: Instant) -> Option<Copied> {
+    while !t.is_finished() {
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.join().ok()
+}
+
+/// Copies until EOF, writing first and recording after. Closing `to` at the
+/// end (drop) passes EOF on, which is what makes `ssh -n` work.
+fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender<Event>) -> Copied {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut bytes = 0u64;
+    let mut hash = matches!(keep, Keep::Summary).then(Sha256::new);
+    let mut recording = true;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let now = Instant::now();
+        if to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
+            break;
+        }
+        bytes += n as u64;
+        if let Some(h) = hash.as_mut() {
+            h.update(&buf[..n]);
+        }
+        if recording {
+            let ev = match keep {
+                Keep::Output => Some(Event::Output(now, buf[..n].to_vec())),
+                Keep::Input => Some(Event::Input(now, buf[..n].to_vec())),
+                Keep::Summary | Keep::Nothing => None,
+            };
+            if let Some(ev) = ev {
+                recording = events.send(ev).is_ok();
+            }
+        }
+    }
+    Copied {
+        bytes,
+        sha256: hash.map(|h| hex::encode(h.finalize())),
+    }
+}
+
+/// Our own handle on a standard stream: unbuffered, unlike `std::io::stdout()`.
+fn dup(fd: BorrowedFd<'_>) -> std::io::Result<File> {
+    Ok(File::from(fd.try_clone_to_owned()?))
+}
