@@ -546,7 +546,8 @@ fn new_segment(dir: &Path, id: u64) -> Result<(File, u64), SpoolError> {
 
 /// Creates the spool directory if needed and makes sure users cannot read it.
 pub fn prepare_dir(dir: &Path) -> Result<(), SpoolError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir).map_err(|e| io_err(dir, e))?;
     let md = std::fs::metadata(dir).map_err(|e| io_err(dir, e))?;
     if md.permissions().mode() & 0o007 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
