@@ -98,8 +98,6 @@ pub struct AgentConfig {
     /// Largest frame a recorder may send; larger closes that connection.
     #[serde(deserialize_with = "bytes")]
     pub max_frame_bytes: u64,
-    /// Group allowed to connect to the CLI-facing files (the spool is 0750 agent:group).
-    pub group: String,
 }
 
 impl Default for Config {
@@ -139,7 +137,6 @@ impl Default for AgentConfig {
             segment_bytes: 64 << 20,
             max_sessions_per_uid: 64,
             max_frame_bytes: 4 << 20,
-            group: "shelltrail".into(),
         }
     }
 }
@@ -296,6 +293,12 @@ mod tests {
         assert_eq!(c.agent.spool_max_bytes, 1 << 20);
         assert_eq!(parse_size("512k").unwrap(), 512 << 10);
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn shipped_example_documents_the_defaults() {
+        let example = Config::parse(include_str!("../../packaging/shelltrail.toml")).unwrap();
+        assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
     }
 
     #[test]
