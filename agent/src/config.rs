@@ -16,10 +16,7 @@ pub const DEFAULT_PATH: &str = "/etc/shelltrail/shelltrail.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error(
@@ -192,10 +189,7 @@ impl Config {
             }
             Err(e) if path.is_none() && e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(ConfigError::Read {
-                    path: p.into(),
-                    source,
-                });
+                return Err(ConfigError::Read { path: p.into(), source });
             }
         }
         Self::load(path)
@@ -216,16 +210,11 @@ impl Config {
             return Err("shell.compression_level must be between -7 and 19".into());
         }
         if s.buffer_bytes < 2 * s.chunk_bytes {
-            return Err(
-                "shell.buffer_bytes must hold at least two chunks (2 x shell.chunk_bytes)".into(),
-            );
+            return Err("shell.buffer_bytes must hold at least two chunks (2 x shell.chunk_bytes)".into());
         }
         // A compressed chunk can be slightly larger than its input.
         if self.agent.max_frame_bytes < s.chunk_bytes + s.chunk_bytes / 8 + 4096 {
-            return Err(
-                "agent.max_frame_bytes must exceed shell.chunk_bytes by at least 1/8 + 4 KiB"
-                    .into(),
-            );
+            return Err("agent.max_frame_bytes must exceed shell.chunk_bytes by at least 1/8 + 4 KiB".into());
         }
         if self.agent.segment_bytes < 1 << 20 {
             return Err("agent.segment_bytes must be at least 1 MiB".into());
@@ -263,9 +252,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
         _ => {
-            return Err(format!(
-                "invalid size unit in {s:?}: use B, KiB, MiB, GiB or TiB"
-            ));
+            return Err(format!("invalid size unit in {s:?}: use B, KiB, MiB, GiB or TiB"));
         }
     };
     n.checked_mul(1 << shift)
@@ -286,9 +273,7 @@ mod tests {
 
     #[test]
     fn sizes_with_units() {
-        let c =
-            Config::parse("[shell]\nbuffer_bytes = \"8MiB\"\n[agent]\nspool_max_bytes = 1048576\n")
-                .unwrap();
+        let c = Config::parse("[shell]\nbuffer_bytes = \"8MiB\"\n[agent]\nspool_max_bytes = 1048576\n").unwrap();
         assert_eq!(c.shell.buffer_bytes, 8 << 20);
         assert_eq!(c.agent.spool_max_bytes, 1 << 20);
         assert_eq!(parse_size("512k").unwrap(), 512 << 10);

@@ -31,13 +31,7 @@ pub fn window_size(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCGWINSZ writes one `winsize` into the pointed-to struct, which lives on our stack.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::TIOCGWINSZ,
-            &mut ws as *mut libc::winsize,
-        )
-    };
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws as *mut libc::winsize) };
     (rc == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
 }
 
@@ -52,8 +46,7 @@ pub fn pts_name(master: BorrowedFd<'_>) -> io::Result<PathBuf> {
     // SAFETY: on success buf holds a NUL-terminated string.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Ok(PathBuf::from(std::ffi::OsStr::new(
-        name.to_str()
-            .map_err(|_| io::Error::other("non-UTF-8 pts name"))?,
+        name.to_str().map_err(|_| io::Error::other("non-UTF-8 pts name"))?,
     )))
 }
 
@@ -100,14 +93,7 @@ pub fn spawn(cmd: &mut Command, setup: ChildSetup) -> io::Result<Child> {
             if setup.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) == -1
-            {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
             // The recorder may have died between fork and prctl.

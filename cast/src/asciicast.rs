@@ -78,11 +78,7 @@ pub struct Header {
     /// Captured environment variables. Non-string values are dropped when
     /// decoding, because asciinema 2 wrote `null` for unset variables and we
     /// would rather read those files than reject them.
-    #[serde(
-        default,
-        skip_serializing_if = "BTreeMap::is_empty",
-        deserialize_with = "de_env"
-    )]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "de_env")]
     pub env: BTreeMap<String, String>,
     /// shelltrail's own metadata (session id, user, client...). An attribute
     /// of our own; players ignore it.
@@ -585,8 +581,7 @@ impl<R: BufRead> Decoder<R> {
         if reader.read_until(b'\n', &mut buf)? == 0 {
             return Err(DecodeError::Empty);
         }
-        let line = std::str::from_utf8(trim_eol(&buf))
-            .map_err(|_| DecodeError::BadHeader("not valid UTF-8".into()))?;
+        let line = std::str::from_utf8(trim_eol(&buf)).map_err(|_| DecodeError::BadHeader("not valid UTF-8".into()))?;
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| DecodeError::BadHeader(json_reason(&e)))?;
         let version = match value.get("version") {
@@ -637,14 +632,10 @@ impl<R: BufRead> Decoder<R> {
 
     fn parse_event(&mut self, line: &str) -> Result<Event, DecodeError> {
         let line_no = self.line;
-        let bad = |reason: String| DecodeError::BadEvent {
-            line: line_no,
-            reason,
-        };
+        let bad = |reason: String| DecodeError::BadEvent { line: line_no, reason };
         // serde checks the shape ([number, string, string]); the number is
         // then re-read from its text for exact rounding.
-        let (_, code, data): (f64, String, String) =
-            serde_json::from_str(line).map_err(|e| bad(json_reason(&e)))?;
+        let (_, code, data): (f64, String, String) = serde_json::from_str(line).map_err(|e| bad(json_reason(&e)))?;
         let ms = parse_seconds_ms(first_token(line)).map_err(bad)?;
         let abs_ms = if self.header.version == 2 {
             ms
@@ -733,11 +724,7 @@ impl<R: BufRead> Iterator for Decoder<R> {
 ///
 /// This is what an audit or a replay into a real terminal wants: the bytes
 /// the PTY actually carried, not their lossy text.
-pub fn raw_bytes<R: BufRead>(
-    mut decoder: Decoder<R>,
-    code: Code,
-    out: &mut impl Write,
-) -> Result<(), DecodeError> {
+pub fn raw_bytes<R: BufRead>(mut decoder: Decoder<R>, code: Code, out: &mut impl Write) -> Result<(), DecodeError> {
     // The last matching event's data, held until we know whether a `b`
     // event replaces it.
     let mut held: Option<String> = None;
@@ -796,11 +783,7 @@ struct V2HeaderOut<'a> {
 /// v2 tools may not tolerate them.
 pub fn to_v2<R: BufRead, W: Write>(decoder: Decoder<R>, out: &mut W) -> Result<(), DecodeError> {
     let h = decoder.header().clone();
-    let mut env: BTreeMap<&str, &str> = h
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let mut env: BTreeMap<&str, &str> = h.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     if let Some(term) = &h.term.term_type {
         env.entry("TERM").or_insert(term);
     }
@@ -822,12 +805,7 @@ pub fn to_v2<R: BufRead, W: Write>(decoder: Decoder<R>, out: &mut W) -> Result<(
         let event = event?;
         match event.code {
             Code::Output | Code::Input | Code::Resize | Code::Marker => {
-                write_event(
-                    &mut buf,
-                    round_ms(event.time),
-                    event.code.as_str(),
-                    &event.data,
-                );
+                write_event(&mut buf, round_ms(event.time), event.code.as_str(), &event.data);
             }
             Code::Exit | Code::Raw | Code::Other(_) => {}
         }
@@ -867,8 +845,7 @@ mod tests {
     fn assert_lines_are_json(file: &[u8]) {
         let text = std::str::from_utf8(file).expect("file is UTF-8");
         for line in text.lines() {
-            serde_json::from_str::<serde_json::Value>(line)
-                .unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"));
+            serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"));
         }
     }
 
@@ -943,10 +920,7 @@ mod tests {
         enc.input(ms(2), b"a", &mut out);
         enc.output(ms(3), &euro[2..], &mut out);
         let (_, events) = decode(&out);
-        let codes: Vec<_> = events
-            .iter()
-            .map(|e| (e.code.clone(), e.data.as_str()))
-            .collect();
+        let codes: Vec<_> = events.iter().map(|e| (e.code.clone(), e.data.as_str())).collect();
         assert_eq!(codes, vec![(Code::Input, "a"), (Code::Output, "€")]);
     }
 
@@ -1156,11 +1130,7 @@ mod tests {
             ("[0, \"b\", \"AA==\"]", "line 3: raw (b) event not preceded"),
         ] {
             let file = format!("{head}{event}\n");
-            let err = Decoder::new(file.as_bytes())
-                .unwrap()
-                .next()
-                .unwrap()
-                .unwrap_err();
+            let err = Decoder::new(file.as_bytes()).unwrap().next().unwrap().unwrap_err();
             assert!(err.to_string().starts_with(want), "{event}: {err}");
         }
         let file = format!("{head}[0, \"o\", \"a\"]\n[0, \"b\", \"!!\"]\n");
@@ -1171,10 +1141,7 @@ mod tests {
         // Two raw events in a row: the second has nothing to describe.
         let file = format!("{head}[0, \"o\", \"a\"]\n[0, \"b\", \"YQ==\"]\n[0, \"b\", \"YQ==\"]\n");
         let results: Vec<_> = Decoder::new(file.as_bytes()).unwrap().collect();
-        assert!(matches!(
-            results[2],
-            Err(DecodeError::OrphanRaw { line: 5 })
-        ));
+        assert!(matches!(results[2], Err(DecodeError::OrphanRaw { line: 5 })));
         // Decoding goes on after a bad line.
         let file = format!("{head}garbage\n[1, \"o\", \"a\"]\n");
         let results: Vec<_> = Decoder::new(file.as_bytes()).unwrap().collect();
@@ -1265,11 +1232,7 @@ mod tests {
                 .prop_map(|(c, cut, head)| {
                     let b = c.as_bytes();
                     let cut = cut.min(b.len());
-                    if head {
-                        b[..cut].to_vec()
-                    } else {
-                        b[cut..].to_vec()
-                    }
+                    if head { b[..cut].to_vec() } else { b[cut..].to_vec() }
                 }),
             vec(
                 prop::sample::select(vec![0x80u8, 0xbf, 0xc2, 0xe2, 0xed, 0xf0, 0xf4, 0xff, b'a']),

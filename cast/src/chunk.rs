@@ -209,8 +209,7 @@ pub fn decompress(bytes: &[u8]) -> Result<(ChunkHeader, Vec<u8>), ChunkError> {
     if len < frame.len() {
         return Err(ChunkError::TrailingBytes(frame.len() - len));
     }
-    let mut decompressor =
-        zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Zstd(e.to_string()))?;
+    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Zstd(e.to_string()))?;
     let data = decompressor
         .decompress(frame, header.raw_len as usize)
         .map_err(|e| ChunkError::Zstd(e.to_string()))?;
@@ -336,10 +335,7 @@ impl Chunker {
         let take = if self.pending.len() <= MAX_RAW_LEN {
             self.pending.len()
         } else {
-            match self.pending[..MAX_RAW_LEN]
-                .iter()
-                .rposition(|&b| b == b'\n')
-            {
+            match self.pending[..MAX_RAW_LEN].iter().rposition(|&b| b == b'\n') {
                 Some(nl) => nl + 1,
                 None => MAX_RAW_LEN,
             }
@@ -362,11 +358,7 @@ impl Chunker {
         // Compress straight after the header, without an intermediate copy.
         let mut cursor = Cursor::new(bytes);
         cursor.set_position(HEADER_LEN as u64);
-        if self
-            .compressor
-            .compress_to_buffer(raw, &mut cursor)
-            .is_err()
-        {
+        if self.compressor.compress_to_buffer(raw, &mut cursor).is_err() {
             return None;
         }
         let bytes = cursor.into_inner();
@@ -401,9 +393,7 @@ mod tests {
     fn lines(n: usize, seed: u8) -> Vec<u8> {
         let mut out = Vec::new();
         for i in 0..n {
-            out.extend_from_slice(
-                format!("[0.{i:03}, \"o\", \"line {seed} {i}\\r\\n\"]\n").as_bytes(),
-            );
+            out.extend_from_slice(format!("[0.{i:03}, \"o\", \"line {seed} {i}\\r\\n\"]\n").as_bytes());
         }
         out
     }
@@ -542,10 +532,7 @@ mod tests {
 
         let mut b = chunk.bytes.clone();
         b[68..72].copy_from_slice(&(raw.len() as u32 + 1).to_le_bytes());
-        assert!(matches!(
-            decompress(&b),
-            Err(ChunkError::LengthMismatch { .. })
-        ));
+        assert!(matches!(decompress(&b), Err(ChunkError::LengthMismatch { .. })));
 
         let mut b = chunk.bytes.clone();
         b[8] = b'X';

@@ -92,14 +92,7 @@ pub fn escape_into(s: &str, out: &mut Vec<u8>) {
             if e != 0 {
                 out.extend_from_slice(&bytes[start..i]);
                 if e == b'u' {
-                    out.extend_from_slice(&[
-                        b'\\',
-                        b'u',
-                        b'0',
-                        b'0',
-                        HEX[(b >> 4) as usize],
-                        HEX[(b & 0xf) as usize],
-                    ]);
+                    out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
                 } else {
                     out.extend_from_slice(&[b'\\', e]);
                 }

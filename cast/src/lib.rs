@@ -23,7 +23,5 @@ pub mod asciicast;
 pub mod chunk;
 pub mod json;
 
-pub use asciicast::{
-    Code, DecodeError, Decoder, Encoder, Event, Header, Term, raw_bytes, round_ms, to_v2,
-};
+pub use asciicast::{Code, DecodeError, Decoder, Encoder, Event, Header, Term, raw_bytes, round_ms, to_v2};
 pub use chunk::{Chunk, ChunkError, ChunkHeader, Chunker};

@@ -112,10 +112,7 @@ mod tests {
     #[test]
     fn garbage_body_is_a_decode_error() {
         let mut buf = vec![0, 0, 0, 3, 0xff, 0xff, 0xff];
-        assert!(matches!(
-            take::<AgentFrame>(&mut buf, 64),
-            Err(FrameError::Decode(_))
-        ));
+        assert!(matches!(take::<AgentFrame>(&mut buf, 64), Err(FrameError::Decode(_))));
     }
 
     #[test]

@@ -12,9 +12,7 @@ use crate::config::Config;
 use anyhow::{Context, Result};
 use shelltrail_cast::chunk;
 use shelltrail_proto::framing;
-use shelltrail_proto::v1::{
-    Accepted, Ack, AgentFrame, Close, RecorderFrame, Refused, agent_frame, recorder_frame,
-};
+use shelltrail_proto::v1::{Accepted, Ack, AgentFrame, Close, RecorderFrame, Refused, agent_frame, recorder_frame};
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -68,9 +66,7 @@ impl Agent {
             tracing::error!("spool recovery: {p}");
         }
         let stats = Arc::new(Stats::default());
-        stats
-            .total_bytes
-            .store(index.total_bytes, Ordering::Relaxed);
+        stats.total_bytes.store(index.total_bytes, Ordering::Relaxed);
         let writer = spool::Writer::create(
             &cfg.spool_dir,
             index.last_segment,
@@ -130,8 +126,7 @@ impl Agent {
     fn free_bytes(&self) -> u64 {
         let mut d = self.disk.lock().expect("disk lock");
         if d.0.elapsed() >= Duration::from_secs(1) {
-            let dir =
-                std::fs::canonicalize(&self.cfg.spool_dir).unwrap_or(self.cfg.spool_dir.clone());
+            let dir = std::fs::canonicalize(&self.cfg.spool_dir).unwrap_or(self.cfg.spool_dir.clone());
             d.1 = match sysinfo::Disks::new_with_refreshed_list() {
                 Ok(disks) => disks
                     .iter()
@@ -153,10 +148,7 @@ impl Agent {
         let a = &self.cfg.agent;
         let used = self.stats.total_bytes.load(Ordering::Relaxed);
         if used >= a.spool_max_bytes {
-            return Some(format!(
-                "the spool is full ({used} of {} bytes)",
-                a.spool_max_bytes
-            ));
+            return Some(format!("the spool is full ({used} of {} bytes)", a.spool_max_bytes));
         }
         let free = self.free_bytes();
         if free < a.min_free_bytes {
@@ -165,13 +157,7 @@ impl Agent {
                 a.min_free_bytes
             ));
         }
-        let n = self
-            .per_uid
-            .lock()
-            .expect("uid lock")
-            .get(&uid)
-            .copied()
-            .unwrap_or(0);
+        let n = self.per_uid.lock().expect("uid lock").get(&uid).copied().unwrap_or(0);
         if n >= a.max_sessions_per_uid {
             return Some(format!(
                 "uid {uid} already has {n} recorded sessions open (max_sessions_per_uid)"
@@ -204,9 +190,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
         let agent = agent.clone();
         tokio::spawn(async move {
             let cred = stream.peer_cred();
-            let (uid, pid) = cred
-                .as_ref()
-                .map_or((u32::MAX, 0), |c| (c.uid(), c.pid().unwrap_or(0)));
+            let (uid, pid) = cred.as_ref().map_or((u32::MAX, 0), |c| (c.uid(), c.pid().unwrap_or(0)));
             if let Err(e) = connection(&agent, stream, uid, pid).await {
                 tracing::warn!(uid, pid, "recorder connection closed: {e:#}");
             }
@@ -240,6 +224,19 @@ fn start_ticks(pid: i32) -> Option<u64> {
     rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether the recorder process still runs: same pid and same start time
+/// (a reused pid is another process). Where /proc hides other users'
+/// processes (hidepid), fall back to kill(pid, 0): EPERM still means alive.
+fn alive(pid: i32, ticks: u64) -> bool {
+    match start_ticks(pid) {
+        Some(t) => t == ticks,
+        None => {
+            let r = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None);
+            pid > 0 && matches!(r, Ok(()) | Err(nix::errno::Errno::EPERM))
+        }
+    }
+}
+
 /// Sessions whose recorder is gone without a Close get one, so they stop
 /// counting as live. The recorder's pid and start time identify it.
 async fn sweep(agent: &Agent) {
@@ -248,7 +245,7 @@ async fn sweep(agent: &Agent) {
         sessions
             .iter()
             .filter(|(_, s)| !s.closed && !s.connected)
-            .filter(|(_, s)| start_ticks(s.pid) != Some(s.start_ticks))
+            .filter(|(_, s)| !alive(s.pid, s.start_ticks))
             .map(|(id, s)| (id.clone(), s.next_seq))
             .collect()
     };
@@ -300,19 +297,14 @@ impl FrameConn {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
-                    Err(ConnError::Protocol(
-                        "connection closed in the middle of a frame".into(),
-                    ))
+                    Err(ConnError::Protocol("connection closed in the middle of a frame".into()))
                 };
             }
         }
     }
 }
 
-async fn send(
-    w: &mut tokio::net::unix::OwnedWriteHalf,
-    body: agent_frame::Body,
-) -> std::io::Result<()> {
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, body: agent_frame::Body) -> std::io::Result<()> {
     let mut buf = Vec::new();
     framing::encode(&AgentFrame { body: Some(body) }, &mut buf);
     w.write_all(&buf).await
@@ -341,13 +333,7 @@ struct Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        if let Some(n) = self
-            .agent
-            .per_uid
-            .lock()
-            .expect("uid lock")
-            .get_mut(&self.uid)
-        {
+        if let Some(n) = self.agent.per_uid.lock().expect("uid lock").get_mut(&self.uid) {
             *n = n.saturating_sub(1);
         }
         if let Some(s) = self
@@ -362,12 +348,7 @@ impl Drop for Slot<'_> {
     }
 }
 
-async fn connection(
-    agent: &Arc<Agent>,
-    stream: UnixStream,
-    uid: u32,
-    pid: i32,
-) -> Result<(), ConnError> {
+async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) -> Result<(), ConnError> {
     let (rd, mut wr) = stream.into_split();
     let mut conn = FrameConn {
         stream: rd,
@@ -389,13 +370,7 @@ async fn connection(
         Ok(u) if u.to_string() == meta.session_id => u,
         _ => {
             let why = "session id must be a canonical UUID".to_string();
-            send(
-                &mut wr,
-                agent_frame::Body::Refused(Refused {
-                    reason: why.clone(),
-                }),
-            )
-            .await?;
+            send(&mut wr, agent_frame::Body::Refused(Refused { reason: why.clone() })).await?;
             return Err(ConnError::Protocol(why));
         }
     };
@@ -417,12 +392,7 @@ async fn connection(
                 Ok(s.next_seq)
             }
         }
-    } else if agent
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .contains_key(&sid)
-    {
+    } else if agent.sessions.lock().expect("sessions lock").contains_key(&sid) {
         Err(format!("session {sid} already exists"))
     } else if let Some(why) = agent.admission(uid) {
         Err(why)
@@ -464,22 +434,11 @@ async fn connection(
         Ok(n) => n,
         Err(reason) => {
             tracing::warn!(session = %sid, uid, pid, "refused: {reason}");
-            send(
-                &mut wr,
-                agent_frame::Body::Refused(Refused {
-                    reason: reason.clone(),
-                }),
-            )
-            .await?;
+            send(&mut wr, agent_frame::Body::Refused(Refused { reason: reason.clone() })).await?;
             return Ok(());
         }
     };
-    *agent
-        .per_uid
-        .lock()
-        .expect("uid lock")
-        .entry(uid)
-        .or_insert(0) += 1;
+    *agent.per_uid.lock().expect("uid lock").entry(uid).or_insert(0) += 1;
     let _slot = Slot {
         agent,
         uid,
@@ -501,14 +460,15 @@ async fn connection(
                     Pending::Duplicate { seq } => (seq, false),
                     Pending::Chunk { seq, hash, wait } => {
                         if let Err(e) = wait.await.unwrap_or(Err("spool writer stopped".into())) {
-                            tracing::error!(session = %sid, "spool write failed: {e}");
+                            // Nothing after this chunk is acknowledged on this
+                            // connection; closing it makes the recorder reconnect
+                            // and resend from the last durable chunk.
+                            tracing::error!(session = %sid, "spool write failed: {e}; closing the connection");
                             let reason = format!("the agent cannot write its spool: {e}");
-                            let _ =
-                                send(&mut wr, agent_frame::Body::Refused(Refused { reason })).await;
+                            let _ = send(&mut wr, agent_frame::Body::Refused(Refused { reason })).await;
                             return;
                         }
-                        if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid)
-                        {
+                        if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
                             s.next_seq = seq + 1;
                             s.last_hash = hash;
                         }
@@ -519,8 +479,7 @@ async fn connection(
                             tracing::error!(session = %sid, "spool write failed: {e}");
                             return;
                         }
-                        if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid)
-                        {
+                        if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
                             s.closed = true;
                         }
                         tracing::info!(session = %sid, "session closed");
@@ -579,7 +538,9 @@ async fn connection(
                     )));
                 }
                 if c.seq < expect {
-                    let _ = ack_tx.send(Pending::Duplicate { seq: c.seq });
+                    if ack_tx.send(Pending::Duplicate { seq: c.seq }).is_err() {
+                        break Err(ConnError::Protocol("stopped after a failed spool write".into()));
+                    }
                     continue;
                 }
                 // A gap is allowed: the recorder drops chunks (and names them in
@@ -602,11 +563,9 @@ async fn connection(
                 {
                     break Err(ConnError::Protocol("spool writer stopped".into()));
                 }
-                let _ = ack_tx.send(Pending::Chunk {
-                    seq: c.seq,
-                    hash,
-                    wait,
-                });
+                if ack_tx.send(Pending::Chunk { seq: c.seq, hash, wait }).is_err() {
+                    break Err(ConnError::Protocol("stopped after a failed spool write".into()));
+                }
                 expect = c.seq + 1;
                 prev = hash;
             }
@@ -628,7 +587,9 @@ async fn connection(
                 {
                     break Err(ConnError::Protocol("spool writer stopped".into()));
                 }
-                let _ = ack_tx.send(Pending::Close { wait });
+                if ack_tx.send(Pending::Close { wait }).is_err() {
+                    break Err(ConnError::Protocol("stopped after a failed spool write".into()));
+                }
             }
             Some(recorder_frame::Body::Open(_)) => {
                 break Err(ConnError::Protocol("second Open on one connection".into()));

@@ -10,8 +10,9 @@
 //!
 //! ## Invariants
 //! * A record is acknowledged only after the `fdatasync` that covers it returned.
-//! * Records of one session appear in the log in the order the session sent them;
-//!   chunk sequence numbers of a session only grow.
+//! * A session's chunks are acknowledged in sequence order. A chunk may be in
+//!   the log more than once, or after a later one (resent after a failed
+//!   write); readers keep the first copy of each sequence number, in order.
 //! * Recovery never invents data: a record whose checksum fails is cut off (torn
 //!   tail of the newest segment) or reported (anywhere else), never replayed.
 //!
@@ -66,23 +67,14 @@ pub const KIND_CLOSE: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error(
-        "cannot read the spool at {path}: permission denied. Run as root or as a member of the shelltrail group"
-    )]
+    #[error("cannot read the spool at {path}: permission denied. Run as root or as a member of the shelltrail group")]
     Permission { path: PathBuf },
     #[error("spool I/O error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a shelltrail spool segment (bad magic)")]
     BadMagic { path: PathBuf },
     #[error("corrupt record in {path} at byte {offset}: {why}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        why: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, why: String },
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
@@ -227,11 +219,7 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
     for (i, &id) in ids.iter().enumerate() {
         let newest = i + 1 == ids.len();
         let path = dir.join(segment_name(id));
-        let mut f = match OpenOptions::new()
-            .read(true)
-            .write(repair && newest)
-            .open(&path)
-        {
+        let mut f = match OpenOptions::new().read(true).write(repair && newest).open(&path) {
             Ok(f) => f,
             Err(e) => return Err(io_err(&path, e)),
         };
@@ -266,10 +254,9 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
                         body_len,
                     };
                     if let Err(why) = index.apply(&body, loc) {
-                        index.problems.push(format!(
-                            "{}: record at byte {offset}: {why}",
-                            path.display()
-                        ));
+                        index
+                            .problems
+                            .push(format!("{}: record at byte {offset}: {why}", path.display()));
                     }
                     offset += RECORD_HEAD + body_len as u64;
                 }
@@ -336,8 +323,7 @@ impl Index {
         let (kind, payload) = body.split_first().ok_or("empty body")?;
         match *kind {
             KIND_OPEN => {
-                let open: OpenRecord =
-                    serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                let open: OpenRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
                 let id = open.meta.session_id.clone();
                 self.sessions.entry(id).or_insert(SessionEntry {
                     open,
@@ -357,18 +343,16 @@ impl Index {
                     .sessions
                     .get_mut(&id)
                     .ok_or_else(|| format!("chunk for unknown session {id}"))?;
-                if s.chunks.last().is_some_and(|c| c.seq >= seq) {
-                    return Err(format!("session {id}: chunk {seq} out of order"));
+                // Usually in order; after a failed write (disk full) a session
+                // resends from its last durable chunk, so a later chunk can
+                // precede an earlier one and appear twice. Keep one of each, in order.
+                let entry = ChunkEntry { seq, loc, len: payload.len() as u64 - 24 };
+                if let Err(at) = s.chunks.binary_search_by_key(&seq, |c| c.seq) {
+                    s.chunks.insert(at, entry);
                 }
-                s.chunks.push(ChunkEntry {
-                    seq,
-                    loc,
-                    len: payload.len() as u64 - 24,
-                });
             }
             KIND_CLOSE => {
-                let close: CloseRecord =
-                    serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                let close: CloseRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
                 let s = self
                     .sessions
                     .get_mut(&close.session_id)
@@ -386,8 +370,7 @@ pub fn read_chunk(dir: &Path, loc: Loc) -> Result<Vec<u8>, SpoolError> {
     let path = dir.join(segment_name(loc.segment));
     let mut f = File::open(&path).map_err(|e| io_err(&path, e))?;
     let len = f.metadata().map_err(|e| io_err(&path, e))?.len();
-    f.seek(SeekFrom::Start(loc.offset))
-        .map_err(|e| io_err(&path, e))?;
+    f.seek(SeekFrom::Start(loc.offset)).map_err(|e| io_err(&path, e))?;
     let (body, _) = read_record(&mut f, loc.offset, len).map_err(|why| SpoolError::Corrupt {
         path: path.clone(),
         offset: loc.offset,
@@ -430,16 +413,9 @@ pub struct Writer {
 
 impl Writer {
     /// Starts a fresh segment after `last_segment`.
-    pub fn create(
-        dir: &Path,
-        last_segment: u64,
-        segment_bytes: u64,
-        stats: Arc<Stats>,
-    ) -> Result<Writer, SpoolError> {
+    pub fn create(dir: &Path, last_segment: u64, segment_bytes: u64, stats: Arc<Stats>) -> Result<Writer, SpoolError> {
         let (file, segment) = new_segment(dir, last_segment + 1)?;
-        stats
-            .total_bytes
-            .fetch_add(MAGIC.len() as u64, Ordering::Relaxed);
+        stats.total_bytes.fetch_add(MAGIC.len() as u64, Ordering::Relaxed);
         Ok(Writer {
             dir: dir.to_path_buf(),
             file,
@@ -488,9 +464,7 @@ impl Writer {
             self.file = file;
             self.segment = segment;
             self.len = MAGIC.len() as u64;
-            self.stats
-                .total_bytes
-                .fetch_add(self.len, Ordering::Relaxed);
+            self.stats.total_bytes.fetch_add(self.len, Ordering::Relaxed);
         }
         buf.clear();
         let mut locs = Vec::with_capacity(batch.len());
@@ -515,13 +489,9 @@ impl Writer {
             return Err(io_err(&path, e));
         }
         self.len += buf.len() as u64;
-        self.stats
-            .total_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats.total_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .records
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
         Ok(locs)
     }
 }
@@ -538,20 +508,21 @@ fn new_segment(dir: &Path, id: u64) -> Result<(File, u64), SpoolError> {
         .and_then(|_| f.sync_all())
         .map_err(|e| io_err(&path, e))?;
     // The new name must survive a crash too.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))?;
     Ok((f, id))
 }
 
 /// Creates the spool directory if needed and makes sure users cannot read it.
 pub fn prepare_dir(dir: &Path) -> Result<(), SpoolError> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir).map_err(|e| io_err(dir, e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
+        .map_err(|e| io_err(dir, e))?;
     let md = std::fs::metadata(dir).map_err(|e| io_err(dir, e))?;
     if md.permissions().mode() & 0o007 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
-            .map_err(|e| io_err(dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(|e| io_err(dir, e))?;
         tracing::warn!(dir = %dir.display(), "spool directory was readable by others; set it to 0750");
     }
     Ok(())
@@ -619,10 +590,7 @@ mod tests {
         let id = uuid::Uuid::now_v7();
         write_all(
             dir.path(),
-            vec![
-                open_body(&open_rec(&id.to_string())),
-                chunk_body(&id, 0, &[7u8; 1000]),
-            ],
+            vec![open_body(&open_rec(&id.to_string())), chunk_body(&id, 0, &[7u8; 1000])],
         );
         let seg = dir.path().join(segment_name(1));
         let full = std::fs::read(&seg).unwrap();
@@ -643,10 +611,7 @@ mod tests {
         let id = uuid::Uuid::now_v7();
         write_all(
             dir.path(),
-            vec![
-                open_body(&open_rec(&id.to_string())),
-                chunk_body(&id, 0, &[7u8; 100]),
-            ],
+            vec![open_body(&open_rec(&id.to_string())), chunk_body(&id, 0, &[7u8; 100])],
         );
         // A second segment makes the first one "old": corruption there is reported, not cut.
         write_all(dir.path(), vec![chunk_body(&id, 1, b"later")]);
@@ -657,11 +622,7 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         let ix = scan(dir.path(), true).unwrap();
         assert_eq!(ix.problems.len(), 1, "{:?}", ix.problems);
-        assert!(
-            ix.problems[0].contains("checksum mismatch"),
-            "{:?}",
-            ix.problems
-        );
+        assert!(ix.problems[0].contains("checksum mismatch"), "{:?}", ix.problems);
         let s = &ix.sessions[&id.to_string()];
         assert_eq!(s.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![1]);
         assert_eq!(

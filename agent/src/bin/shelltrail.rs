@@ -83,14 +83,11 @@ fn run(args: Args) -> Result<i32> {
             }
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
                 tokio::select! {
                     r = shelltrail::agent::run(cfg) => r,
@@ -117,8 +114,7 @@ fn run(args: Args) -> Result<i32> {
             match output {
                 Some(p) => {
                     let mut f = std::io::BufWriter::new(
-                        std::fs::File::create(&p)
-                            .with_context(|| format!("creating {}", p.display()))?,
+                        std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
                     );
                     cli::export::run(&store, &id, format, raw, &mut f)?;
                     f.flush()?;
@@ -127,19 +123,9 @@ fn run(args: Args) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Play {
-            id,
-            speed,
-            idle_limit,
-        } => {
+        Cmd::Play { id, speed, idle_limit } => {
             let store = Store::open(&cli::load_config(config)?)?;
-            cli::play::run(
-                &store,
-                &id,
-                speed,
-                idle_limit,
-                &mut std::io::stdout().lock(),
-            )?;
+            cli::play::run(&store, &id, speed, idle_limit, &mut std::io::stdout().lock())?;
             Ok(0)
         }
         Cmd::Demo => cli::demo::run(None),
@@ -147,8 +133,7 @@ fn run(args: Args) -> Result<i32> {
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

@@ -69,17 +69,8 @@ pub fn run(shell_bin: Option<PathBuf>) -> Result<i32> {
     let cfg_arg = config_path.display();
     let mut err = std::io::stderr();
     writeln!(err, "\nshelltrail demo: recorded session {}", s.id())?;
-    writeln!(
-        err,
-        "  list it:   {} --config {cfg_arg} sessions",
-        me.display()
-    )?;
-    writeln!(
-        err,
-        "  play it:   {} --config {cfg_arg} play {}",
-        me.display(),
-        s.id()
-    )?;
+    writeln!(err, "  list it:   {} --config {cfg_arg} sessions", me.display())?;
+    writeln!(err, "  play it:   {} --config {cfg_arg} play {}", me.display(), s.id())?;
     writeln!(
         err,
         "  export it: {} --config {cfg_arg} export {} -o demo.cast",

@@ -93,13 +93,8 @@ impl CastReader<'_> {
         }
         self.expect_seq = c.seq + 1;
         let bytes = spool::read_chunk(&self.store.dir, c.loc).map_err(std::io::Error::other)?;
-        let (_, text) = shelltrail_cast::chunk::decompress(&bytes).map_err(|e| {
-            std::io::Error::other(format!(
-                "chunk {} of session {}: {e}",
-                c.seq,
-                self.session.id()
-            ))
-        })?;
+        let (_, text) = shelltrail_cast::chunk::decompress(&bytes)
+            .map_err(|e| std::io::Error::other(format!("chunk {} of session {}: {e}", c.seq, self.session.id())))?;
         if !self.patched {
             self.patched = true;
             if c.seq != 0 {
@@ -108,8 +103,7 @@ impl CastReader<'_> {
                     self.session.id()
                 )));
             }
-            self.buf
-                .extend_from_slice(&patch_header(&text, self.session));
+            self.buf.extend_from_slice(&patch_header(&text, self.session));
         } else {
             self.buf.extend_from_slice(&text);
         }

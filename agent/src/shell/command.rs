@@ -137,9 +137,7 @@ pub struct Context<'a> {
 const SAFE_PATH: &[&str] = &["/usr/local/bin", "/usr/bin", "/bin"];
 
 pub fn plan(inv: &Invocation, ctx: &Context<'_>) -> Plan {
-    let shell = if is_self(&ctx.passwd_shell.to_string_lossy())
-        || ctx.passwd_shell.as_os_str().is_empty()
-    {
+    let shell = if is_self(&ctx.passwd_shell.to_string_lossy()) || ctx.passwd_shell.as_os_str().is_empty() {
         ctx.real_shell
     } else {
         ctx.passwd_shell
@@ -241,10 +239,7 @@ fn resolve(word: &str) -> Option<PathBuf> {
     if word.contains('/') {
         return None;
     }
-    SAFE_PATH
-        .iter()
-        .map(|d| Path::new(d).join(word))
-        .find(|p| p.is_file())
+    SAFE_PATH.iter().map(|d| Path::new(d).join(word)).find(|p| p.is_file())
 }
 
 /// sftp-server's own flags and their values (-l LEVEL, -f FACILITY, -u UMASK, -e, -R ...).
@@ -277,12 +272,9 @@ fn scp_args_ok(args: &[&str]) -> bool {
 /// mode over ssh is excluded: its config file can run commands (pre-xfer exec).
 fn rsync_args_ok(args: &[&str]) -> bool {
     args.first() == Some(&"--server")
-        && !args.iter().any(|a| {
-            a.starts_with("--daemon")
-                || a.starts_with("--config")
-                || a.starts_with("--dparam")
-                || *a == "-M"
-        })
+        && !args
+            .iter()
+            .any(|a| a.starts_with("--daemon") || a.starts_with("--config") || a.starts_with("--dparam") || *a == "-M")
 }
 
 #[cfg(test)]
@@ -354,10 +346,7 @@ mod tests {
         let t = |c: &str| plan(&Invocation::default(), &ctx(Some(c), "/bin/bash")).transfer;
         assert_eq!(t("internal-sftp"), Some(Transfer::Sftp));
         assert_eq!(t("/usr/lib/openssh/sftp-server"), Some(Transfer::Sftp));
-        assert_eq!(
-            t("/usr/lib/openssh/sftp-server -l INFO"),
-            Some(Transfer::Sftp)
-        );
+        assert_eq!(t("/usr/lib/openssh/sftp-server -l INFO"), Some(Transfer::Sftp));
         assert_eq!(t("scp -t /tmp"), Some(Transfer::Scp));
         assert_eq!(t("scp -r -d -t -- /tmp/x"), Some(Transfer::Scp));
         assert_eq!(t("scp -f /etc/hostname"), Some(Transfer::Scp));
@@ -396,10 +385,7 @@ mod tests {
 
     #[test]
     fn transfers_exec_directly() {
-        let p = plan(
-            &Invocation::default(),
-            &ctx(Some("internal-sftp -l INFO"), "/bin/bash"),
-        );
+        let p = plan(&Invocation::default(), &ctx(Some("internal-sftp -l INFO"), "/bin/bash"));
         assert_eq!(p.program, PathBuf::from("/usr/lib/openssh/sftp-server"));
         assert_eq!(p.arg0, "sftp-server");
         assert_eq!(p.args, vec!["-l", "INFO"]);

@@ -11,9 +11,7 @@
 use crate::shell::syslog;
 use shelltrail_cast::chunk::Chunk;
 use shelltrail_proto::framing;
-use shelltrail_proto::v1::{
-    AgentFrame, Close, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame,
-};
+use shelltrail_proto::v1::{AgentFrame, Close, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -30,10 +28,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("the shelltrail agent is not reachable at {path}: {source}")]
-    Unreachable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreachable { path: PathBuf, source: std::io::Error },
     #[error("the shelltrail agent refused the session: {0}")]
     Refused(String),
     #[error("the shelltrail agent answered unexpectedly: {0}")]
@@ -54,12 +49,8 @@ pub fn open(socket: &Path, meta: &SessionMeta, resume: bool) -> Result<Connectio
         source,
     };
     let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
-    stream
-        .set_write_timeout(Some(IO_TIMEOUT))
-        .map_err(unreachable)?;
-    stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(unreachable)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
     let frame = RecorderFrame {
         body: Some(recorder_frame::Body::Open(Open {
             meta: Some(meta.clone()),
@@ -83,9 +74,7 @@ pub fn open(socket: &Path, meta: &SessionMeta, resume: bool) -> Result<Connectio
         Ok(Some(AgentFrame {
             body: Some(agent_frame::Body::Refused(r)),
         })) => Err(ConnectError::Refused(r.reason)),
-        Ok(other) => Err(ConnectError::Protocol(format!(
-            "expected Accepted, got {other:?}"
-        ))),
+        Ok(other) => Err(ConnectError::Protocol(format!("expected Accepted, got {other:?}"))),
         Err(e) => Err(ConnectError::Protocol(e.to_string())),
     }
 }
@@ -216,9 +205,7 @@ pub fn run(
         } else {
             Duration::from_secs(1)
         };
-        let wait = close_deadline.map_or(wait, |d| {
-            wait.min(d.saturating_duration_since(Instant::now()))
-        });
+        let wait = close_deadline.map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
         match rx.recv_timeout(wait) {
             Ok(ToLink::Chunk(c)) => {
                 link.send_chunk(&c);
@@ -229,14 +216,8 @@ pub fn run(
                 link.send_close();
                 close_deadline = Some(Instant::now() + close_timeout);
             }
-            Ok(ToLink::Acked {
-                epoch,
-                through,
-                closed,
-            }) if epoch == link.epoch => link.acked(through, closed),
-            Ok(ToLink::ReaderDone { epoch }) if epoch == link.epoch => {
-                link.lost("the agent closed the connection")
-            }
+            Ok(ToLink::Acked { epoch, through, closed }) if epoch == link.epoch => link.acked(through, closed),
+            Ok(ToLink::ReaderDone { epoch }) if epoch == link.epoch => link.lost("the agent closed the connection"),
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -291,15 +272,20 @@ impl Link {
                     .spawn(move || {
                         let mut fr = FrameReader::default();
                         while let Ok(Some(f)) = fr.next(&mut r) {
-                            if let Some(agent_frame::Body::Ack(a)) = f.body {
-                                let msg = ToLink::Acked {
-                                    epoch,
-                                    through: a.through_seq,
-                                    closed: a.closed,
-                                };
-                                if tx.send(msg).is_err() {
-                                    return;
+                            match f.body {
+                                Some(agent_frame::Body::Ack(a)) => {
+                                    let msg = ToLink::Acked { epoch, through: a.through_seq, closed: a.closed };
+                                    if tx.send(msg).is_err() {
+                                        return;
+                                    }
                                 }
+                                // The agent gives up on this connection (say, its disk
+                                // is full): reconnect and resend what it lacks.
+                                Some(agent_frame::Body::Refused(r)) => {
+                                    syslog::warning(&format!("agent refused to go on: {}", r.reason));
+                                    break;
+                                }
+                                _ => {}
                             }
                         }
                         let _ = tx.send(ToLink::ReaderDone { epoch });
@@ -378,10 +364,7 @@ impl Link {
             }
             Err(e) => {
                 if !self.warned {
-                    syslog::warning(&format!(
-                        "session {}: {e}; will keep retrying",
-                        self.meta.session_id
-                    ));
+                    syslog::warning(&format!("session {}: {e}; will keep retrying", self.meta.session_id));
                     self.warned = true;
                 }
                 // Exponential backoff with jitter, capped: many recorders

@@ -54,20 +54,13 @@ pub fn parse_auth(text: &str) -> AuthInfo {
             if kt.contains("-cert-v01@openssh.com") {
                 match Certificate::from_openssh(&openssh) {
                     Ok(cert) => {
-                        info.key_fingerprint =
-                            cert.public_key().fingerprint(HashAlg::Sha256).to_string();
+                        info.key_fingerprint = cert.public_key().fingerprint(HashAlg::Sha256).to_string();
                         info.cert_key_id = clean(cert.key_id());
-                        info.cert_principals =
-                            cert.valid_principals().iter().map(|p| clean(p)).collect();
+                        info.cert_principals = cert.valid_principals().iter().map(|p| clean(p)).collect();
                         info.cert_serial = cert.serial().to_string();
-                        info.cert_ca_fingerprint = cert
-                            .signature_key()
-                            .fingerprint(HashAlg::Sha256)
-                            .to_string();
+                        info.cert_ca_fingerprint = cert.signature_key().fingerprint(HashAlg::Sha256).to_string();
                     }
-                    Err(e) => info
-                        .other_methods
-                        .push(format!("unparsable certificate: {e}")),
+                    Err(e) => info.other_methods.push(format!("unparsable certificate: {e}")),
                 }
             } else {
                 match PublicKey::from_openssh(&openssh) {
@@ -116,14 +109,9 @@ mod tests {
 
     #[test]
     fn hostile_content_is_kept_harmless() {
-        let a =
-            parse_auth("publickey ssh-ed25519 !!!notbase64\nkeyboard-interactive/pam \x1b[2J\n");
+        let a = parse_auth("publickey ssh-ed25519 !!!notbase64\nkeyboard-interactive/pam \x1b[2J\n");
         assert!(a.key_fingerprint.is_empty());
         assert!(a.other_methods.iter().all(|m| !m.contains('\x1b')));
-        assert!(
-            a.other_methods
-                .iter()
-                .any(|m| m.starts_with("unparsable key"))
-        );
+        assert!(a.other_methods.iter().any(|m| m.starts_with("unparsable key")));
     }
 }

@@ -69,9 +69,7 @@ pub fn main() -> i32 {
         Err(e) => return refuse(&format!("{e}; login refused")),
     };
     if let Err(e) = sys::set_non_dumpable() {
-        return refuse(&format!(
-            "cannot protect the recorder from tracing: {e}; login refused"
-        ));
+        return refuse(&format!("cannot protect the recorder from tracing: {e}; login refused"));
     }
     match session(&inv, &cfg) {
         Ok(code) => code,
@@ -96,9 +94,7 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
         },
     );
     let tty = std::io::stdin().is_terminal();
-    let summarise = plan
-        .transfer
-        .filter(|_| !cfg.shell.record_transfer_payloads);
+    let summarise = plan.transfer.filter(|_| !cfg.shell.record_transfer_payloads);
     let record_input = cfg.shell.record_input && summarise.is_none();
 
     let mut meta = SessionMeta {
@@ -119,10 +115,7 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
             .chain(plan.args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" "),
-        original_command: original
-            .clone()
-            .or_else(|| inv.command.clone())
-            .unwrap_or_default(),
+        original_command: original.clone().or_else(|| inv.command.clone()).unwrap_or_default(),
         start_unix_ms: now_ms(),
         input_recorded: record_input,
         payload_recorded: summarise.is_none(),
@@ -174,9 +167,7 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     let mut header = Header::new(cols, rows);
     header.timestamp = Some((meta.start_unix_ms / 1000) as u64);
     header.command = plan.requested.clone();
-    header
-        .env
-        .insert("SHELL".into(), plan.program.display().to_string());
+    header.env.insert("SHELL".into(), plan.program.display().to_string());
     if let Ok(term) = std::env::var("TERM") {
         header.env.insert("TERM".into(), term.clone());
         header.term.term_type = Some(term);
@@ -186,18 +177,15 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     let budget = link::Budget::new(cfg.shell.buffer_bytes);
     let (link_tx, link_rx) = mpsc::channel();
     let link_thread = {
-        let (socket, meta, budget, tx) = (
-            cfg.socket.clone(),
-            meta.clone(),
-            budget.clone(),
-            link_tx.clone(),
-        );
+        let (socket, meta, budget, tx) = (cfg.socket.clone(), meta.clone(), budget.clone(), link_tx.clone());
         let timeout = Duration::from_secs(cfg.shell.close_timeout_secs);
         std::thread::Builder::new()
             .name("agent-link".into())
             .spawn(move || link::run(socket, meta, conn, budget, tx, link_rx, timeout))?
     };
-    let (ev_tx, ev_rx) = mpsc::sync_channel(1024);
+    // Bounded: if the recorder falls behind, output waits rather than memory growing.
+    let (ev_tx, ev_rx) = mpsc::sync_channel(256);
+    let link_guard = link_tx.clone();
     let recorder = {
         let settings = record::Settings {
             chunk_bytes: cfg.shell.chunk_bytes as usize,
@@ -216,22 +204,13 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     let outcome = if tty && plan.transfer.is_none() {
         pty::run(cmd, ev_tx.clone(), record_input)?
     } else {
-        pipes::run(
-            cmd,
-            ev_tx.clone(),
-            record_input,
-            summarise.map(|t| t.name()),
-        )?
+        pipes::run(cmd, ev_tx.clone(), record_input, summarise.map(|t| t.name()))?
     };
 
     if let Some(t) = &outcome.transfer {
         let line = format!(
             "shelltrail: {} transfer, payload not recorded: {} bytes from client (sha256 {}), {} bytes to client (sha256 {})",
-            t.program,
-            t.bytes_from_client,
-            t.sha256_from_client,
-            t.bytes_to_client,
-            t.sha256_to_client
+            t.program, t.bytes_from_client, t.sha256_from_client, t.bytes_to_client, t.sha256_to_client
         );
         let _ = ev_tx.send(record::Event::Marker(Instant::now(), line));
     }
@@ -245,7 +224,17 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     };
     let _ = ev_tx.send(record::Event::Exit(Instant::now(), outcome.code, close));
     drop(ev_tx);
-    let lost = recorder.join().unwrap_or_default();
+    let lost = match recorder.join() {
+        Ok(lost) => lost,
+        Err(_) => {
+            // The recorder thread died: still end the session at the agent, so
+            // the link stops and the session shows as ended, not live forever.
+            syslog::error(&format!("session {}: recorder thread failed", meta.session_id));
+            let _ = link_guard.send(link::ToLink::Close(Close { exit_status: outcome.code, ..Default::default() }));
+            Vec::new()
+        }
+    };
+    drop(link_guard);
     let delivery = link_thread.join().unwrap_or_default();
     if !lost.is_empty() || delivery.undelivered > 0 || !delivery.close_acked {
         let msg = format!(

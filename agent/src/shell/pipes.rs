@@ -52,17 +52,10 @@ pub fn run(
     record_input: bool,
     transfer: Option<&'static str>,
 ) -> Result<Outcome> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT])?;
-    let mut child = sys::spawn(
-        &mut cmd,
-        sys::ChildSetup {
-            controlling_tty: false,
-        },
-    )
-    .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let mut child = sys::spawn(&mut cmd, sys::ChildSetup { controlling_tty: false })
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     let pgid = Pid::from_raw(child.id() as i32);
 
     let (out_keep, in_keep) = match (transfer.is_some(), record_input) {
@@ -100,24 +93,14 @@ pub fn run(
     let _ = join_by(errors, deadline);
     // Input may still be blocked reading the client: its counts are final
     // only if it finished; for transfers the child reads stdin to EOF first.
-    let inp = if input.is_finished() {
-        input.join().ok()
-    } else {
-        None
-    };
+    let inp = if input.is_finished() { input.join().ok() } else { None };
 
     let summary = transfer.map(|program| TransferSummary {
         program: program.to_string(),
         bytes_from_client: inp.as_ref().map_or(0, |c| c.bytes),
         bytes_to_client: out.as_ref().map_or(0, |c| c.bytes),
-        sha256_from_client: inp
-            .as_ref()
-            .and_then(|c| c.sha256.clone())
-            .unwrap_or_default(),
-        sha256_to_client: out
-            .as_ref()
-            .and_then(|c| c.sha256.clone())
-            .unwrap_or_default(),
+        sha256_from_client: inp.as_ref().and_then(|c| c.sha256.clone()).unwrap_or_default(),
+        sha256_to_client: out.as_ref().and_then(|c| c.sha256.clone()).unwrap_or_default(),
     });
     Ok(Outcome {
         code: exit_code(status),

@@ -93,13 +93,8 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
     // Signals are registered before the child exists, so its exit cannot be missed.
     let mut signals = Signals::new([SIGCHLD, SIGWINCH, SIGHUP, SIGTERM, SIGINT, SIGQUIT])?;
     let raw = RawMode::enter(&stdin).ok();
-    let mut child = sys::spawn(
-        &mut cmd,
-        sys::ChildSetup {
-            controlling_tty: true,
-        },
-    )
-    .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let mut child = sys::spawn(&mut cmd, sys::ChildSetup { controlling_tty: true })
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     // Our copies of the slave are in `cmd`; drop them so EOF can come.
     drop(cmd);
     drop(pair.slave);
@@ -165,12 +160,7 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
 }
 
 /// Copies PTY output to the terminal, then to the recorder. Returns bytes copied.
-fn pump_output(
-    master: File,
-    mut out: File,
-    wake: std::os::unix::net::UnixStream,
-    events: SyncSender<Event>,
-) -> u64 {
+fn pump_output(master: File, mut out: File, wake: std::os::unix::net::UnixStream, events: SyncSender<Event>) -> u64 {
     let _ = nix::fcntl::fcntl(
         master.as_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -245,9 +235,8 @@ fn pump_input(mut stdin: File, master: File, events: SyncSender<Event>, record_i
         let now = Instant::now();
         // Read the slave's modes through the master before writing: the
         // keystroke is judged by the state the program was in when it was typed.
-        let hidden = record_input
-            && termios::tcgetattr(master.as_fd())
-                .is_ok_and(|t| !t.local_flags.contains(LocalFlags::ECHO));
+        let hidden =
+            record_input && termios::tcgetattr(master.as_fd()).is_ok_and(|t| !t.local_flags.contains(LocalFlags::ECHO));
         if write_all_nonblocking(&master, &buf[..n]).is_err() {
             return;
         }

@@ -87,11 +87,7 @@ pub fn run(
                 }
                 Event::InputHidden(_) => {
                     if !hidden {
-                        enc.marker(
-                            rel,
-                            "shelltrail: input not recorded while terminal echo is off",
-                            buf,
-                        );
+                        enc.marker(rel, "shelltrail: input not recorded while terminal echo is off", buf);
                         hidden = true;
                     }
                 }
