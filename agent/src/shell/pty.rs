@@ -9,7 +9,6 @@ use crate::shell::record::Event;
 use crate::shell::{Outcome, exit_code};
 use crate::sys;
 use anyhow::{Context, Result};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use nix::unistd::Pid;
@@ -21,6 +20,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
@@ -100,12 +101,13 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
     drop(pair.slave);
     let pgid = Pid::from_raw(child.id() as i32);
 
-    let (wake_tx, wake_rx) = std::os::unix::net::UnixStream::pair()?;
+    let progress = Arc::new(Progress::default());
     let out_master = master.try_clone()?;
     let out_events = events.clone();
+    let out_progress = progress.clone();
     let output = std::thread::Builder::new()
         .name("pty-output".into())
-        .spawn(move || pump_output(out_master, stdout, wake_rx, out_events))?;
+        .spawn(move || pump_output(out_master, stdout, out_events, &out_progress))?;
     let in_master = master.try_clone()?;
     let in_events = events.clone();
     std::thread::Builder::new()
@@ -147,8 +149,19 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
         }
     };
 
-    let _ = (&wake_tx).write_all(b"x");
-    let bytes_out = output.join().unwrap_or(0);
+    // Drain: copy what the program printed before it exited. A background job
+    // may hold the PTY open and never let EOF come, so stop once the output
+    // has been quiet for a moment; past that, nothing more reaches the client.
+    let exited = Instant::now();
+    while !output.is_finished() && exited.elapsed() < DRAIN_MAX {
+        let last = progress.epoch + Duration::from_millis(progress.last_read.load(Ordering::Relaxed));
+        if last.max(exited).elapsed() >= DRAIN_QUIET {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    progress.closed.store(true, Ordering::Relaxed);
+    let bytes_out = progress.bytes.load(Ordering::Relaxed);
     let code = exit_code(status);
     drop(raw);
     Ok(Outcome {
@@ -159,66 +172,56 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
     })
 }
 
-/// Copies PTY output to the terminal, then to the recorder. Returns bytes copied.
-fn pump_output(master: File, mut out: File, wake: std::os::unix::net::UnixStream, events: SyncSender<Event>) -> u64 {
-    let _ = nix::fcntl::fcntl(
-        master.as_fd(),
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    );
+/// What the output loop has done, for the drain decision after the child exits.
+struct Progress {
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last read that returned data.
+    last_read: AtomicU64,
+    bytes: AtomicU64,
+    /// Set when the session is over: nothing more goes to the client.
+    closed: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            epoch: Instant::now(),
+            last_read: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+fn ms_since(epoch: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(epoch).as_millis() as u64
+}
+
+/// Copies PTY output to the terminal, then to the recorder: one blocking
+/// read and one write per burst, as a bare proxy does. Ends at EOF/EIO (every
+/// holder of the slave side closed it) or when the session is declared over.
+fn pump_output(master: File, mut out: File, events: SyncSender<Event>, progress: &Progress) {
     let mut buf = vec![0u8; 64 << 10];
-    let mut total = 0u64;
-    let mut drain_until: Option<Instant> = None;
     let mut reader = &master;
     loop {
-        let timeout = match drain_until {
-            Some(_) => PollTimeout::try_from(DRAIN_QUIET).unwrap_or(PollTimeout::ZERO),
-            None => PollTimeout::NONE,
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
-        let mut fds = [
-            PollFd::new(master.as_fd(), PollFlags::POLLIN),
-            PollFd::new(
-                wake.as_fd(),
-                if drain_until.is_some() {
-                    PollFlags::empty()
-                } else {
-                    PollFlags::POLLIN
-                },
-            ),
-        ];
-        match poll(&mut fds, timeout) {
-            Ok(0) => return total, // quiet after the child's exit: done
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return total,
+        let now = Instant::now();
+        if progress.closed.load(Ordering::Relaxed) {
+            return;
         }
-        let master_ready = fds[0].any().unwrap_or(true);
-        if fds[1].any().unwrap_or(false) {
-            drain_until = Some(Instant::now() + DRAIN_MAX);
-        }
-        if drain_until.is_some_and(|d| Instant::now() >= d) {
-            return total;
-        }
-        if !master_ready {
-            continue;
-        }
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => return total,
-                Ok(n) => {
-                    let now = Instant::now();
-                    if out.write_all(&buf[..n]).is_err() {
-                        // The client is gone; keep recording what the program says.
-                    }
-                    total += n as u64;
-                    if events.send(Event::Output(now, buf[..n].to_vec())).is_err() {
-                        return total;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // EIO: every holder of the slave side has closed it.
-                Err(_) => return total,
-            }
+        // A failed write means the client is gone; keep recording what the program says.
+        let _ = out.write_all(&buf[..n]);
+        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        progress
+            .last_read
+            .store(ms_since(progress.epoch, now), Ordering::Relaxed);
+        if events.send(Event::Output(now, buf[..n].to_vec())).is_err() {
+            return;
         }
     }
 }
@@ -237,7 +240,7 @@ fn pump_input(mut stdin: File, master: File, events: SyncSender<Event>, record_i
         // keystroke is judged by the state the program was in when it was typed.
         let hidden =
             record_input && termios::tcgetattr(master.as_fd()).is_ok_and(|t| !t.local_flags.contains(LocalFlags::ECHO));
-        if write_all_nonblocking(&master, &buf[..n]).is_err() {
+        if (&master).write_all(&buf[..n]).is_err() {
             return;
         }
         if record_input {
@@ -251,21 +254,4 @@ fn pump_input(mut stdin: File, master: File, events: SyncSender<Event>, record_i
             }
         }
     }
-}
-
-/// The master is non-blocking (the output loop needs that); writes wait for room.
-fn write_all_nonblocking(f: &File, mut data: &[u8]) -> std::io::Result<()> {
-    let mut w = f;
-    while !data.is_empty() {
-        match w.write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLOUT)];
-                let _ = poll(&mut fds, PollTimeout::from(100u8));
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
