@@ -274,7 +274,11 @@ impl Link {
                         while let Ok(Some(f)) = fr.next(&mut r) {
                             match f.body {
                                 Some(agent_frame::Body::Ack(a)) => {
-                                    let msg = ToLink::Acked { epoch, through: a.through_seq, closed: a.closed };
+                                    let msg = ToLink::Acked {
+                                        epoch,
+                                        through: a.through_seq,
+                                        closed: a.closed,
+                                    };
                                     if tx.send(msg).is_err() {
                                         return;
                                     }
@@ -380,4 +384,117 @@ impl Link {
 fn frame_len_hint(frame: &RecorderFrame) -> usize {
     use prost::Message;
     frame.encoded_len() + framing::PREFIX
+}
+
+#[cfg(test)]
+mod tests {
+    //! The link against a real agent (in-process, real socket, real spool),
+    //! which is stopped and restarted in the middle of a session.
+    use super::*;
+    use crate::agent::{server, spool};
+    use crate::config::Config;
+    use shelltrail_cast::chunk::{self as chunkfmt, Chunker};
+
+    struct RunningAgent {
+        rt: tokio::runtime::Runtime,
+    }
+
+    fn start_agent(cfg: &Config) -> RunningAgent {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let cfg2 = cfg.clone();
+        rt.block_on(async {
+            let agent = server::Agent::start(cfg2.clone()).unwrap();
+            let listener = server::bind(&cfg2.socket).unwrap();
+            tokio::spawn(server::serve(agent, listener));
+        });
+        RunningAgent { rt }
+    }
+
+    fn config(dir: &Path) -> Config {
+        let mut cfg = Config::default();
+        cfg.socket = dir.join("agent.sock");
+        cfg.spool_dir = dir.join("spool");
+        cfg
+    }
+
+    #[test]
+    fn agent_restart_mid_session_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let agent = start_agent(&cfg);
+        let id = uuid::Uuid::now_v7().to_string();
+        let meta = SessionMeta { session_id: id.clone(), ..Default::default() };
+        let conn = open(&cfg.socket, &meta, false).unwrap();
+        assert_eq!(conn.next_seq, 0);
+
+        let budget = Budget::new(64 << 20);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let link = {
+            let (socket, meta, budget, tx) = (cfg.socket.clone(), meta.clone(), budget.clone(), tx.clone());
+            std::thread::spawn(move || run(socket, meta, Some(conn), budget, tx, rx, Duration::from_secs(20)))
+        };
+        let mut chunker = Chunker::new(&id, 3);
+        let mut expected = Vec::new();
+        let mut send = |chunker: &mut Chunker, i: u32| {
+            let line = format!("[0.001, \"o\", \"line {i}\\r\\n\"]\n");
+            expected.extend_from_slice(line.as_bytes());
+            chunker.buffer().extend_from_slice(line.as_bytes());
+            let c = chunker.cut(u64::from(i), u64::from(i)).unwrap();
+            assert!(budget.try_take(c.bytes.len() as u64));
+            tx.send(ToLink::Chunk(c)).unwrap();
+        };
+        for i in 0..50 {
+            send(&mut chunker, i);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // Stop the agent hard (its tasks and sockets go away), send more while
+        // it is down, then start a new agent on the same spool.
+        drop(agent);
+        for i in 50..100 {
+            send(&mut chunker, i);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let _agent = start_agent(&cfg);
+        for i in 100..150 {
+            send(&mut chunker, i);
+        }
+        tx.send(ToLink::Close(Close { exit_status: 0, last_seq: 149, ..Default::default() })).unwrap();
+        let delivery = link.join().unwrap();
+        assert!(delivery.close_acked, "{delivery:?}");
+        assert_eq!(delivery.undelivered, 0);
+
+        let index = spool::scan(&cfg.spool_dir, false).unwrap();
+        let s = &index.sessions[&id];
+        assert_eq!(s.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), (0..150).collect::<Vec<_>>());
+        assert!(s.close.is_some());
+        let mut got = Vec::new();
+        for c in &s.chunks {
+            got.extend(chunkfmt::decompress(&spool::read_chunk(&cfg.spool_dir, c.loc).unwrap()).unwrap().1);
+        }
+        assert_eq!(got, expected, "every chunk exactly once, in order");
+    }
+
+    #[test]
+    fn unreachable_agent_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SessionMeta { session_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+        let err = open(&dir.path().join("nope.sock"), &meta, false).err().unwrap();
+        assert!(err.to_string().contains("not reachable"), "{err}");
+    }
+
+    #[test]
+    fn a_session_cannot_be_resumed_by_another_process_or_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let _agent = start_agent(&cfg);
+        let meta = SessionMeta { session_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+        let _conn = open(&cfg.socket, &meta, false).unwrap();
+        // Same id again as a new session.
+        assert!(matches!(open(&cfg.socket, &meta, false), Err(ConnectError::Refused(r)) if r.contains("already exists")));
+        // Resume while the first connection is alive.
+        assert!(matches!(open(&cfg.socket, &meta, true), Err(ConnectError::Refused(r)) if r.contains("already connected")));
+        // A hostile id.
+        let bad = SessionMeta { session_id: "../../etc/passwd".into(), ..Default::default() };
+        assert!(matches!(open(&cfg.socket, &bad, false), Err(ConnectError::Refused(r)) if r.contains("UUID")));
+    }
 }
