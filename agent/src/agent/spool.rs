@@ -346,7 +346,11 @@ impl Index {
                 // Usually in order; after a failed write (disk full) a session
                 // resends from its last durable chunk, so a later chunk can
                 // precede an earlier one and appear twice. Keep one of each, in order.
-                let entry = ChunkEntry { seq, loc, len: payload.len() as u64 - 24 };
+                let entry = ChunkEntry {
+                    seq,
+                    loc,
+                    len: payload.len() as u64 - 24,
+                };
                 if let Err(at) = s.chunks.binary_search_by_key(&seq, |c| c.seq) {
                     s.chunks.insert(at, entry);
                 }

@@ -17,6 +17,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,15 +110,13 @@ pub struct Budget {
     used: Mutex<u64>,
     freed: Condvar,
     cap: u64,
+    /// Set when the session is over: waiting for room makes no sense any more.
+    abandoned: AtomicBool,
 }
 
 impl Budget {
     pub fn new(cap: u64) -> Arc<Budget> {
-        Arc::new(Budget {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-            cap,
-        })
+        Arc::new(Budget { used: Mutex::new(0), freed: Condvar::new(), cap, abandoned: AtomicBool::new(false) })
     }
 
     /// Takes `n` bytes if they fit.
@@ -130,13 +129,25 @@ impl Budget {
         true
     }
 
-    /// Takes `n` bytes, waiting for acknowledgements to free them.
-    pub fn take_waiting(&self, n: u64) {
+    /// Takes `n` bytes, waiting for acknowledgements to free them. Gives up
+    /// (false) once the session is over and [`Budget::abandon`] was called: a
+    /// session whose user has gone must not hang forever on an absent agent.
+    pub fn take_waiting(&self, n: u64) -> bool {
         let mut used = self.used.lock().expect("budget lock");
         while *used + n > self.cap && *used > 0 {
-            used = self.freed.wait(used).expect("budget lock");
+            if self.abandoned.load(Ordering::Relaxed) {
+                return false;
+            }
+            used = self.freed.wait_timeout(used, Duration::from_millis(100)).expect("budget lock").0;
         }
         *used += n;
+        true
+    }
+
+    /// The session has ended: stop waiting for room.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.freed.notify_all();
     }
 
     fn give_back(&self, n: u64) {

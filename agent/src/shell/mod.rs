@@ -194,9 +194,10 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
             wait_when_full: cfg.shell.on_agent_unavailable == Unavailable::Deny,
         };
         let id = meta.session_id.clone();
+        let recorder_budget = budget.clone();
         std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || record::run(&id, header, start, settings, ev_rx, link_tx, budget))?
+            .spawn(move || record::run(&id, header, start, settings, ev_rx, link_tx, recorder_budget))?
     };
 
     let mut cmd = std::process::Command::new(&plan.program);
@@ -207,6 +208,9 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
         pipes::run(cmd, ev_tx.clone(), record_input, summarise.map(|t| t.name()))?
     };
 
+    // From here on, a full buffer (agent away) drops and records the gap
+    // instead of holding the departing session forever.
+    budget.abandon();
     if let Some(t) = &outcome.transfer {
         let line = format!(
             "shelltrail: {} transfer, payload not recorded: {} bytes from client (sha256 {}), {} bytes to client (sha256 {})",
@@ -230,7 +234,10 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
             // The recorder thread died: still end the session at the agent, so
             // the link stops and the session shows as ended, not live forever.
             syslog::error(&format!("session {}: recorder thread failed", meta.session_id));
-            let _ = link_guard.send(link::ToLink::Close(Close { exit_status: outcome.code, ..Default::default() }));
+            let _ = link_guard.send(link::ToLink::Close(Close {
+                exit_status: outcome.code,
+                ..Default::default()
+            }));
             Vec::new()
         }
     };

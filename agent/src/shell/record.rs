@@ -109,8 +109,7 @@ pub fn run(
             if let Some(chunk) = chunker.cut(first_ms.unwrap_or(last_ms), last_ms) {
                 let n = chunk.bytes.len() as u64;
                 let admitted = if settings.wait_when_full {
-                    budget.take_waiting(n);
-                    true
+                    budget.take_waiting(n)
                 } else {
                     budget.try_take(n)
                 };
