@@ -1,1 +1,35 @@
+//! End-to-end tests of shelltrail: a real OpenSSH sshd whose ForceCommand is
+//! the recorder, real `ssh`/`scp`/`sftp`/`rsync` clients, a real agent, and
+//! the operator CLI to look at what was recorded. The harness (this
+//! package's library, `tests/harness/`) gives every test a private world;
+//! see its documentation.
+//!
+//! Run with `tests/run.sh`, or as root: `cargo build --bins && cargo test -p shelltrail-tests`.
+//!
+//! Modules:
+//! * [`interactive`]: `ssh -tt` sessions typed into a pseudo-terminal: output
+//!   recorded and playable by asciinema 3 (v3 and v2 exports), window
+//!   resizes, exit status, keystrokes typed at an echo-off password prompt
+//!   never recorded.
+//! * [`exec`]: `ssh host CMD`: stdout, stderr and exit status pass through
+//!   unchanged, closed stdin (`ssh -n`), UTF-8 split across writes, invalid
+//!   UTF-8 and binary output reconstructed byte for byte by `export --raw`.
+//! * [`transfer`]: scp (SFTP and legacy protocols), sftp and rsync of a
+//!   64 MiB file in both directions: the file arrives intact and the
+//!   recording holds a summary marker instead of the payload.
+//! * [`durability`]: the agent killed with SIGKILL mid-session and
+//!   restarted loses nothing and duplicates nothing; the agent down at login
+//!   (`on_agent_unavailable` deny and allow, and an agent that comes back
+//!   during an allowed session).
+//! * [`identity`]: who and why: key fingerprints and OpenSSH certificate
+//!   details from ExposeAuthInfo, the reason required by `require_reason`.
+//! * [`security`]: the recorder as login shell and ForceCommand records once;
+//!   the user cannot read the recorder's memory or outlive it by killing it;
+//!   hostile bytes on the agent socket close only that connection.
 
+mod durability;
+mod exec;
+mod identity;
+mod interactive;
+mod security;
+mod transfer;

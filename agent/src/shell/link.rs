@@ -16,8 +16,8 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,7 +116,12 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(cap: u64) -> Arc<Budget> {
-        Arc::new(Budget { used: Mutex::new(0), freed: Condvar::new(), cap, abandoned: AtomicBool::new(false) })
+        Arc::new(Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            cap,
+            abandoned: AtomicBool::new(false),
+        })
     }
 
     /// Takes `n` bytes if they fit.
@@ -138,7 +143,11 @@ impl Budget {
             if self.abandoned.load(Ordering::Relaxed) {
                 return false;
             }
-            used = self.freed.wait_timeout(used, Duration::from_millis(100)).expect("budget lock").0;
+            used = self
+                .freed
+                .wait_timeout(used, Duration::from_millis(100))
+                .expect("budget lock")
+                .0;
         }
         *used += n;
         true
@@ -205,6 +214,7 @@ pub fn run(
         retry_at: Instant::now(),
         backoff: Duration::from_millis(50),
         warned: false,
+        opened: false,
     };
     if let Some(c) = conn {
         link.attach(c);
@@ -262,10 +272,16 @@ struct Link {
     retry_at: Instant,
     backoff: Duration,
     warned: bool,
+    /// The agent has accepted this session once. Until then a reconnect
+    /// must open it (the agent has no record to resume): a session started
+    /// while the agent was down (`on_agent_unavailable = allow`) is
+    /// delivered whole when the agent comes back.
+    opened: bool,
 }
 
 impl Link {
     fn attach(&mut self, conn: Connection) {
+        self.opened = true;
         self.epoch += 1;
         let epoch = self.epoch;
         // Everything below next_seq is durable at the agent: forget it.
@@ -368,7 +384,7 @@ impl Link {
     }
 
     fn reconnect(&mut self) {
-        match open(&self.socket, &self.meta, true) {
+        match open(&self.socket, &self.meta, self.opened) {
             Ok(conn) => {
                 syslog::info(&format!(
                     "session {}: agent reachable again; resuming at chunk {}",
@@ -406,26 +422,28 @@ mod tests {
     use crate::config::Config;
     use shelltrail_cast::chunk::{self as chunkfmt, Chunker};
 
+    /// Dropping it stops the agent: its runtime, tasks and sockets go away.
     struct RunningAgent {
-        rt: tokio::runtime::Runtime,
+        _rt: tokio::runtime::Runtime,
     }
 
     fn start_agent(cfg: &Config) -> RunningAgent {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let cfg2 = cfg.clone();
         rt.block_on(async {
             let agent = server::Agent::start(cfg2.clone()).unwrap();
             let listener = server::bind(&cfg2.socket).unwrap();
             tokio::spawn(server::serve(agent, listener));
         });
-        RunningAgent { rt }
+        RunningAgent { _rt: rt }
     }
 
     fn config(dir: &Path) -> Config {
-        let mut cfg = Config::default();
-        cfg.socket = dir.join("agent.sock");
-        cfg.spool_dir = dir.join("spool");
-        cfg
+        Config { socket: dir.join("agent.sock"), spool_dir: dir.join("spool"), ..Default::default() }
     }
 
     #[test]
@@ -434,7 +452,10 @@ mod tests {
         let cfg = config(dir.path());
         let agent = start_agent(&cfg);
         let id = uuid::Uuid::now_v7().to_string();
-        let meta = SessionMeta { session_id: id.clone(), ..Default::default() };
+        let meta = SessionMeta {
+            session_id: id.clone(),
+            ..Default::default()
+        };
         let conn = open(&cfg.socket, &meta, false).unwrap();
         assert_eq!(conn.next_seq, 0);
 
@@ -469,18 +490,30 @@ mod tests {
         for i in 100..150 {
             send(&mut chunker, i);
         }
-        tx.send(ToLink::Close(Close { exit_status: 0, last_seq: 149, ..Default::default() })).unwrap();
+        tx.send(ToLink::Close(Close {
+            exit_status: 0,
+            last_seq: 149,
+            ..Default::default()
+        }))
+        .unwrap();
         let delivery = link.join().unwrap();
         assert!(delivery.close_acked, "{delivery:?}");
         assert_eq!(delivery.undelivered, 0);
 
         let index = spool::scan(&cfg.spool_dir, false).unwrap();
         let s = &index.sessions[&id];
-        assert_eq!(s.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), (0..150).collect::<Vec<_>>());
+        assert_eq!(
+            s.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            (0..150).collect::<Vec<_>>()
+        );
         assert!(s.close.is_some());
         let mut got = Vec::new();
         for c in &s.chunks {
-            got.extend(chunkfmt::decompress(&spool::read_chunk(&cfg.spool_dir, c.loc).unwrap()).unwrap().1);
+            got.extend(
+                chunkfmt::decompress(&spool::read_chunk(&cfg.spool_dir, c.loc).unwrap())
+                    .unwrap()
+                    .1,
+            );
         }
         assert_eq!(got, expected, "every chunk exactly once, in order");
     }
@@ -488,7 +521,10 @@ mod tests {
     #[test]
     fn unreachable_agent_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = SessionMeta { session_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+        let meta = SessionMeta {
+            session_id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
+        };
         let err = open(&dir.path().join("nope.sock"), &meta, false).err().unwrap();
         assert!(err.to_string().contains("not reachable"), "{err}");
     }
@@ -498,14 +534,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
         let _agent = start_agent(&cfg);
-        let meta = SessionMeta { session_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+        let meta = SessionMeta {
+            session_id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
+        };
         let _conn = open(&cfg.socket, &meta, false).unwrap();
         // Same id again as a new session.
-        assert!(matches!(open(&cfg.socket, &meta, false), Err(ConnectError::Refused(r)) if r.contains("already exists")));
+        assert!(
+            matches!(open(&cfg.socket, &meta, false), Err(ConnectError::Refused(r)) if r.contains("already exists"))
+        );
         // Resume while the first connection is alive.
-        assert!(matches!(open(&cfg.socket, &meta, true), Err(ConnectError::Refused(r)) if r.contains("already connected")));
+        assert!(
+            matches!(open(&cfg.socket, &meta, true), Err(ConnectError::Refused(r)) if r.contains("already connected"))
+        );
         // A hostile id.
-        let bad = SessionMeta { session_id: "../../etc/passwd".into(), ..Default::default() };
+        let bad = SessionMeta {
+            session_id: "../../etc/passwd".into(),
+            ..Default::default()
+        };
         assert!(matches!(open(&cfg.socket, &bad, false), Err(ConnectError::Refused(r)) if r.contains("UUID")));
     }
 }

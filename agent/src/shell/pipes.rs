@@ -21,6 +21,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After the child exits, how long to wait for a background process that
@@ -43,6 +44,34 @@ enum Keep {
 struct Copied {
     bytes: u64,
     sha256: Option<String>,
+}
+
+/// What one copy loop has passed on so far, shared with the session owner.
+/// The owner reads it once the child has exited, finished loop or not: the
+/// input loop is usually still blocked reading the client (an rsync or sftp
+/// client keeps its side open after the server is done), and what it has
+/// already copied must be counted and hashed all the same.
+struct Tally {
+    bytes: u64,
+    hash: Option<Sha256>,
+}
+
+impl Tally {
+    fn new(keep: Keep) -> Arc<Mutex<Tally>> {
+        Arc::new(Mutex::new(Tally {
+            bytes: 0,
+            hash: matches!(keep, Keep::Summary).then(Sha256::new),
+        }))
+    }
+
+    fn snapshot(tally: &Mutex<Tally>) -> Copied {
+        // A copy loop that panicked left a consistent tally: it only adds under the lock.
+        let t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        Copied {
+            bytes: t.bytes,
+            sha256: t.hash.clone().map(|h| hex::encode(h.finalize())),
+        }
+    }
 }
 
 /// Runs `cmd` with pipes until it exits.
@@ -70,13 +99,14 @@ pub fn run(
     let stdin = dup(std::io::stdin().as_fd())?;
     let stdout = dup(std::io::stdout().as_fd())?;
     let stderr = dup(std::io::stderr().as_fd())?;
-    let ev = events.clone();
-    let input = std::thread::spawn(move || copy(stdin, child_in, in_keep, &ev));
-    let ev = events.clone();
-    let output = std::thread::spawn(move || copy(child_out, stdout, out_keep, &ev));
-    let ev = events.clone();
+    let (in_tally, out_tally, err_tally) = (Tally::new(in_keep), Tally::new(out_keep), Tally::new(Keep::Output));
+    let (ev, tally) = (events.clone(), in_tally.clone());
+    std::thread::spawn(move || copy(stdin, child_in, in_keep, &ev, &tally));
+    let (ev, tally) = (events.clone(), out_tally.clone());
+    let output = std::thread::spawn(move || copy(child_out, stdout, out_keep, &ev, &tally));
+    let (ev, tally) = (events.clone(), err_tally);
     // stderr is always recorded: for a transfer it carries only error messages.
-    let errors = std::thread::spawn(move || copy(child_err, stderr, Keep::Output, &ev));
+    let errors = std::thread::spawn(move || copy(child_err, stderr, Keep::Output, &ev, &tally));
 
     let handle = signals.handle();
     std::thread::spawn(move || {
@@ -88,44 +118,46 @@ pub fn run(
     let status = child.wait()?;
     handle.close();
 
+    // Output still in the pipes is copied; a background process holding
+    // them open is given up on after LINGER.
     let deadline = Instant::now() + LINGER;
-    let out = join_by(output, deadline);
-    let _ = join_by(errors, deadline);
-    // Input may still be blocked reading the client: its counts are final
-    // only if it finished; for transfers the child reads stdin to EOF first.
-    let inp = if input.is_finished() { input.join().ok() } else { None };
+    join_by(output, deadline);
+    join_by(errors, deadline);
+    // The child is gone, so nothing more reaches it: the input tally is final
+    // even though its loop may still be blocked reading the client.
+    let inp = Tally::snapshot(&in_tally);
+    let out = Tally::snapshot(&out_tally);
 
     let summary = transfer.map(|program| TransferSummary {
         program: program.to_string(),
-        bytes_from_client: inp.as_ref().map_or(0, |c| c.bytes),
-        bytes_to_client: out.as_ref().map_or(0, |c| c.bytes),
-        sha256_from_client: inp.as_ref().and_then(|c| c.sha256.clone()).unwrap_or_default(),
-        sha256_to_client: out.as_ref().and_then(|c| c.sha256.clone()).unwrap_or_default(),
+        bytes_from_client: inp.bytes,
+        bytes_to_client: out.bytes,
+        sha256_from_client: inp.sha256.clone().unwrap_or_default(),
+        sha256_to_client: out.sha256.clone().unwrap_or_default(),
     });
     Ok(Outcome {
         code: exit_code(status),
-        bytes_out: out.as_ref().map_or(0, |c| c.bytes),
-        bytes_in: inp.as_ref().map_or(0, |c| c.bytes),
+        bytes_out: out.bytes,
+        bytes_in: inp.bytes,
         transfer: summary,
     })
 }
 
-fn join_by(t: std::thread::JoinHandle<Copied>, deadline: Instant) -> Option<Copied> {
+fn join_by(t: std::thread::JoinHandle<()>, deadline: Instant) {
     while !t.is_finished() {
         if Instant::now() >= deadline {
-            return None;
+            return;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    t.join().ok()
+    let _ = t.join();
 }
 
-/// Copies until EOF, writing first and recording after. Closing `to` at the
-/// end (drop) passes EOF on, which is what makes `ssh -n` work.
-fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender<Event>) -> Copied {
+/// Copies until EOF, writing first, then counting (and hashing) into
+/// `tally`, then recording. Closing `to` at the end (drop) passes EOF on,
+/// which is what makes `ssh -n` work.
+fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender<Event>, tally: &Mutex<Tally>) {
     let mut buf = vec![0u8; 64 << 10];
-    let mut bytes = 0u64;
-    let mut hash = matches!(keep, Keep::Summary).then(Sha256::new);
     let mut recording = true;
     loop {
         let n = match from.read(&mut buf) {
@@ -138,9 +170,12 @@ fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender
         if to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
             break;
         }
-        bytes += n as u64;
-        if let Some(h) = hash.as_mut() {
-            h.update(&buf[..n]);
+        {
+            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+            t.bytes += n as u64;
+            if let Some(h) = t.hash.as_mut() {
+                h.update(&buf[..n]);
+            }
         }
         if recording {
             let ev = match keep {
@@ -152,10 +187,6 @@ fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender
                 recording = events.send(ev).is_ok();
             }
         }
-    }
-    Copied {
-        bytes,
-        sha256: hash.map(|h| hex::encode(h.finalize())),
     }
 }
 

@@ -226,8 +226,18 @@ fn pump_output(master: File, mut out: File, events: SyncSender<Event>, progress:
     }
 }
 
+/// Whether the terminal is in the mode of a password prompt: line-buffered
+/// (canonical) with echo off, as getpass(3), readpassphrase(3), sudo and
+/// `read -s` set it. Echo off alone is not enough: line editors (readline,
+/// vim, less) turn canonical mode and echo off and echo keystrokes
+/// themselves, and their input is what recording input is for. Linux's own
+/// tty audit skips input by the same rule.
+fn password_mode(t: &Termios) -> bool {
+    t.local_flags.contains(LocalFlags::ICANON) && !t.local_flags.contains(LocalFlags::ECHO)
+}
+
 /// Copies the user's keystrokes into the PTY; records them only when asked,
-/// and never while the program has turned echo off (a password prompt).
+/// and never at a password prompt ([`password_mode`]).
 fn pump_input(mut stdin: File, master: File, events: SyncSender<Event>, record_input: bool) {
     let mut buf = vec![0u8; 16 << 10];
     loop {
@@ -238,8 +248,7 @@ fn pump_input(mut stdin: File, master: File, events: SyncSender<Event>, record_i
         let now = Instant::now();
         // Read the slave's modes through the master before writing: the
         // keystroke is judged by the state the program was in when it was typed.
-        let hidden =
-            record_input && termios::tcgetattr(master.as_fd()).is_ok_and(|t| !t.local_flags.contains(LocalFlags::ECHO));
+        let hidden = record_input && termios::tcgetattr(master.as_fd()).is_ok_and(|t| password_mode(&t));
         if (&master).write_all(&buf[..n]).is_err() {
             return;
         }

@@ -1,0 +1,251 @@
+//! Attempts to escape or confuse the recording: the recorder as both login
+//! shell and ForceCommand, a user attacking their own recorder, and hostile
+//! bytes on the agent's socket.
+
+use shelltrail_proto::framing;
+use shelltrail_proto::v1::{AgentFrame, Chunk, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
+use shelltrail_tests::{Running, TIMEOUT, TestUser, World, poll_until, wait_until};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// The recorder is the user's login shell and sshd's ForceCommand (the
+/// configuration that closes the ~/.bashrc bypass): every login is
+/// recorded exactly once, exec, interactive and sftp alike.
+#[test]
+fn login_shell_and_force_command_record_once() {
+    let user = TestUser::with_recorder_as_login_shell("shelltrail-e2e-ls");
+    let w = World::builder().user(user).build();
+
+    let out = w.ssh().command("echo once-$((1+1))").run();
+    out.assert_success();
+    assert_eq!(out.stdout, b"once-2\n", "{out}");
+    let all = w.sessions();
+    assert_eq!(all.len(), 1, "one exec login, {} sessions: {all:#?}", all.len());
+    assert_eq!(all[0].mode, "exec");
+    assert_eq!(all[0].command, "echo once-$((1+1))");
+    let cast = w.export(&all[0].id);
+    assert_eq!(cast.output(), "once-2\n");
+    // The real shell ran the command, not the recorder again.
+    assert_eq!(cast.meta()["command"], "/bin/bash -c echo once-$((1+1))");
+
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo tty-$((2+3))");
+    t.expect("tty-5");
+    t.line("exit");
+    assert_eq!(t.wait_exit(Duration::from_secs(30)), 0, "{}", t.transcript());
+    let all = w.sessions();
+    assert_eq!(
+        all.len(),
+        2,
+        "one interactive login added {} sessions: {all:#?}",
+        all.len() - 1
+    );
+    let pty = all.iter().find(|r| r.mode == "pty").expect("the pty session");
+    assert_eq!(w.export(&pty.id).output().matches("tty-5").count(), 1);
+
+    shelltrail_tests::proc::run_ok(w.sftp_batch("ls /\n"), TIMEOUT);
+    let all = w.sessions();
+    assert_eq!(
+        all.len(),
+        3,
+        "one sftp login added {} sessions: {all:#?}",
+        all.len() - 2
+    );
+    assert!(all.iter().any(|r| r.mode == "transfer"), "{all:#?}");
+}
+
+/// Waits until `user` has no processes; panics with a `ps` listing if some remain.
+#[track_caller]
+fn assert_no_processes_left(user: &TestUser, timeout: Duration) {
+    let gone = poll_until(timeout, || user.processes().is_empty().then_some(()));
+    assert!(
+        gone.is_some(),
+        "processes of {} are still running:\n{}",
+        user.name,
+        user.process_listing()
+    );
+}
+
+/// Starts a terminal session, waits until its shell answers, and returns
+/// it with the session id.
+fn started_pty_session(w: &World) -> (shelltrail_tests::Term, String) {
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo up-$((1+1))");
+    t.expect("up-2");
+    let id = w
+        .sessions()
+        .into_iter()
+        .find(|r| r.mode == "pty" && r.live)
+        .expect("a live pty session")
+        .id;
+    (t, id)
+}
+
+/// From inside the session, the user can neither read the recorder's
+/// memory or environment (it is non-dumpable) nor escape the recording by
+/// killing it: the session ends, nothing of the user's is left running, and
+/// the agent marks the session ended.
+#[test]
+fn recorder_resists_its_user() {
+    let user = TestUser::dedicated("shelltrail-e2e-kill");
+    assert_no_processes_left(&user, Duration::from_secs(10));
+    let w = World::builder().user(user.clone()).build();
+
+    // Exec: bash -c runs cat in place, so $PPID is the recorder.
+    let out = w.ssh().command("cat /proc/$PPID/environ").run();
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(out.stderr_str().contains("Permission denied"), "{out}");
+    assert!(!out.stdout_str().contains("SSH_CONNECTION"), "{out}");
+
+    let (mut t, id) = started_pty_session(&w);
+    t.line("cat /proc/$PPID/environ; echo rc=$?");
+    let seen = t.expect("rc=1");
+    assert!(seen.contains("Permission denied"), "{seen:?}");
+    // Wait until the recording has this, so that the kill below cannot be
+    // what decides whether it was stored.
+    wait_until("the live recording to show rc=1", Duration::from_secs(20), || {
+        w.export(&id).output().contains("rc=1").then_some(())
+    });
+    t.line("kill -9 $PPID");
+    t.wait_exit(Duration::from_secs(30));
+    assert_no_processes_left(&user, Duration::from_secs(15));
+
+    // The agent notices that the recorder is gone and ends the session.
+    let s = w.wait_closed(&id, Duration::from_secs(30));
+    assert_eq!(s.end_cause.as_deref(), Some("recorder vanished"), "{s:#?}");
+    assert!(w.export(&id).output().contains("rc=1"));
+}
+
+// ----- hostile bytes on the agent socket -----
+
+fn frame(body: recorder_frame::Body) -> Vec<u8> {
+    let mut buf = Vec::new();
+    framing::encode(&RecorderFrame { body: Some(body) }, &mut buf);
+    buf
+}
+
+fn open_frame(session_id: &str) -> Vec<u8> {
+    frame(recorder_frame::Body::Open(Open {
+        meta: Some(SessionMeta {
+            session_id: session_id.to_string(),
+            mode: "exec".into(),
+            ..Default::default()
+        }),
+        resume: false,
+    }))
+}
+
+/// Sends `bytes` on a new connection and reads until the agent closes it
+/// (panics if it does not within 10 s). Returns the frames it sent back.
+fn send_and_wait_close(w: &World, bytes: &[u8]) -> Vec<AgentFrame> {
+    let mut s = UnixStream::connect(&w.socket).expect("connecting to the agent");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The agent may close before reading everything: a failed write is fine.
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the agent did not close the connection: {e}"),
+        }
+    }
+    let mut frames = Vec::new();
+    while let Some(f) = framing::take::<AgentFrame>(&mut got, 1 << 20).expect("agent frames") {
+        frames.push(f);
+    }
+    frames
+}
+
+#[track_caller]
+fn wait_log(w: &World, text: &str) {
+    let found = poll_until(Duration::from_secs(10), || {
+        w.agent_log_text().contains(text).then_some(())
+    });
+    assert!(
+        found.is_some(),
+        "the agent logged nothing about {text:?}:\n{}",
+        w.agent_log_text()
+    );
+}
+
+/// Oversized frames, garbage protobuf, an empty frame, a path as session id
+/// and a malformed chunk each close only their own connection, with a log
+/// line; a session recording at the same time is not disturbed, and the
+/// agent takes new sessions afterwards.
+#[test]
+fn hostile_agent_clients_only_lose_their_own_connection() {
+    let w = World::builder().no_sshd().build();
+    let good = Running::spawn(
+        w.local_recorder("for i in $(seq 1 20); do echo good-$i; sleep 0.1; done"),
+        None,
+    );
+    good.wait_stdout_contains("good-1\n", Duration::from_secs(20));
+
+    // A length prefix far above max_frame_bytes: refused before any body arrives.
+    let frames = send_and_wait_close(&w, &u32::MAX.to_be_bytes());
+    assert!(frames.is_empty(), "{frames:?}");
+    wait_log(&w, "exceeds the limit");
+
+    // A well-sized frame of garbage.
+    let mut garbage = 64u32.to_be_bytes().to_vec();
+    garbage.extend(std::iter::repeat_n(0xffu8, 64));
+    send_and_wait_close(&w, &garbage);
+    wait_log(&w, "malformed protobuf");
+
+    send_and_wait_close(&w, &0u32.to_be_bytes());
+    wait_log(&w, "empty frame");
+
+    // A session id that is a path.
+    let frames = send_and_wait_close(&w, &open_frame("../../etc/passwd"));
+    let refused = frames.iter().find_map(|f| match &f.body {
+        Some(agent_frame::Body::Refused(r)) => Some(r.reason.clone()),
+        _ => None,
+    });
+    assert!(
+        refused.as_deref().is_some_and(|r| r.contains("UUID")),
+        "no refusal for a path as session id: {frames:?}"
+    );
+    wait_log(&w, "canonical UUID");
+
+    // A valid Open, then a chunk that is not a chunk.
+    let mut bytes = open_frame("01900000-0000-7000-8000-000000000001");
+    bytes.extend(frame(recorder_frame::Body::Chunk(Chunk {
+        seq: 0,
+        data: b"this is not a zstd chunk".to_vec(),
+    })));
+    send_and_wait_close(&w, &bytes);
+    wait_log(&w, "malformed chunk");
+
+    // The honest session did not notice.
+    let out = good.wait(TIMEOUT);
+    out.assert_success();
+    let expected: String = (1..=20).map(|i| format!("good-{i}\n")).collect();
+    assert_eq!(out.stdout_str(), expected);
+    let all = w.sessions();
+    let s = all
+        .iter()
+        .find(|r| r.command.contains("good-"))
+        .unwrap_or_else(|| panic!("the honest session is missing: {all:#?}"));
+    assert!(!s.live && s.exit_status == Some(0) && s.lost_chunks == 0, "{s:#?}");
+    assert_eq!(w.export(&s.id).output(), expected);
+    assert!(!all.iter().any(|r| r.id.contains("passwd")), "{all:#?}");
+    for e in std::fs::read_dir(&w.spool).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(name.ends_with(".seg"), "unexpected file {name} in the spool");
+    }
+
+    // And the agent still takes new sessions.
+    let out = shelltrail_tests::proc::run(w.local_recorder("echo after-attack"), TIMEOUT);
+    out.assert_success();
+    assert!(
+        w.sessions()
+            .iter()
+            .any(|r| r.command == "echo after-attack" && r.exit_status == Some(0)),
+        "{:#?}",
+        w.sessions()
+    );
+}
