@@ -443,7 +443,11 @@ mod tests {
     }
 
     fn config(dir: &Path) -> Config {
-        Config { socket: dir.join("agent.sock"), spool_dir: dir.join("spool"), ..Default::default() }
+        Config {
+            socket: dir.join("agent.sock"),
+            spool_dir: dir.join("spool"),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -553,5 +557,34 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(open(&cfg.socket, &bad, false), Err(ConnectError::Refused(r)) if r.contains("UUID")));
+    }
+
+    #[test]
+    fn limits_refuse_new_sessions_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.agent.max_sessions_per_uid = 1;
+        let _agent = start_agent(&cfg);
+        let meta = || SessionMeta {
+            session_id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
+        };
+        let _first = open(&cfg.socket, &meta(), false).unwrap();
+        let err = open(&cfg.socket, &meta(), false).err().unwrap();
+        assert!(err.to_string().contains("max_sessions_per_uid"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.agent.spool_max_bytes = 1; // already exceeded by the first segment's header
+        let _agent = start_agent(&cfg);
+        let err = open(&cfg.socket, &meta(), false).err().unwrap();
+        assert!(err.to_string().contains("spool is full"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.agent.min_free_bytes = u64::MAX;
+        let _agent = start_agent(&cfg);
+        let err = open(&cfg.socket, &meta(), false).err().unwrap();
+        assert!(err.to_string().contains("nearly full"), "{err}");
     }
 }
