@@ -22,7 +22,6 @@ use crate::proc::{describe, poll_until, run, run_ok};
 use crate::sshd::{Sshd, SshdSpec, keygen};
 use crate::users::TestUser;
 use crate::{TIMEOUT, bin_dir, require_root, strip_ansi};
-use serde::Deserialize;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,27 +29,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One row of `shelltrail sessions --json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SessionRow {
-    pub id: String,
-    pub user: String,
-    pub uid: u32,
-    pub host: String,
-    pub client: String,
-    pub mode: String,
-    pub command: String,
-    pub reason: String,
-    pub start_unix_ms: i64,
-    pub duration_ms: i64,
-    pub stored_bytes: u64,
-    pub bytes_out: u64,
-    pub live: bool,
-    pub exit_status: Option<i32>,
-    pub end_cause: Option<String>,
-    pub chunks: usize,
-    pub lost_chunks: usize,
-}
+/// One row of `shelltrail sessions --json`: the CLI's own type, so the two cannot drift.
+pub use shelltrail::cli::sessions::Row as SessionRow;
 
 /// Settings for a [`World`]; see [`World::builder`].
 pub struct WorldBuilder {
