@@ -80,9 +80,17 @@ impl Agent {
 
         let mut sessions = HashMap::new();
         for (id, s) in &index.sessions {
-            let last_hash = match s.chunks.last() {
-                Some(c) => chunk::hash(&spool::read_chunk(&cfg.spool_dir, c.loc)?),
-                None => chunk::chain_seed(id),
+            // The chain continues from the last chunk in the spool, or from
+            // where a carried-forward start record says it stood.
+            let carried = s.open.resume.as_ref().and_then(|(seq, h)| {
+                let h: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
+                Some((*seq, h))
+            });
+            let last_hash = match (s.chunks.last(), carried) {
+                (Some(c), Some((seq, h))) if c.seq < seq => h,
+                (Some(c), _) => chunk::hash(&spool::read_chunk(&cfg.spool_dir, c.loc)?),
+                (None, Some((_, h))) => h,
+                (None, None) => chunk::chain_seed(id),
             };
             sessions.insert(
                 id.clone(),
@@ -409,6 +417,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
             peer_user,
             peer_start_ticks: start_ticks(pid).unwrap_or(0),
             opened_unix_ms: now_ms(),
+            resume: None,
         };
         match agent.append(spool::open_body(&rec)).await {
             Ok(_) => {

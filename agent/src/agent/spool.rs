@@ -103,6 +103,11 @@ pub struct OpenRecord {
     /// recorder from a new process that reused its pid.
     pub peer_start_ticks: u64,
     pub opened_unix_ms: i64,
+    /// Set on a copy of this record carried forward when the segment holding
+    /// the session's first records is deleted after shipping: where the
+    /// session continues (next seq, hex SHA-256 of its last chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<(u64, String)>,
 }
 
 /// CLOSE: how the session ended.
@@ -194,7 +199,8 @@ impl SessionEntry {
     }
     /// The next chunk sequence the session expects.
     pub fn next_seq(&self) -> u64 {
-        self.chunks.last().map_or(0, |c| c.seq + 1)
+        let carried = self.open.resume.as_ref().map_or(0, |r| r.0);
+        self.chunks.last().map_or(carried, |c| (c.seq + 1).max(carried))
     }
 }
 
@@ -208,6 +214,20 @@ pub struct Index {
     /// Bytes in all segments.
     pub total_bytes: u64,
     pub last_segment: u64,
+    /// What each segment holds, per session: what shipping must have
+    /// confirmed before the segment can be deleted.
+    pub segments: BTreeMap<u64, BTreeMap<String, SegmentUse>>,
+    /// Chunks met before their session's OPEN (possible after an OPEN was
+    /// carried forward into a newer segment); attached when it turns up.
+    orphans: BTreeMap<String, Vec<ChunkEntry>>,
+}
+
+/// One session's records in one segment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentUse {
+    pub open: bool,
+    pub max_seq: Option<u64>,
+    pub close: bool,
 }
 
 /// Walks the whole spool. `repair` (the agent, at start-up, before writing)
@@ -292,6 +312,12 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
             }
         }
     }
+    for (id, chunks) in std::mem::take(&mut index.orphans) {
+        index.problems.push(format!(
+            "{} chunks of session {id} whose start record is missing",
+            chunks.len()
+        ));
+    }
     Ok(index)
 }
 
@@ -319,17 +345,31 @@ fn read_record(r: &mut impl Read, offset: u64, file_len: u64) -> Result<(Vec<u8>
 }
 
 impl Index {
+    fn uses(&mut self, segment: u64, id: &str) -> &mut SegmentUse {
+        self.segments
+            .entry(segment)
+            .or_default()
+            .entry(id.to_string())
+            .or_default()
+    }
+
     fn apply(&mut self, body: &[u8], loc: Loc) -> Result<(), String> {
         let (kind, payload) = body.split_first().ok_or("empty body")?;
         match *kind {
             KIND_OPEN => {
                 let open: OpenRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
                 let id = open.meta.session_id.clone();
-                self.sessions.entry(id).or_insert(SessionEntry {
+                self.uses(loc.segment, &id).open = true;
+                let s = self.sessions.entry(id.clone()).or_insert(SessionEntry {
                     open,
                     chunks: Vec::new(),
                     close: None,
                 });
+                for c in self.orphans.remove(&id).unwrap_or_default() {
+                    if let Err(at) = s.chunks.binary_search_by_key(&c.seq, |x| x.seq) {
+                        s.chunks.insert(at, c);
+                    }
+                }
             }
             KIND_CHUNK => {
                 if payload.len() < 24 {
@@ -339,10 +379,8 @@ impl Index {
                     .map_err(|e| e.to_string())?
                     .to_string();
                 let seq = u64::from_le_bytes(payload[16..24].try_into().expect("8"));
-                let s = self
-                    .sessions
-                    .get_mut(&id)
-                    .ok_or_else(|| format!("chunk for unknown session {id}"))?;
+                let u = self.uses(loc.segment, &id);
+                u.max_seq = Some(u.max_seq.map_or(seq, |m| m.max(seq)));
                 // Usually in order; after a failed write (disk full) a session
                 // resends from its last durable chunk, so a later chunk can
                 // precede an earlier one and appear twice. Keep one of each, in order.
@@ -351,12 +389,17 @@ impl Index {
                     loc,
                     len: payload.len() as u64 - 24,
                 };
-                if let Err(at) = s.chunks.binary_search_by_key(&seq, |c| c.seq) {
-                    s.chunks.insert(at, entry);
+                let chunks = match self.sessions.get_mut(&id) {
+                    Some(s) => &mut s.chunks,
+                    None => self.orphans.entry(id).or_default(),
+                };
+                if let Err(at) = chunks.binary_search_by_key(&seq, |c| c.seq) {
+                    chunks.insert(at, entry);
                 }
             }
             KIND_CLOSE => {
                 let close: CloseRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                self.uses(loc.segment, &close.session_id).close = true;
                 let s = self
                     .sessions
                     .get_mut(&close.session_id)
@@ -403,6 +446,8 @@ pub struct Stats {
     pub total_bytes: AtomicU64,
     pub fsyncs: AtomicU64,
     pub records: AtomicU64,
+    /// The segment being written: older ones are closed and may be deleted once shipped.
+    pub active_segment: AtomicU64,
 }
 
 /// The single writer: owns the newest segment.
@@ -419,6 +464,7 @@ impl Writer {
     /// Starts a fresh segment after `last_segment`.
     pub fn create(dir: &Path, last_segment: u64, segment_bytes: u64, stats: Arc<Stats>) -> Result<Writer, SpoolError> {
         let (file, segment) = new_segment(dir, last_segment + 1)?;
+        stats.active_segment.store(segment, Ordering::Relaxed);
         stats.total_bytes.fetch_add(MAGIC.len() as u64, Ordering::Relaxed);
         Ok(Writer {
             dir: dir.to_path_buf(),
@@ -465,6 +511,7 @@ impl Writer {
     fn commit(&mut self, batch: &[Append], buf: &mut Vec<u8>) -> Result<Vec<Loc>, SpoolError> {
         if self.len >= self.segment_bytes {
             let (file, segment) = new_segment(&self.dir, self.segment + 1)?;
+            self.stats.active_segment.store(segment, Ordering::Relaxed);
             self.file = file;
             self.segment = segment;
             self.len = MAGIC.len() as u64;
@@ -547,6 +594,7 @@ mod tests {
             peer_user: "u".into(),
             peer_start_ticks: 7,
             opened_unix_ms: 1,
+            resume: None,
         }
     }
 
@@ -660,5 +708,34 @@ mod tests {
         }
         assert_eq!(stats.records.load(Ordering::Relaxed), 1000);
         assert!(stats.fsyncs.load(Ordering::Relaxed) < 10, "{stats:?}");
+    }
+
+    #[test]
+    fn carried_forward_start_adopts_earlier_chunks_and_resume_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = uuid::Uuid::now_v7();
+        // Segment 1 (as if its OPEN and chunks 0..=4 were shipped and deleted):
+        // chunks 5 and 6 come before the carried-forward OPEN in segment 2.
+        write_all(
+            dir.path(),
+            vec![chunk_body(&id, 5, b"five"), chunk_body(&id, 6, b"six")],
+        );
+        let mut open = open_rec(&id.to_string());
+        open.resume = Some((5, hex::encode([9u8; 32])));
+        write_all(dir.path(), vec![open_body(&open)]);
+        let ix = scan(dir.path(), false).unwrap();
+        assert!(ix.problems.is_empty(), "{:?}", ix.problems);
+        let s = &ix.sessions[&id.to_string()];
+        assert_eq!(s.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5, 6]);
+        assert_eq!(s.next_seq(), 7);
+        assert_eq!(
+            ix.segments[&1][&id.to_string()],
+            SegmentUse {
+                open: false,
+                max_seq: Some(6),
+                close: false
+            }
+        );
+        assert!(ix.segments[&2][&id.to_string()].open);
     }
 }
