@@ -37,6 +37,9 @@ pub struct Config {
     pub spool_dir: PathBuf,
     pub shell: ShellConfig,
     pub agent: AgentConfig,
+    pub ship: ShipConfig,
+    /// `shelltrail collector`: only on the collector's machine.
+    pub collector: Option<shelltrail_collector::CollectorConfig>,
 }
 
 /// What happens when recording cannot be guaranteed at login: the agent is
@@ -97,6 +100,35 @@ pub struct AgentConfig {
     pub max_frame_bytes: u64,
 }
 
+/// Where the agent ships recordings. Mutual TLS: the collector checks the
+/// agent's certificate, whose name is the host's identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipConfig {
+    /// Collector URL (`https://collector.example:7443`). Empty: recordings stay on this host.
+    pub collector: String,
+    /// CA certificate (PEM) that signed the collector's certificate.
+    pub ca: PathBuf,
+    /// This host's client certificate (PEM); its name is the host identity.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Plaintext, no certificates: local development only (logged loudly).
+    pub insecure: bool,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig {
+            collector: String::new(),
+            ca: "/etc/shelltrail/tls/ca.pem".into(),
+            cert: "/etc/shelltrail/tls/host.pem".into(),
+            key: "/etc/shelltrail/tls/host.key".into(),
+            insecure: false,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -104,6 +136,8 @@ impl Default for Config {
             spool_dir: "/var/lib/shelltrail/spool".into(),
             shell: ShellConfig::default(),
             agent: AgentConfig::default(),
+            ship: ShipConfig::default(),
+            collector: None,
         }
     }
 }

@@ -13,5 +13,6 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod pki;
 pub mod shell;
 pub mod sys;

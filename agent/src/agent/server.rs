@@ -7,6 +7,7 @@
 //! A malformed or oversized frame closes that connection only, with a log
 //! line naming the session and uid.
 
+use crate::agent::ship::Shipper;
 use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, Stats};
 use crate::config::Config;
 use anyhow::{Context, Result};
@@ -54,6 +55,8 @@ pub struct Agent {
     writer: std::sync::mpsc::Sender<Append>,
     pub stats: Arc<Stats>,
     disk: Mutex<(Instant, u64)>,
+    /// Ships durable records to the collector, when one is configured.
+    pub shipper: Option<Arc<Shipper>>,
 }
 
 impl Agent {
@@ -112,6 +115,15 @@ impl Agent {
             bytes = index.total_bytes,
             "spool recovered; open sessions wait for their recorders to reconnect"
         );
+        let shipper = (!cfg.ship.collector.is_empty()).then(|| {
+            Shipper::new(
+                cfg.ship.clone(),
+                cfg.spool_dir.clone(),
+                &index,
+                stats.clone(),
+                tx.clone(),
+            )
+        });
         Ok(Arc::new(Agent {
             cfg,
             sessions: Mutex::new(sessions),
@@ -119,6 +131,7 @@ impl Agent {
             writer: tx,
             stats,
             disk: Mutex::new((Instant::now() - Duration::from_secs(60), u64::MAX)),
+            shipper,
         }))
     }
 
@@ -188,6 +201,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             sweep(&sweeper).await;
         }
     });
+    match &agent.shipper {
+        Some(ship) => {
+            tokio::spawn(ship.clone().run());
+        }
+        None => tracing::info!("no collector configured ([ship] collector): recordings stay on this host"),
+    }
     serve(agent, listener).await
 }
 
@@ -268,7 +287,10 @@ async fn sweep(agent: &Agent) {
             cause: "recorder vanished".into(),
             closed_unix_ms: now_ms(),
         };
-        if agent.append(spool::close_body(&rec)).await.is_ok() {
+        if let Ok(loc) = agent.append(spool::close_body(&rec)).await {
+            if let Some(ship) = &agent.shipper {
+                ship.closed(&rec, loc);
+            }
             tracing::warn!(session = %id, "recorder vanished without closing; session marked ended");
             if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&id) {
                 s.closed = true;
@@ -326,6 +348,7 @@ enum Pending {
         wait: oneshot::Receiver<Result<Loc, String>>,
     },
     Close {
+        rec: Box<CloseRecord>,
         wait: oneshot::Receiver<Result<Loc, String>>,
     },
     /// A chunk the spool already had (resent after a reconnect).
@@ -420,7 +443,10 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
             resume: None,
         };
         match agent.append(spool::open_body(&rec)).await {
-            Ok(_) => {
+            Ok(loc) => {
+                if let Some(ship) = &agent.shipper {
+                    ship.opened(&rec, loc);
+                }
                 agent.sessions.lock().expect("sessions lock").insert(
                     sid.clone(),
                     Session {
@@ -468,25 +494,37 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
                 let (through, closed) = match p {
                     Pending::Duplicate { seq } => (seq, false),
                     Pending::Chunk { seq, hash, wait } => {
-                        if let Err(e) = wait.await.unwrap_or(Err("spool writer stopped".into())) {
-                            // Nothing after this chunk is acknowledged on this
-                            // connection; closing it makes the recorder reconnect
-                            // and resend from the last durable chunk.
-                            tracing::error!(session = %sid, "spool write failed: {e}; closing the connection");
-                            let reason = format!("the agent cannot write its spool: {e}");
-                            let _ = send(&mut wr, agent_frame::Body::Refused(Refused { reason })).await;
-                            return;
-                        }
+                        let loc = match wait.await.unwrap_or(Err("spool writer stopped".into())) {
+                            Ok(loc) => loc,
+                            Err(e) => {
+                                // Nothing after this chunk is acknowledged on this
+                                // connection; closing it makes the recorder reconnect
+                                // and resend from the last durable chunk.
+                                tracing::error!(session = %sid, "spool write failed: {e}; closing the connection");
+                                let reason = format!("the agent cannot write its spool: {e}");
+                                let _ = send(&mut wr, agent_frame::Body::Refused(Refused { reason })).await;
+                                return;
+                            }
+                        };
                         if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
                             s.next_seq = seq + 1;
                             s.last_hash = hash;
                         }
+                        if let Some(ship) = &agent.shipper {
+                            ship.chunk(&sid, seq, loc);
+                        }
                         (seq, false)
                     }
-                    Pending::Close { wait } => {
-                        if let Err(e) = wait.await.unwrap_or(Err("spool writer stopped".into())) {
-                            tracing::error!(session = %sid, "spool write failed: {e}");
-                            return;
+                    Pending::Close { rec, wait } => {
+                        let loc = match wait.await.unwrap_or(Err("spool writer stopped".into())) {
+                            Ok(loc) => loc,
+                            Err(e) => {
+                                tracing::error!(session = %sid, "spool write failed: {e}");
+                                return;
+                            }
+                        };
+                        if let Some(ship) = &agent.shipper {
+                            ship.closed(&rec, loc);
                         }
                         if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
                             s.closed = true;
@@ -596,7 +634,13 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
                 {
                     break Err(ConnError::Protocol("spool writer stopped".into()));
                 }
-                if ack_tx.send(Pending::Close { wait }).is_err() {
+                if ack_tx
+                    .send(Pending::Close {
+                        rec: Box::new(rec),
+                        wait,
+                    })
+                    .is_err()
+                {
                     break Err(ConnError::Protocol("stopped after a failed spool write".into()));
                 }
             }

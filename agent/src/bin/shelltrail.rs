@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use shelltrail::cli::{self, Store, export::Format};
+use shelltrail::cli::{self, CollectorArgs, Source, export::Format};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -17,6 +17,21 @@ struct Args {
     /// Configuration file [default: /etc/shelltrail/shelltrail.toml]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Read from this collector (https://HOST:PORT) instead of this host's spool.
+    #[arg(long, global = true, value_name = "URL")]
+    collector: Option<String>,
+    /// CA certificate of the collector [default: [ship] ca]
+    #[arg(long, global = true, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Client certificate [default: [ship] cert]
+    #[arg(long, global = true, value_name = "PEM")]
+    cert: Option<PathBuf>,
+    /// Client key [default: [ship] key]
+    #[arg(long, global = true, value_name = "PEM")]
+    key: Option<PathBuf>,
+    /// Plaintext to a collector in its insecure development mode (http://).
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -56,14 +71,53 @@ enum Cmd {
         #[arg(long)]
         idle_limit: Option<f64>,
     },
+    /// Run the collector (the `[collector]` table of the config file).
+    Collector,
+    /// A small certificate authority for the fleet's mutual TLS.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+    /// Check a stored session: every chunk present, in order, unaltered.
+    Verify { id: String },
     /// Try shelltrail here: a temporary agent and a recorded shell, no root or sshd needed.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA (ca.pem, ca.key) in DIR.
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value = "shelltrail CA")]
+        name: String,
+    },
+    /// Issue a certificate (NAME.pem, NAME.key) from the CA in DIR: for a
+    /// host, its name is the host's identity at the collector; for the
+    /// collector, list every name and address agents use to reach it.
+    Issue {
+        dir: PathBuf,
+        /// File name of the certificate and key.
+        name: String,
+        /// DNS names or IP addresses [default: NAME]
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
 }
 
 fn main() {
     let args = Args::parse();
     match run(args) {
         Ok(code) => std::process::exit(code),
+        // `shelltrail export ID | head` is not an error worth a message.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::exit(141);
+        }
         Err(e) => {
             eprintln!("shelltrail: {e:#}");
             std::process::exit(1);
@@ -73,6 +127,14 @@ fn main() {
 
 fn run(args: Args) -> Result<i32> {
     let config = args.config.as_deref();
+    let collector = args.collector.clone().map(|url| CollectorArgs {
+        url,
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        insecure: args.insecure,
+    });
+    let source = || -> Result<Source> { Source::open(&cli::load_config(config)?, collector.as_ref()) };
     match args.cmd {
         Cmd::Agent { check_config } => {
             let cfg = cli::load_config(config)?;
@@ -81,12 +143,7 @@ fn run(args: Args) -> Result<i32> {
                 println!("{cfg:#?}");
                 return Ok(0);
             }
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            init_logging();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
                 tokio::select! {
@@ -100,8 +157,8 @@ fn run(args: Args) -> Result<i32> {
             Ok(0)
         }
         Cmd::Sessions { json } => {
-            let store = Store::open(&cli::load_config(config)?)?;
-            cli::sessions::run(&store, json, &mut std::io::stdout().lock())?;
+            let rows = source()?.list()?;
+            cli::sessions::run(&rows, json, &mut std::io::stdout().lock())?;
             Ok(0)
         }
         Cmd::Export {
@@ -110,26 +167,60 @@ fn run(args: Args) -> Result<i32> {
             format,
             raw,
         } => {
-            let store = Store::open(&cli::load_config(config)?)?;
+            let mut src = source()?;
             match output {
                 Some(p) => {
                     let mut f = std::io::BufWriter::new(
                         std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
                     );
-                    cli::export::run(&store, &id, format, raw, &mut f)?;
+                    cli::export::run(&mut src, &id, format, raw, &mut f)?;
                     f.flush()?;
                 }
-                None => cli::export::run(&store, &id, format, raw, &mut std::io::stdout().lock())?,
+                None => cli::export::run(&mut src, &id, format, raw, &mut std::io::stdout().lock())?,
             }
             Ok(0)
         }
         Cmd::Play { id, speed, idle_limit } => {
-            let store = Store::open(&cli::load_config(config)?)?;
-            cli::play::run(&store, &id, speed, idle_limit, &mut std::io::stdout().lock())?;
+            cli::play::run(&mut source()?, &id, speed, idle_limit, &mut std::io::stdout().lock())?;
             Ok(0)
         }
+        Cmd::Verify { id } => {
+            let ok = cli::verify::run(&mut source()?, &id, &mut std::io::stdout().lock())?;
+            Ok(if ok { 0 } else { 1 })
+        }
         Cmd::Demo => cli::demo::run(None),
+        Cmd::Collector => {
+            let cfg = cli::load_config(config)?;
+            let c = cfg.collector.context(
+                "no [collector] table in the configuration: set listen, data_dir and tls (see packaging/shelltrail.toml)",
+            )?;
+            init_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(shelltrail_collector::serve(c, shutdown()))?;
+            Ok(0)
+        }
+        Cmd::Pki { cmd } => {
+            match cmd {
+                PkiCmd::Init { dir, name } => {
+                    let ca = shelltrail::pki::Ca::create(&dir, &name)?;
+                    println!("created {}", ca.cert_path().display());
+                }
+                PkiCmd::Issue { dir, name, sans } => {
+                    let sans = if sans.is_empty() { vec![name.clone()] } else { sans };
+                    let (c, k) = shelltrail::pki::Ca::open(&dir)?.issue(&name, &sans)?;
+                    println!("issued {} and {}", c.display(), k.display());
+                }
+            }
+            Ok(0)
+        }
     }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn shutdown() {

@@ -61,21 +61,21 @@ pub fn run(shell_bin: Option<PathBuf>) -> Result<i32> {
         .status()
         .with_context(|| format!("starting {}", shell_bin.display()))?;
 
-    let store = crate::cli::Store::open(&cfg)?;
-    let Some(s) = store.index.sessions.values().last() else {
+    let rows = crate::cli::Source::open(&cfg, None)?.list()?;
+    let Some(s) = rows.last() else {
         bail!("no session was recorded (exit status {status})");
     };
     let me = std::env::current_exe().unwrap_or_else(|_| "shelltrail".into());
     let cfg_arg = config_path.display();
     let mut err = std::io::stderr();
-    writeln!(err, "\nshelltrail demo: recorded session {}", s.id())?;
+    writeln!(err, "\nshelltrail demo: recorded session {}", s.id)?;
     writeln!(err, "  list it:   {} --config {cfg_arg} sessions", me.display())?;
-    writeln!(err, "  play it:   {} --config {cfg_arg} play {}", me.display(), s.id())?;
+    writeln!(err, "  play it:   {} --config {cfg_arg} play {}", me.display(), s.id)?;
     writeln!(
         err,
         "  export it: {} --config {cfg_arg} export {} -o demo.cast",
         me.display(),
-        s.id()
+        s.id
     )?;
     writeln!(err, "  (spool and config are kept in {})", dir.display())?;
     drop(rt);

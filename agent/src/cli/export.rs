@@ -1,7 +1,7 @@
 //! `shelltrail export ID`: the recording as asciicast v3 (default), v2 for
 //! older players, or `--raw`: exactly the bytes the program wrote.
 
-use crate::cli::Store;
+use crate::cli::Source;
 use anyhow::{Context, Result};
 use shelltrail_cast::{Code, Decoder, raw_bytes, to_v2};
 use std::io::{BufReader, Write};
@@ -12,9 +12,9 @@ pub enum Format {
     V2,
 }
 
-pub fn run(store: &Store, id: &str, format: Format, raw: bool, out: &mut impl Write) -> Result<()> {
-    let s = store.find(id)?;
-    let reader = BufReader::with_capacity(256 << 10, store.cast_reader(s));
+pub fn run(src: &mut Source, id: &str, format: Format, raw: bool, out: &mut impl Write) -> Result<()> {
+    let row = src.find(id)?;
+    let reader = BufReader::with_capacity(256 << 10, src.cast_reader(&row)?);
     if raw {
         let dec = Decoder::new(reader).context("reading the recording")?;
         raw_bytes(dec, Code::Output, out).context("reconstructing the output bytes")?;

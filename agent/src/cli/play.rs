@@ -1,18 +1,18 @@
 //! `shelltrail play ID`: replays a recording in the terminal, in real time
 //! (or faster), with long pauses cut short.
 
-use crate::cli::Store;
+use crate::cli::Source;
 use anyhow::{Context, Result, bail};
 use shelltrail_cast::{Code, Decoder};
 use std::io::{BufReader, Write};
 use std::time::{Duration, Instant};
 
-pub fn run(store: &Store, id: &str, speed: f64, idle_limit: Option<f64>, out: &mut impl Write) -> Result<()> {
+pub fn run(src: &mut Source, id: &str, speed: f64, idle_limit: Option<f64>, out: &mut impl Write) -> Result<()> {
     if !(speed > 0.0 && speed.is_finite()) {
         bail!("--speed must be a positive number");
     }
-    let s = store.find(id)?;
-    let dec = Decoder::new(BufReader::new(store.cast_reader(s))).context("reading the recording")?;
+    let row = src.find(id)?;
+    let dec = Decoder::new(BufReader::new(src.cast_reader(&row)?)).context("reading the recording")?;
     let limit = idle_limit.or(dec.header().idle_time_limit).map(Duration::from_secs_f64);
     let start = Instant::now();
     let mut clock = Duration::ZERO;

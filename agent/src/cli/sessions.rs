@@ -1,7 +1,8 @@
-//! `shelltrail sessions`: who, what, when, where, from the spool.
+//! `shelltrail sessions`: who, what, when, where, from the spool or the collector.
 
 use crate::agent::spool::SessionEntry;
-use crate::cli::{Store, utc};
+use crate::cli::{ChunkBytes, utc};
+use shelltrail_proto::v1::{Close, SessionInfo, SessionMeta};
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,14 +10,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub id: String,
+    /// The agent's word (SO_PEERCRED), not the recorder's.
     pub user: String,
     pub uid: u32,
+    pub pid: i32,
     pub host: String,
     pub client: String,
     pub mode: String,
     pub command: String,
     pub reason: String,
     pub start_unix_ms: i64,
+    pub end_unix_ms: Option<i64>,
     pub duration_ms: i64,
     pub stored_bytes: u64,
     pub bytes_out: u64,
@@ -25,71 +29,137 @@ pub struct Row {
     pub end_cause: Option<String>,
     pub chunks: usize,
     pub lost_chunks: usize,
+    /// Chunks the recorder had to drop (memory full while the agent was away).
+    pub lost_seqs: Vec<u64>,
+    /// The last chunk's seq, from the session's end record.
+    pub last_seq: Option<u64>,
+    /// Why the collector refused the session, if it did.
+    #[serde(default)]
+    pub quarantine: String,
 }
 
-pub fn row(s: &SessionEntry) -> Row {
-    let m = &s.open.meta;
-    let now = SystemTime::now()
+impl Row {
+    /// Whether the recording's first chunk (with the header) is absent from
+    /// `chunks`: shipped and deleted from the spool, typically.
+    pub fn first_chunk_missing(&self, chunks: &[ChunkBytes]) -> bool {
+        chunks.first().is_some_and(|(seq, _)| *seq != 0)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let end = s.close.as_ref().map_or(now, |c| {
-        if c.close.end_unix_ms > 0 {
-            c.close.end_unix_ms
-        } else {
-            c.closed_unix_ms
-        }
-    });
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What both sources share: the recorder's metadata and the end.
+#[allow(clippy::too_many_arguments)]
+fn build(
+    meta: &SessionMeta,
+    host: &str,
+    user: &str,
+    uid: u32,
+    pid: i32,
+    close: Option<(&Close, &str, i64)>,
+    stored_bytes: u64,
+    chunks: usize,
+) -> Row {
+    let end = close.map(|(c, _, closed)| if c.end_unix_ms > 0 { c.end_unix_ms } else { closed });
     Row {
-        id: m.session_id.clone(),
-        // The agent's word (SO_PEERCRED), not the recorder's.
-        user: if s.open.peer_user.is_empty() {
-            format!("uid:{}", s.open.peer_uid)
+        id: meta.session_id.clone(),
+        user: if user.is_empty() {
+            format!("uid:{uid}")
         } else {
-            s.open.peer_user.clone()
+            user.to_string()
         },
-        uid: s.open.peer_uid,
-        host: m.host.clone(),
-        client: if m.client_addr.is_empty() {
+        uid,
+        pid,
+        host: if host.is_empty() {
+            meta.host.clone()
+        } else {
+            host.to_string()
+        },
+        client: if meta.client_addr.is_empty() {
             "local".into()
         } else {
-            format!("{}:{}", m.client_addr, m.client_port)
+            format!("{}:{}", meta.client_addr, meta.client_port)
         },
-        mode: m.mode.clone(),
-        command: if m.original_command.is_empty() {
+        mode: meta.mode.clone(),
+        command: if meta.original_command.is_empty() {
             "(shell)".into()
         } else {
-            m.original_command.clone()
+            meta.original_command.clone()
         },
-        reason: m.reason.clone(),
-        start_unix_ms: m.start_unix_ms,
-        duration_ms: (end - m.start_unix_ms).max(0),
-        stored_bytes: s.stored_bytes(),
-        bytes_out: s.close.as_ref().map_or(0, |c| c.close.bytes_out),
-        live: s.close.is_none(),
-        exit_status: s.close.as_ref().map(|c| c.close.exit_status),
-        end_cause: s.close.as_ref().map(|c| c.cause.clone()),
-        chunks: s.chunks.len(),
-        lost_chunks: s.close.as_ref().map_or(0, |c| c.close.lost_seqs.len()),
+        reason: meta.reason.clone(),
+        start_unix_ms: meta.start_unix_ms,
+        end_unix_ms: end,
+        duration_ms: (end.unwrap_or_else(now_ms) - meta.start_unix_ms).max(0),
+        stored_bytes,
+        bytes_out: close.map_or(0, |(c, _, _)| c.bytes_out),
+        live: close.is_none(),
+        exit_status: close.map(|(c, _, _)| c.exit_status),
+        end_cause: close.map(|(_, cause, _)| cause.to_string()),
+        chunks,
+        lost_chunks: close.map_or(0, |(c, _, _)| c.lost_seqs.len()),
+        lost_seqs: close.map_or_else(Vec::new, |(c, _, _)| c.lost_seqs.clone()),
+        last_seq: close.map(|(c, _, _)| c.last_seq),
+        quarantine: String::new(),
     }
 }
 
-pub fn run(store: &Store, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let rows: Vec<Row> = store.index.sessions.values().map(row).collect();
-    for p in &store.index.problems {
-        eprintln!("warning: {p}");
-    }
+pub fn from_spool(s: &SessionEntry) -> Row {
+    let close = s.close.as_ref().map(|c| (&c.close, c.cause.as_str(), c.closed_unix_ms));
+    build(
+        &s.open.meta,
+        "",
+        &s.open.peer_user,
+        s.open.peer_uid,
+        s.open.peer_pid,
+        close,
+        s.stored_bytes(),
+        s.chunks.len(),
+    )
+}
+
+pub fn from_collector(i: &SessionInfo) -> Row {
+    let start = i.start.clone().unwrap_or_default();
+    let meta = start.meta.clone().unwrap_or_default();
+    let default_close = Close::default();
+    let close = i.end.as_ref().map(|e| {
+        (
+            e.close.as_ref().unwrap_or(&default_close),
+            e.cause.as_str(),
+            e.closed_unix_ms,
+        )
+    });
+    let mut row = build(
+        &meta,
+        &i.host,
+        &start.verified_user,
+        start.verified_uid,
+        start.verified_pid,
+        close,
+        i.stored_bytes,
+        i.next_seq as usize - i.missing_seqs.len().min(i.next_seq as usize),
+    );
+    row.quarantine = i.quarantine.clone();
+    row
+}
+
+pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     if json {
-        serde_json::to_writer_pretty(&mut *out, &rows)?;
+        serde_json::to_writer_pretty(&mut *out, rows)?;
         writeln!(out)?;
         return Ok(());
     }
     writeln!(
         out,
-        "{:<36}  {:<12} {:<21} {:<19} {:>9} {:>10} {:<7} COMMAND",
-        "ID", "USER", "CLIENT", "START (UTC)", "DURATION", "STORED", "STATE"
+        "{:<36}  {:<12} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} COMMAND",
+        "ID", "USER", "HOST", "CLIENT", "START (UTC)", "DURATION", "STORED", "STATE"
     )?;
     for r in rows {
         let state = match (r.live, r.exit_status) {
+            _ if !r.quarantine.is_empty() => "refused".to_string(),
             (true, _) => "live".to_string(),
             (false, Some(-1)) => "lost".to_string(),
             (false, Some(c)) => format!("exit {c}"),
@@ -99,11 +169,13 @@ pub fn run(store: &Store, json: bool, out: &mut impl Write) -> anyhow::Result<()
         if r.lost_chunks > 0 {
             cmd.push_str(&format!("  [gap: {} chunks lost]", r.lost_chunks));
         }
+        let host: String = r.host.chars().filter(|c| !c.is_control()).take(16).collect();
         writeln!(
             out,
-            "{:<36}  {:<12} {:<21} {:<19} {:>9} {:>10} {:<7} {}",
+            "{:<36}  {:<12} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} {}",
             r.id,
             r.user,
+            host,
             r.client,
             utc(r.start_unix_ms),
             duration(r.duration_ms),

@@ -1,0 +1,525 @@
+//! The agent's shipper: streams every spooled session to the collector as it
+//! happens, and deletes spool segments once the collector has them.
+//!
+//! # Design
+//!
+//! One gRPC stream (`Ingest.Ship`) per connection to the collector carries
+//! all sessions, interleaved. For each session the shipper sends
+//! `SessionStart`, learns from `SessionPosition` which chunk the collector
+//! needs next, sends chunks in order from there, then `SessionEnd`. The
+//! collector answers `Committed` once it has fsynced.
+//!
+//! ## Invariants
+//! * The position comes from the collector on every (re)connection, so the
+//!   shipper persists nothing of its own: after a crash it asks again, and a
+//!   chunk is never skipped. A chunk sent twice is deduplicated by the collector.
+//! * A spool segment is deleted only when every record in it is committed at
+//!   the collector: chunks up to the session's committed seq, its end if the
+//!   segment holds it. A session still open keeps its start record: it is
+//!   carried forward into the newest segment (with its resume point) first.
+//! * A session the collector rejects is quarantined: never retried, its
+//!   segments kept, the reason logged and listed.
+//!
+//! ## Fairness
+//! Sessions are served round-robin, a few chunks per turn, within a bounded
+//! window of unacknowledged bytes: after an outage the backlog drains at full
+//! speed while live sessions still get their turn every round.
+
+use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, SegmentUse, Stats};
+use crate::config::ShipConfig;
+use anyhow::{Context, Result, bail};
+use shelltrail_proto::v1::{
+    AgentHello, ChunkData, HostFacts, SessionEnd, SessionStart, ShipRequest, ShipResponse, ingest_client::IngestClient,
+    ship_request, ship_response,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// Unacknowledged bytes in flight to the collector, over all sessions.
+const WINDOW: u64 = 16 << 20;
+/// Chunks one session may send per round-robin turn.
+const PER_TURN: usize = 8;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the shipper knows of one session.
+#[derive(Debug)]
+struct Entry {
+    open: OpenRecord,
+    /// Durable in the spool and not yet committed at the collector.
+    chunks: BTreeMap<u64, Loc>,
+    /// The newest chunk in the spool (kept after it is committed: a carried-forward
+    /// start record needs its hash).
+    last: Option<(u64, Loc)>,
+    close: Option<CloseRecord>,
+    /// Highest seq the collector committed, if any.
+    committed: Option<u64>,
+    ended: bool,
+    quarantine: Option<String>,
+    // Per-stream state, reset on every connection.
+    announced: bool,
+    position: Option<u64>,
+    next_to_send: u64,
+    end_sent: bool,
+    in_flight: BTreeMap<u64, u64>,
+}
+
+impl Entry {
+    fn new(open: OpenRecord) -> Entry {
+        Entry {
+            open,
+            chunks: BTreeMap::new(),
+            last: None,
+            close: None,
+            committed: None,
+            ended: false,
+            quarantine: None,
+            announced: false,
+            position: None,
+            next_to_send: 0,
+            end_sent: false,
+            in_flight: BTreeMap::new(),
+        }
+    }
+
+    fn commit_through(&mut self, through: u64) -> u64 {
+        self.committed = Some(self.committed.map_or(through, |c| c.max(through)));
+        self.chunks.retain(|&seq, _| seq > through);
+        let done: Vec<u64> = self.in_flight.range(..=through).map(|(&s, _)| s).collect();
+        done.iter().filter_map(|s| self.in_flight.remove(s)).sum()
+    }
+}
+
+#[derive(Default)]
+struct Catalogue {
+    sessions: BTreeMap<String, Entry>,
+    segments: BTreeMap<u64, BTreeMap<String, SegmentUse>>,
+    in_flight: u64,
+    /// Round-robin cursor: the session after which the next turn starts.
+    cursor: Option<String>,
+}
+
+/// Shared between the agent's server (which reports what became durable)
+/// and the shipping task.
+pub struct Shipper {
+    cfg: ShipConfig,
+    spool_dir: PathBuf,
+    state: Mutex<Catalogue>,
+    wake: Notify,
+    stats: Arc<Stats>,
+    writer: std::sync::mpsc::Sender<Append>,
+}
+
+impl Shipper {
+    /// Builds the catalogue from the recovered spool index.
+    pub fn new(
+        cfg: ShipConfig,
+        spool_dir: PathBuf,
+        index: &spool::Index,
+        stats: Arc<Stats>,
+        writer: std::sync::mpsc::Sender<Append>,
+    ) -> Arc<Shipper> {
+        let mut cat = Catalogue {
+            segments: index.segments.clone(),
+            ..Default::default()
+        };
+        for (id, s) in &index.sessions {
+            let mut e = Entry::new(s.open.clone());
+            e.chunks = s.chunks.iter().map(|c| (c.seq, c.loc)).collect();
+            e.last = s.chunks.last().map(|c| (c.seq, c.loc));
+            e.close = s.close.clone();
+            cat.sessions.insert(id.clone(), e);
+        }
+        Arc::new(Shipper {
+            cfg,
+            spool_dir,
+            state: Mutex::new(cat),
+            wake: Notify::new(),
+            stats,
+            writer,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Catalogue> {
+        self.state.lock().expect("shipper lock")
+    }
+
+    fn note_segment<'a>(cat: &'a mut Catalogue, loc: Loc, id: &str) -> &'a mut SegmentUse {
+        cat.segments
+            .entry(loc.segment)
+            .or_default()
+            .entry(id.to_string())
+            .or_default()
+    }
+
+    /// A session's start record is durable.
+    pub fn opened(&self, rec: &OpenRecord, loc: Loc) {
+        let mut cat = self.lock();
+        let id = rec.meta.session_id.clone();
+        Self::note_segment(&mut cat, loc, &id).open = true;
+        cat.sessions.entry(id).or_insert_with(|| Entry::new(rec.clone()));
+        drop(cat);
+        self.wake.notify_one();
+    }
+
+    /// A chunk is durable.
+    pub fn chunk(&self, id: &str, seq: u64, loc: Loc) {
+        let mut cat = self.lock();
+        let u = Self::note_segment(&mut cat, loc, id);
+        u.max_seq = Some(u.max_seq.map_or(seq, |m| m.max(seq)));
+        if let Some(e) = cat.sessions.get_mut(id) {
+            e.chunks.insert(seq, loc);
+            if e.last.is_none_or(|(s, _)| s < seq) {
+                e.last = Some((seq, loc));
+            }
+        }
+        drop(cat);
+        self.wake.notify_one();
+    }
+
+    /// A session's end record is durable.
+    pub fn closed(&self, rec: &CloseRecord, loc: Loc) {
+        let mut cat = self.lock();
+        Self::note_segment(&mut cat, loc, &rec.session_id).close = true;
+        if let Some(e) = cat.sessions.get_mut(&rec.session_id) {
+            e.close = Some(rec.clone());
+        }
+        drop(cat);
+        self.wake.notify_one();
+    }
+
+    /// Sessions the collector refused, with the reason (for `sessions`).
+    pub fn quarantined(&self) -> Vec<(String, String)> {
+        self.lock()
+            .sessions
+            .iter()
+            .filter_map(|(id, e)| e.quarantine.clone().map(|q| (id.clone(), q)))
+            .collect()
+    }
+
+    /// Ships until the process ends: connects, streams, reconnects with
+    /// exponential backoff and jitter.
+    pub async fn run(self: Arc<Self>) {
+        let compactor = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if let Err(e) = compactor.compact().await {
+                    tracing::error!("spool compaction: {e:#}");
+                }
+            }
+        });
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.clone().stream_once().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => tracing::warn!(collector = %self.cfg.collector, "shipping interrupted: {e:#}"),
+            }
+            // Jitter: agents that lost the collector together do not return in lockstep.
+            let jitter = Duration::from_millis(rand_u64() % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn stream_once(self: Arc<Self>) -> Result<()> {
+        let channel = crate::agent::collector_channel(&self.cfg).await?;
+        let mut client = IngestClient::new(channel).max_decoding_message_size(8 << 20);
+        let (tx, rx) = mpsc::channel::<ShipRequest>(64);
+        tx.send(req(ship_request::Body::Hello(AgentHello {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            facts: Some(host_facts()),
+        })))
+        .await?;
+        let mut inbound = client
+            .ship(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .context("opening the ingest stream")?
+            .into_inner();
+        match inbound.message().await? {
+            Some(ShipResponse {
+                body: Some(ship_response::Body::Hello(h)),
+            }) => {
+                tracing::info!(collector = %self.cfg.collector, host = %h.host, "shipping to the collector");
+            }
+            other => bail!("expected CollectorHello, got {other:?}"),
+        }
+        {
+            let mut cat = self.lock();
+            cat.in_flight = 0;
+            for e in cat.sessions.values_mut() {
+                e.announced = false;
+                e.position = None;
+                e.end_sent = false;
+                e.in_flight.clear();
+            }
+        }
+        let (failed_tx, mut failed_rx) = oneshot::channel::<anyhow::Error>();
+        let sender = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.send_loop(tx).await {
+                    let _ = failed_tx.send(e);
+                }
+            })
+        };
+        let result = loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => self.handle(m),
+                    Ok(None) => break Err(anyhow::anyhow!("the collector closed the stream")),
+                    Err(status) => break Err(anyhow::anyhow!("collector: {status}")),
+                },
+                e = &mut failed_rx => break Err(e.unwrap_or_else(|_| anyhow::anyhow!("sender stopped"))),
+            }
+        };
+        sender.abort();
+        result
+    }
+
+    fn handle(&self, m: ShipResponse) {
+        let mut cat = self.lock();
+        match m.body {
+            Some(ship_response::Body::Position(p)) => {
+                if let Some(e) = cat.sessions.get_mut(&p.session_id) {
+                    e.position = Some(p.next_seq);
+                    e.next_to_send = p.next_seq;
+                    if p.next_seq > 0 {
+                        e.commit_through(p.next_seq - 1);
+                    }
+                    e.ended |= p.ended;
+                }
+            }
+            Some(ship_response::Body::Committed(c)) => {
+                let freed = cat.sessions.get_mut(&c.session_id).map_or(0, |e| {
+                    e.ended |= c.ended;
+                    e.commit_through(c.through_seq)
+                });
+                cat.in_flight = cat.in_flight.saturating_sub(freed);
+            }
+            Some(ship_response::Body::Rejected(r)) => {
+                tracing::error!(session = %r.session_id, "the collector rejected the session; quarantined: {}", r.reason);
+                let freed = cat.sessions.get_mut(&r.session_id).map_or(0, |e| {
+                    e.quarantine = Some(r.reason.clone());
+                    std::mem::take(&mut e.in_flight).values().sum()
+                });
+                cat.in_flight = cat.in_flight.saturating_sub(freed);
+            }
+            _ => {}
+        }
+        drop(cat);
+        self.wake.notify_one();
+    }
+
+    /// Sends whatever is due, round-robin, within the window; sleeps until woken.
+    async fn send_loop(&self, tx: mpsc::Sender<ShipRequest>) -> Result<()> {
+        loop {
+            let batch = self.next_batch()?;
+            if batch.is_empty() {
+                // Woken by new durable records, acks, or a periodic check.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+                continue;
+            }
+            for r in batch {
+                tx.send(r).await.context("the ingest stream closed")?;
+            }
+        }
+    }
+
+    fn next_batch(&self) -> Result<Vec<ShipRequest>> {
+        let mut cat = self.lock();
+        let mut out = Vec::new();
+        let ids: Vec<String> = match &cat.cursor {
+            Some(c) => {
+                let c = c.clone();
+                cat.sessions
+                    .range::<String, _>((std::ops::Bound::Excluded(&c), std::ops::Bound::Unbounded))
+                    .chain(cat.sessions.range::<String, _>(..=&c))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            }
+            None => cat.sessions.keys().cloned().collect(),
+        };
+        let mut in_flight = cat.in_flight;
+        let mut last = None;
+        for id in ids {
+            if in_flight >= WINDOW {
+                break;
+            }
+            let Some(e) = cat.sessions.get_mut(&id) else { continue };
+            if e.quarantine.is_some() || e.ended {
+                continue;
+            }
+            if !e.announced {
+                e.announced = true;
+                out.push(req(ship_request::Body::Start(SessionStart {
+                    meta: Some(e.open.meta.clone()),
+                    verified_uid: e.open.peer_uid,
+                    verified_user: e.open.peer_user.clone(),
+                    verified_pid: e.open.peer_pid,
+                    opened_unix_ms: e.open.opened_unix_ms,
+                })));
+                last = Some(id.clone());
+                continue;
+            }
+            if e.position.is_none() {
+                continue;
+            }
+            let due: Vec<(u64, Loc)> = e
+                .chunks
+                .range(e.next_to_send..)
+                .take(PER_TURN)
+                .map(|(&s, &l)| (s, l))
+                .collect();
+            for (seq, loc) in due {
+                let data = spool::read_chunk(&self.spool_dir, loc)
+                    .with_context(|| format!("reading chunk {seq} of session {id} from the spool"))?;
+                let n = data.len() as u64;
+                e.in_flight.insert(seq, n);
+                in_flight += n;
+                e.next_to_send = seq + 1;
+                out.push(req(ship_request::Body::Chunk(ChunkData {
+                    session_id: id.clone(),
+                    seq,
+                    data,
+                })));
+                last = Some(id.clone());
+            }
+            let all_sent = e.chunks.range(e.next_to_send..).next().is_none();
+            if all_sent && !e.end_sent {
+                if let Some(c) = &e.close {
+                    e.end_sent = true;
+                    out.push(req(ship_request::Body::End(SessionEnd {
+                        session_id: id.clone(),
+                        close: Some(c.close.clone()),
+                        cause: c.cause.clone(),
+                        closed_unix_ms: c.closed_unix_ms,
+                    })));
+                    last = Some(id.clone());
+                }
+            }
+        }
+        cat.in_flight = in_flight;
+        if last.is_some() {
+            cat.cursor = last;
+        }
+        Ok(out)
+    }
+
+    /// Deletes closed segments whose every record the collector has committed.
+    async fn compact(&self) -> Result<()> {
+        let active = self.stats.active_segment.load(Ordering::Relaxed);
+        let (seg, carry) = {
+            let cat = self.lock();
+            let Some((seg, carry)) = cat
+                .segments
+                .range(..active)
+                .find_map(|(&seg, uses)| deletable(&cat, uses).map(|carry| (seg, carry)))
+            else {
+                return Ok(());
+            };
+            (seg, carry)
+        };
+        // Start records of sessions still open move forward before their segment goes.
+        for mut rec in carry {
+            let (done, wait) = oneshot::channel();
+            let id = rec.meta.session_id.clone();
+            let resume = self.resume_point(&id)?;
+            rec.resume = Some(resume);
+            self.writer
+                .send(Append {
+                    body: spool::open_body(&rec),
+                    done,
+                })
+                .map_err(|_| anyhow::anyhow!("spool writer stopped"))?;
+            let loc = wait
+                .await?
+                .map_err(|e| anyhow::anyhow!("carrying forward session {id}: {e}"))?;
+            Self::note_segment(&mut self.lock(), loc, &id).open = true;
+        }
+        let path = self.spool_dir.join(format!("{seg:020}.seg"));
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&path).with_context(|| format!("deleting shipped segment {}", path.display()))?;
+        std::fs::File::open(&self.spool_dir).and_then(|d| d.sync_all())?;
+        self.stats.total_bytes.fetch_sub(
+            size.min(self.stats.total_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        let mut cat = self.lock();
+        if let Some(uses) = cat.segments.remove(&seg) {
+            // Forget sessions that are fully shipped and no longer in any segment.
+            for id in uses.keys() {
+                let referenced = cat.segments.values().any(|u| u.contains_key(id));
+                if !referenced && cat.sessions.get(id).is_some_and(|e| e.ended) {
+                    cat.sessions.remove(id);
+                }
+            }
+        }
+        tracing::info!(segment = seg, bytes = size, "deleted a fully shipped spool segment");
+        Ok(())
+    }
+
+    /// Where a still-open session continues: the seq after its newest chunk in
+    /// the spool and that chunk's hash (read now, before its segment may go).
+    fn resume_point(&self, id: &str) -> Result<(u64, String)> {
+        let last = self.lock().sessions.get(id).and_then(|e| e.last);
+        let (next, hash) = match last {
+            Some((seq, loc)) => (
+                seq + 1,
+                shelltrail_cast::chunk::hash(&spool::read_chunk(&self.spool_dir, loc)?),
+            ),
+            None => (0, shelltrail_cast::chunk::chain_seed(id)),
+        };
+        Ok((next, hex::encode(hash)))
+    }
+}
+
+/// Whether a segment's records are all committed; if so, the start records to carry forward.
+fn deletable(cat: &Catalogue, uses: &BTreeMap<String, SegmentUse>) -> Option<Vec<OpenRecord>> {
+    let mut carry = Vec::new();
+    for (id, u) in uses {
+        let Some(e) = cat.sessions.get(id) else { continue };
+        if e.quarantine.is_some() {
+            return None;
+        }
+        if let Some(m) = u.max_seq
+            && e.committed.is_none_or(|c| c < m)
+        {
+            return None;
+        }
+        if u.close && !e.ended {
+            return None;
+        }
+        if u.open && !e.ended {
+            carry.push(e.open.clone());
+        }
+    }
+    Some(carry)
+}
+
+fn req(body: ship_request::Body) -> ShipRequest {
+    ShipRequest { body: Some(body) }
+}
+
+/// Host facts from sysinfo.
+pub fn host_facts() -> HostFacts {
+    HostFacts {
+        hostname: sysinfo::System::host_name().unwrap_or_default(),
+        os: sysinfo::System::long_os_version().unwrap_or_default(),
+        kernel: sysinfo::System::kernel_version().unwrap_or_default(),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// A little randomness for jitter, without a dependency: the clock's nanoseconds.
+fn rand_u64() -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u64::from(n) ^ u64::from(std::process::id()).rotate_left(17)
+}

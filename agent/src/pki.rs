@@ -1,0 +1,119 @@
+//! `shelltrail pki`: a small certificate authority for a fleet, so that
+//! mutual TLS between agents, operators and the collector needs no other
+//! tool. One CA signs the collector's server certificate, one client
+//! certificate per host (its name is the host's identity at the collector)
+//! and one per operator. `shelltrail demo` and the tests use it too.
+
+use anyhow::{Context, Result};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// A CA on disk: `ca.pem` and `ca.key` in a directory.
+pub struct Ca {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Creates a new CA in `dir` (which must not hold one already).
+    pub fn create(dir: &Path, name: &str) -> Result<Ca> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        write(&dir.join("ca.pem"), cert.pem().as_bytes(), 0o644)?;
+        write(&dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+        Ok(Ca {
+            dir: dir.to_path_buf(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Opens the CA in `dir`.
+    pub fn open(dir: &Path) -> Result<Ca> {
+        let pem =
+            std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("reading {}/ca.pem", dir.display()))?;
+        let key =
+            std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}/ca.key", dir.display()))?;
+        let key = KeyPair::from_pem(&key)?;
+        let issuer = Issuer::from_ca_cert_pem(&pem, key)?;
+        Ok(Ca {
+            dir: dir.to_path_buf(),
+            issuer,
+        })
+    }
+
+    /// The CA certificate's path.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Issues a certificate for `names` (DNS names or IP addresses; the first
+    /// is also the common name) as `<file>.pem` and `<file>.key` in the CA's
+    /// directory. Returns the two paths.
+    pub fn issue(&self, file: &str, names: &[String]) -> Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, first.as_str());
+        }
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let (c, k) = (
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}.key")),
+        );
+        write(&c, cert.pem().as_bytes(), 0o644)?;
+        write(&k, key.serialize_pem().as_bytes(), 0o600)?;
+        Ok((c, k))
+    }
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_certificates_that_name_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::create(dir.path(), "test CA").unwrap();
+        let (cert, key) = ca.issue("host-a", &["host-a".into()]).unwrap();
+        let pem = std::fs::read(&cert).unwrap();
+        let der = rustls_pemfile_der(&pem);
+        assert_eq!(shelltrail_collector::host_from_certificate(&der).unwrap(), "host-a");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
+        // Reopened, it still signs.
+        let again = Ca::open(dir.path()).unwrap();
+        again
+            .issue("collector", &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+    }
+
+    fn rustls_pemfile_der(pem: &[u8]) -> Vec<u8> {
+        let text = std::str::from_utf8(pem).unwrap();
+        let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+    }
+}

@@ -1,0 +1,187 @@
+//! shelltrail's collector: every host's agent ships its sessions here, over
+//! mutual TLS, and the CLI reads them back.
+//!
+//! * [`store`]: durable per-session storage with hash-chain checks on
+//!   ingest, recovery of torn writes, verification and the catalogue.
+//! * [`server`]: the gRPC services `Ingest` and `Query`
+//!   (`proto/shelltrail/v1/collector.proto`).
+//! * [`tls`]: the server's TLS configuration and the clients' connection
+//!   helper (agents and the CLI use [`tls::connect`]).
+//!
+//! [`serve`] runs it all from a [`CollectorConfig`], with gRPC server
+//! reflection so generic tools can explore the API.
+#![forbid(unsafe_code)]
+
+pub mod server;
+pub mod store;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use shelltrail_proto::v1::ingest_client::IngestClient;
+use shelltrail_proto::v1::query_client::QueryClient;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Server};
+
+pub use server::{Collector, MAX_MESSAGE_BYTES};
+pub use store::{
+    AppendOutcome, ListFilter, Position, Problem, Report, SeqRange, SessionSummary, StateFilter, Store, StoreError,
+    StoreOptions, StoredChunk, valid_host, valid_session_id, verify_dir,
+};
+pub use tls::{
+    ClientTlsFiles, IdentityError, TlsError, TlsFiles, client_tls_config, connect, endpoint, host_from_certificate,
+    server_tls_config,
+};
+
+/// How long, after the shutdown signal, open connections get to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The collector's configuration: the `[collector]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Where sessions are stored (see [`store`]).
+    pub data_dir: PathBuf,
+    /// Mutual TLS. Required unless `insecure`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// Plaintext, no client authentication, and each agent's host taken from
+    /// its own claim: for local development only. Logs a warning at start
+    /// and on every connection.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// Binds `cfg.listen` and runs the collector until `shutdown` completes.
+pub async fn serve(cfg: CollectorConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    serve_on(cfg, listener, shutdown).await
+}
+
+/// Runs the collector on an already bound listener (`cfg.listen` is then
+/// ignored) until `shutdown` completes: tests bind port 0 and read the
+/// address back, a service manager may hand over a socket.
+pub async fn serve_on(
+    cfg: CollectorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    // Both rustls providers may end up compiled in once other crates join
+    // the build; rustls then refuses to choose. Ours is ring. An error only
+    // means a provider was installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let tls = match (&cfg.tls, cfg.insecure) {
+        (Some(_), true) => anyhow::bail!("collector: `tls` and `insecure = true` are both set; choose one"),
+        (None, false) => anyhow::bail!(
+            "collector: no `tls` (cert, key, client_ca) configured; set `insecure = true` only for local development"
+        ),
+        (Some(files), false) => Some(server_tls_config(files)?),
+        (None, true) => None,
+    };
+    let data_dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .context("opening the store")?
+        .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
+    let store = Arc::new(store);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let collector = Collector::new(store, cfg.insecure, stop_rx);
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shelltrail_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shelltrail_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("gRPC reflection")?;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("TLS configuration")?;
+    }
+    let router = builder
+        .add_service(collector.ingest_service())
+        .add_service(collector.query_service())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let local = listener.local_addr().ok();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+
+    // The shutdown signal first ends our long-lived streams (agents keep
+    // theirs open for days), then the server drains for a bounded time.
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("collector shutting down");
+        let _ = stop_tx.send(true);
+        let _ = drain_tx.send(());
+    };
+    let drained = async move {
+        let _ = drain_rx.await;
+    };
+    let server = async move {
+        if cfg.insecure {
+            tracing::warn!(
+                listen = ?local,
+                "INSECURE collector: plaintext, no client authentication, agents' hosts are their own claims. \
+                 For local development only"
+            );
+            let incoming = incoming.map(|conn| {
+                if let Ok(conn) = &conn {
+                    tracing::warn!(peer = ?conn.peer_addr().ok(), "INSECURE collector: unauthenticated plaintext connection");
+                }
+                conn
+            });
+            router.serve_with_incoming_shutdown(incoming, drained).await
+        } else {
+            tracing::info!(listen = ?local, "collector listening (mutual TLS)");
+            router.serve_with_incoming_shutdown(incoming, drained).await
+        }
+    };
+    tokio::pin!(server);
+    tokio::pin!(signal);
+    tokio::select! {
+        r = &mut server => return r.context("collector server"),
+        () = &mut signal => {}
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(r) => r.context("collector server"),
+        Err(_) => {
+            tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// An Ingest client on `channel`, accepting any message the collector may
+/// send (tonic's default limit is 4 MiB).
+pub fn ingest_client(channel: Channel) -> IngestClient<Channel> {
+    IngestClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES + (64 << 10))
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A Query client on `channel`, accepting chunks as large as the collector
+/// stores and listings of many sessions.
+pub fn query_client(channel: Channel) -> QueryClient<Channel> {
+    QueryClient::new(channel).max_decoding_message_size(64 << 20)
+}

@@ -1,0 +1,558 @@
+//! The collector's gRPC services: `Ingest` (agents ship sessions) and
+//! `Query` (the CLI lists and reads them), over the [`Store`].
+//!
+//! # Ingest
+//!
+//! One `Ship` stream per agent connection, one task per stream. The host the
+//! stream writes for is the one named by the agent's client certificate
+//! ([`host_from_certificate`]); in insecure mode, the hostname the agent
+//! claims in its `AgentHello`. Every store call carries that host, and the
+//! store refuses a session that belongs to another host.
+//!
+//! The task reads the messages that are already there (up to 256 or 16 MiB),
+//! groups them by session, and runs each session's operations in order on
+//! the blocking pool, sessions in parallel. So a batch of chunks of one
+//! session costs one append (two fsyncs) and gets one `Committed`, sent only
+//! after the fsync. A problem with one session's data gets a `Rejected` for
+//! that session and the stream goes on; a storage failure ends the stream
+//! with `UNAVAILABLE`, and the agent reconnects and resumes from the
+//! `SessionPosition`s it gets then: nothing uncommitted was acknowledged.
+//!
+//! # Query
+//!
+//! Reads the catalogue and the committed chunks; `ReadChunks` with `follow`
+//! waits on the session's summary channel for new commits (live tail).
+//! Every call needs a client certificate (the TLS layer already refuses
+//! connections without one); any certificate of the client CA may read.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use shelltrail_proto::v1::ingest_server::{Ingest, IngestServer};
+use shelltrail_proto::v1::query_server::{Query, QueryServer};
+use shelltrail_proto::v1::{
+    AgentHello, ChunkData, CollectorHello, Committed, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
+    ReadChunksRequest, Rejected, SessionEnd, SessionInfo, SessionPosition, SessionStart, ShipRequest, ShipResponse,
+    list_sessions_request, ship_request, ship_response,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::{AppendOutcome, ListFilter, Position, StateFilter, Store, StoreError, valid_host, valid_session_id};
+use crate::tls::host_from_certificate;
+
+/// Largest message the collector decodes: a bigger one ends its stream with
+/// `RESOURCE_EXHAUSTED`. Chunks are cut at 128 KiB by default.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+/// The first message (AgentHello) must come within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most messages, and bytes, handled as one batch.
+const MAX_BATCH_MESSAGES: usize = 256;
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Bytes of chunks one `ReadChunks` read fetches from disk.
+const READ_BATCH_BYTES: usize = 4 << 20;
+
+/// Both services; cheap to clone (one per connection).
+#[derive(Debug, Clone)]
+pub struct Collector {
+    store: Arc<Store>,
+    insecure: bool,
+    /// Becomes true at shutdown: long-lived streams end so the server can.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Collector {
+    /// Services over `store`. With `insecure`, callers are not
+    /// authenticated and an agent's host is what it claims (development
+    /// only). Streams end when `shutdown` turns true.
+    pub fn new(store: Arc<Store>, insecure: bool, shutdown: watch::Receiver<bool>) -> Self {
+        Collector {
+            store,
+            insecure,
+            shutdown,
+        }
+    }
+
+    /// The Ingest service, refusing messages over [`MAX_MESSAGE_BYTES`].
+    pub fn ingest_service(&self) -> IngestServer<Collector> {
+        IngestServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The Query service.
+    pub fn query_service(&self) -> QueryServer<Collector> {
+        QueryServer::new(self.clone()).max_decoding_message_size(64 << 10)
+    }
+
+    /// The host named by the caller's client certificate; `None` in
+    /// insecure mode.
+    fn peer_host<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        if self.insecure {
+            return Ok(None);
+        }
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        host_from_certificate(leaf.as_ref())
+            .map(Some)
+            .map_err(|e| Status::permission_denied(e.to_string()))
+    }
+
+    /// Query calls: a certificate is required, whichever host it names.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.insecure {
+            tracing::warn!(peer = ?req.remote_addr(), "INSECURE collector: unauthenticated query");
+            return Ok(());
+        }
+        self.peer_host(req).map(|_| ())
+    }
+}
+
+fn response(body: ship_response::Body) -> ShipResponse {
+    ShipResponse { body: Some(body) }
+}
+
+fn rejected(session_id: &str, reason: String) -> ShipResponse {
+    response(ship_response::Body::Rejected(Rejected {
+        session_id: session_id.to_owned(),
+        reason,
+    }))
+}
+
+fn position(session_id: &str, p: Position) -> ShipResponse {
+    response(ship_response::Body::Position(SessionPosition {
+        session_id: session_id.to_owned(),
+        next_seq: p.next_seq,
+        ended: p.ended,
+    }))
+}
+
+/// Committed for what is durable, SessionPosition when the collector waits
+/// for an earlier chunk.
+fn outcome_responses(session_id: &str, out: &AppendOutcome, out_responses: &mut Vec<ShipResponse>) {
+    if out.next_seq > 0 || out.ended {
+        out_responses.push(response(ship_response::Body::Committed(Committed {
+            session_id: session_id.to_owned(),
+            through_seq: out.next_seq.saturating_sub(1),
+            ended: out.ended,
+        })));
+    }
+    if !out.ended && (out.has_gap() || !out.ignored.is_empty() && out.next_seq == 0) {
+        out_responses.push(position(
+            session_id,
+            Position {
+                next_seq: out.next_seq,
+                ended: false,
+            },
+        ));
+    }
+}
+
+/// One session's operations in a batch, in arrival order.
+enum Op {
+    Start(SessionStart),
+    Chunks(Vec<(u64, Vec<u8>)>),
+    End(SessionEnd),
+}
+
+/// Groups a batch by session, keeping each session's order and merging
+/// consecutive chunks into one append.
+fn plan(batch: Vec<ShipRequest>) -> Result<Vec<(String, Vec<Op>)>, Status> {
+    let mut plan: Vec<(String, Vec<Op>)> = Vec::new();
+    let mut push = |sid: String, op: Op| {
+        let ops = match plan.iter_mut().position(|(s, _)| *s == sid) {
+            Some(i) => &mut plan[i].1,
+            None => {
+                plan.push((sid, Vec::new()));
+                let last = plan.len() - 1;
+                &mut plan[last].1
+            }
+        };
+        match (ops.last_mut(), op) {
+            (Some(Op::Chunks(chunks)), Op::Chunks(more)) => chunks.extend(more),
+            (_, op) => ops.push(op),
+        }
+    };
+    for msg in batch {
+        match msg.body {
+            Some(ship_request::Body::Hello(_)) => {
+                return Err(Status::invalid_argument("AgentHello may only be the first message"));
+            }
+            Some(ship_request::Body::Start(s)) => {
+                let sid = s.meta.as_ref().map(|m| m.session_id.clone()).unwrap_or_default();
+                push(sid, Op::Start(s));
+            }
+            Some(ship_request::Body::Chunk(c)) => push(c.session_id, Op::Chunks(vec![(c.seq, c.data)])),
+            Some(ship_request::Body::End(e)) => push(e.session_id.clone(), Op::End(e)),
+            // A kind of message added after this collector was built.
+            None => tracing::debug!("ignoring a ShipRequest of an unknown kind"),
+        }
+    }
+    Ok(plan)
+}
+
+/// Runs one session's operations; stops at the first refusal (answered with
+/// Rejected) or storage failure (returned, ending the stream).
+fn run_ops(store: &Store, host: &str, sid: &str, ops: Vec<Op>) -> (Vec<ShipResponse>, Option<StoreError>) {
+    let mut out = Vec::new();
+    for op in ops {
+        let result = match op {
+            Op::Start(start) => {
+                if let Some(claim) = start.meta.as_ref().map(|m| m.host.as_str())
+                    && !claim.eq_ignore_ascii_case(host)
+                {
+                    tracing::info!(session = %sid, host, claim, "agent's host claim differs from its certificate");
+                }
+                store.start(host, &start).map(|p| out.push(position(sid, p)))
+            }
+            Op::Chunks(chunks) => store
+                .append(host, sid, chunks)
+                .map(|o| outcome_responses(sid, &o, &mut out)),
+            Op::End(end) => store.end(host, &end).map(|o| outcome_responses(sid, &o, &mut out)),
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_session_refusal() => {
+                tracing::warn!(session = %sid, host, "refused: {e}");
+                out.push(rejected(sid, e.to_string()));
+                break;
+            }
+            Err(e) => return (out, Some(e)),
+        }
+    }
+    (out, None)
+}
+
+/// Waits for the first message; then takes whatever else is already
+/// there. Returns the batch and, if the stream ended, how.
+async fn next_batch(inbound: &mut Streaming<ShipRequest>) -> (Vec<ShipRequest>, Option<Result<(), Status>>) {
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    match inbound.message().await {
+        Ok(Some(m)) => {
+            bytes += prost_len(&m);
+            batch.push(m);
+        }
+        Ok(None) => return (batch, Some(Ok(()))),
+        Err(status) => return (batch, Some(Err(status))),
+    }
+    while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+        let ready = poll_fn(|cx| match Pin::new(&mut *inbound).poll_next(cx) {
+            Poll::Ready(item) => Poll::Ready(Some(item)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        match ready {
+            None => break,
+            Some(Some(Ok(m))) => {
+                bytes += prost_len(&m);
+                batch.push(m);
+            }
+            Some(Some(Err(status))) => return (batch, Some(Err(status))),
+            Some(None) => return (batch, Some(Ok(()))),
+        }
+    }
+    (batch, None)
+}
+
+fn prost_len(m: &ShipRequest) -> usize {
+    shelltrail_proto::Message::encoded_len(m)
+}
+
+/// One agent's stream after the hello.
+struct ShipTask {
+    store: Arc<Store>,
+    host: String,
+    tx: mpsc::Sender<Result<ShipResponse, Status>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ShipTask {
+    async fn run(mut self, mut inbound: Streaming<ShipRequest>) {
+        loop {
+            let (batch, ended) = tokio::select! {
+                b = next_batch(&mut inbound) => b,
+                () = stopped(&mut self.shutdown) => {
+                    let _ = self.tx.send(Err(Status::unavailable("the collector is shutting down"))).await;
+                    return;
+                }
+            };
+            if !batch.is_empty() {
+                match self.handle(batch).await {
+                    Ok(responses) => {
+                        for r in responses {
+                            if self.tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err((responses, status)) => {
+                        for r in responses {
+                            let _ = self.tx.send(Ok(r)).await;
+                        }
+                        let _ = self.tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+            match ended {
+                None => {}
+                Some(Ok(())) => return,
+                Some(Err(status)) => {
+                    tracing::warn!(host = %self.host, "agent stream failed: {status}");
+                    let _ = self.tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs a batch: sessions in parallel on the blocking pool.
+    async fn handle(&self, batch: Vec<ShipRequest>) -> Result<Vec<ShipResponse>, (Vec<ShipResponse>, Status)> {
+        let plan = plan(batch).map_err(|s| (Vec::new(), s))?;
+        let handles: Vec<_> = plan
+            .into_iter()
+            .map(|(sid, ops)| {
+                let store = self.store.clone();
+                let host = self.host.clone();
+                tokio::task::spawn_blocking(move || run_ops(&store, &host, &sid, ops))
+            })
+            .collect();
+        let mut responses = Vec::new();
+        let mut failure = None;
+        for h in handles {
+            match h.await {
+                Ok((r, err)) => {
+                    responses.extend(r);
+                    if let Some(e) = err {
+                        tracing::error!(host = %self.host, "storage failure: {e}");
+                        failure.get_or_insert(Status::unavailable(format!("collector storage failure: {e}")));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(host = %self.host, "session task failed: {e}");
+                    failure.get_or_insert(Status::internal("collector task failed"));
+                }
+            }
+        }
+        match failure {
+            None => Ok(responses),
+            Some(status) => Err((responses, status)),
+        }
+    }
+}
+
+/// Completes when the shutdown flag turns true; never if its sender is
+/// dropped without that.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // (The guard `wait_for` returns is not Send: it must not live across
+    // an await.)
+    if rx.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Ingest for Collector {
+    type ShipStream = BoxStream<ShipResponse>;
+
+    async fn ship(&self, req: Request<Streaming<ShipRequest>>) -> Result<Response<Self::ShipStream>, Status> {
+        let peer = req.remote_addr();
+        let cert_host = self.peer_host(&req)?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no AgentHello within 30 s"))??;
+        let Some(ShipRequest {
+            body: Some(ship_request::Body::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument("the first message must be AgentHello"));
+        };
+        let host = match cert_host {
+            Some(h) => h,
+            None => insecure_host(&hello)?,
+        };
+        if self.insecure {
+            tracing::warn!(?peer, %host, "INSECURE collector: unauthenticated agent, host taken from its own claim");
+        }
+        tracing::info!(?peer, %host, agent_version = %hello.agent_version, "agent connected");
+
+        let (tx, rx) = mpsc::channel(64);
+        let hello = response(ship_response::Body::Hello(CollectorHello { host: host.clone() }));
+        tx.send(Ok(hello))
+            .await
+            .map_err(|_| Status::cancelled("the agent went away"))?;
+        let task = ShipTask {
+            store: self.store.clone(),
+            host,
+            tx,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(task.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// In insecure mode, the agent's own hostname, held to the same rules.
+fn insecure_host(hello: &AgentHello) -> Result<String, Status> {
+    let claim = hello
+        .facts
+        .as_ref()
+        .map(|f| f.hostname.to_ascii_lowercase())
+        .unwrap_or_default();
+    if valid_host(&claim) {
+        Ok(claim)
+    } else {
+        Err(Status::invalid_argument(
+            "insecure mode: AgentHello.facts.hostname must be a valid host name",
+        ))
+    }
+}
+
+fn check_session_id(id: &str) -> Result<(), Status> {
+    if valid_session_id(id) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument("session id must be a canonical UUID"))
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[tonic::async_trait]
+impl Query for Collector {
+    async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let state = match r.state() {
+            list_sessions_request::State::Any => StateFilter::Any,
+            list_sessions_request::State::Live => StateFilter::Live,
+            list_sessions_request::State::Ended => StateFilter::Ended,
+        };
+        let filter = ListFilter {
+            host: non_empty(r.host),
+            user: non_empty(r.user),
+            since_unix_ms: (r.since_unix_ms != 0).then_some(r.since_unix_ms),
+            until_unix_ms: (r.until_unix_ms != 0).then_some(r.until_unix_ms),
+            state,
+        };
+        let sessions = self.store.list(&filter).iter().map(|s| s.to_proto()).collect();
+        Ok(Response::new(ListSessionsResponse { sessions }))
+    }
+
+    async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().session_id;
+        check_session_id(&id)?;
+        match self.store.info(&id) {
+            Some(s) => Ok(Response::new(s.to_proto())),
+            None => Err(Status::not_found(format!("no session {id}"))),
+        }
+    }
+
+    type ReadChunksStream = BoxStream<ChunkData>;
+
+    async fn read_chunks(&self, req: Request<ReadChunksRequest>) -> Result<Response<Self::ReadChunksStream>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        check_session_id(&r.session_id)?;
+        let updates = self
+            .store
+            .subscribe(&r.session_id)
+            .ok_or_else(|| Status::not_found(format!("no session {}", r.session_id)))?;
+        let (tx, rx) = mpsc::channel(16);
+        let reader = ChunkReader {
+            store: self.store.clone(),
+            session_id: r.session_id,
+            next: r.from_seq,
+            follow: r.follow,
+            tx,
+            updates,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(reader.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Streams a session's chunks; with `follow`, waits for new commits until
+/// the session ends.
+struct ChunkReader {
+    store: Arc<Store>,
+    session_id: String,
+    next: u64,
+    follow: bool,
+    tx: mpsc::Sender<Result<ChunkData, Status>>,
+    updates: watch::Receiver<crate::store::SessionSummary>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ChunkReader {
+    async fn run(mut self) {
+        loop {
+            // Marks this state seen before reading, so a commit made during
+            // the read wakes the wait below.
+            let summary = self.updates.borrow_and_update().clone();
+            let store = self.store.clone();
+            let id = self.session_id.clone();
+            let next = self.next;
+            let read = tokio::task::spawn_blocking(move || store.read_chunks(&id, next, READ_BATCH_BYTES)).await;
+            let chunks = match read {
+                Ok(Ok(chunks)) => chunks,
+                Ok(Err(e)) => {
+                    tracing::error!(session = %self.session_id, "cannot read chunks: {e}");
+                    let _ = self.tx.send(Err(Status::data_loss(e.to_string()))).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(session = %self.session_id, "chunk reader failed: {e}");
+                    let _ = self.tx.send(Err(Status::internal("chunk reader failed"))).await;
+                    return;
+                }
+            };
+            if !chunks.is_empty() {
+                for c in chunks {
+                    self.next = c.seq + 1;
+                    let msg = ChunkData {
+                        session_id: self.session_id.clone(),
+                        seq: c.seq,
+                        data: c.bytes,
+                    };
+                    if self.tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            // Caught up with everything committed when `summary` was taken.
+            if !self.follow || summary.is_ended() {
+                return;
+            }
+            if let Some(reason) = summary.quarantine.as_ref().or(summary.damaged.as_ref()) {
+                let status = Status::failed_precondition(format!("session stopped: {reason}"));
+                let _ = self.tx.send(Err(status)).await;
+                return;
+            }
+            tokio::select! {
+                changed = self.updates.changed() => if changed.is_err() { return },
+                _ = self.tx.closed() => return,
+                () = stopped(&mut self.shutdown) => {
+                    let _ = self.tx.send(Err(Status::unavailable("the collector is shutting down"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Mutual TLS for the collector and its clients (agents, the CLI).
+//!
+//! The collector proves itself with a server certificate; every client
+//! proves itself with a client certificate signed by the collector's client
+//! CA, and the TLS layer refuses a connection without one before any gRPC
+//! is spoken. An agent's certificate names its host (first DNS SAN, else the
+//! subject CN): that is the only host it may write sessions for.
+//!
+//! TLS is rustls with the ring provider (through tonic's `tls-ring`): no
+//! OpenSSL. The files are PEM; they are read and parsed up front so that a
+//! wrong path or a key in the certificate's place is reported at start-up,
+//! not at the first handshake.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+use crate::store::valid_host;
+
+/// A TLS handshake that takes longer is dropped (a client that connects and
+/// says nothing must not hold a connection slot).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for the TCP connection and the handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {why}")]
+    Pem { path: PathBuf, why: String },
+    #[error("invalid collector URL {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("TLS configuration refused: {0}")]
+    Config(String),
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Why a client certificate does not name a usable host.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("the client certificate does not parse: {0}")]
+    Parse(String),
+    #[error("the client certificate names no host: no DNS subjectAltName and no subject CN")]
+    NoName,
+    #[error("the client certificate's host name {0:?} is not a valid host name")]
+    InvalidName(String),
+}
+
+/// The collector's side: its certificate and key, and the CA that signs
+/// client certificates (agents and operators). The `[collector.tls]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM certificate chain of the collector (leaf first).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM certificate(s) of the CA(s) that sign client certificates.
+    pub client_ca: PathBuf,
+}
+
+/// A client's side: the CA that signed the collector's certificate, and the
+/// client's own certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsFiles {
+    /// PEM certificate(s) of the CA that signed the collector's certificate.
+    pub ca: PathBuf,
+    /// PEM certificate chain of this client (for an agent: naming its host).
+    pub cert: PathBuf,
+    /// PEM private key of this client.
+    pub key: PathBuf,
+    /// The name to check the collector's certificate against, when it is
+    /// not the host in the URL (connecting by IP address, for instance).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a PEM file that must hold at least one certificate.
+fn read_certs(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            why: format!("not a PEM certificate file: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            why: "holds no certificate (expected -----BEGIN CERTIFICATE-----)".into(),
+        });
+    }
+    Ok(pem)
+}
+
+/// Reads a PEM file that must hold a private key.
+fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        why: format!("holds no usable private key: {e}"),
+    })?;
+    Ok(pem)
+}
+
+/// The server's TLS configuration: its identity, and client certificates
+/// required and verified against the client CA.
+pub fn server_tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, TlsError> {
+    let cert = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let ca = read_certs(&files.client_ca)?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(false)
+        .timeout(HANDSHAKE_TIMEOUT))
+}
+
+/// A client's TLS configuration: the collector's CA and the client's identity.
+pub fn client_tls_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError> {
+    let ca = read_certs(&files.ca)?;
+    let cert = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .timeout(CONNECT_TIMEOUT);
+    if let Some(domain) = &files.domain {
+        cfg = cfg.domain_name(domain.clone());
+    }
+    Ok(cfg)
+}
+
+/// An endpoint for the collector at `url`: `https://host:port` with `tls`
+/// (mutual TLS), or `http://host:port` without (the collector's insecure
+/// development mode). Mixing them up is an error rather than a silent
+/// plaintext connection. Callers may tune it further before connecting.
+pub fn endpoint(url: &str, tls: Option<&ClientTlsFiles>) -> Result<Endpoint, TlsError> {
+    let url_err = |why: &str| TlsError::Url {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    };
+    let https = url.starts_with("https://");
+    match (tls.is_some(), https, url.starts_with("http://")) {
+        (true, false, _) => return Err(url_err("TLS is configured: the URL must start with https://")),
+        (false, true, _) => {
+            return Err(url_err("an https:// URL needs the TLS files (CA, certificate, key)"));
+        }
+        (false, false, false) => {
+            return Err(url_err(
+                "the URL must start with https:// (or http:// in insecure mode)",
+            ));
+        }
+        _ => {}
+    }
+    let mut ep = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| url_err(&e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if let Some(files) = tls {
+        ep = ep
+            .tls_config(client_tls_config(files)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    Ok(ep)
+}
+
+/// Connects to the collector at `url`; see [`endpoint`].
+pub async fn connect(url: &str, tls: Option<&ClientTlsFiles>) -> Result<Channel, TlsError> {
+    endpoint(url, tls)?.connect().await.map_err(|source| TlsError::Connect {
+        url: url.to_owned(),
+        source,
+    })
+}
+
+/// The host a client certificate (DER) names: its first DNS
+/// subjectAltName, else its subject common name, lowercased (host names are
+/// case-insensitive, and each host must map to one directory).
+pub fn host_from_certificate(der: &[u8]) -> Result<String, IdentityError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let dns = san.and_then(|ext| {
+        ext.value.general_names.iter().find_map(|n| match n {
+            GeneralName::DNSName(name) => Some(name.to_string()),
+            _ => None,
+        })
+    });
+    let name = match dns {
+        Some(n) => n,
+        None => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .map(|cn| cn.as_str().map(str::to_owned))
+            .transpose()
+            .map_err(|e| IdentityError::Parse(e.to_string()))?
+            .ok_or(IdentityError::NoName)?,
+    };
+    let name = name.to_ascii_lowercase();
+    if valid_host(&name) {
+        Ok(name)
+    } else {
+        Err(IdentityError::InvalidName(name.chars().take(64).collect()))
+    }
+}
