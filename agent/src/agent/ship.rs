@@ -417,7 +417,7 @@ impl Shipper {
             let Some((seg, carry)) = cat
                 .segments
                 .range(..active)
-                .find_map(|(&seg, uses)| deletable(&cat, uses).map(|carry| (seg, carry)))
+                .find_map(|(&seg, uses)| deletable(&cat, seg, uses).map(|carry| (seg, carry)))
             else {
                 return Ok(());
             };
@@ -478,7 +478,7 @@ impl Shipper {
 }
 
 /// Whether a segment's records are all committed; if so, the start records to carry forward.
-fn deletable(cat: &Catalogue, uses: &BTreeMap<String, SegmentUse>) -> Option<Vec<OpenRecord>> {
+fn deletable(cat: &Catalogue, seg: u64, uses: &BTreeMap<String, SegmentUse>) -> Option<Vec<OpenRecord>> {
     let mut carry = Vec::new();
     for (id, u) in uses {
         let Some(e) = cat.sessions.get(id) else { continue };
@@ -493,7 +493,11 @@ fn deletable(cat: &Catalogue, uses: &BTreeMap<String, SegmentUse>) -> Option<Vec
         if u.close && !e.ended {
             return None;
         }
-        if u.open && !e.ended {
+        // The start record must outlive the segment while anything of the
+        // session remains: more chunks to come (live), or records in other
+        // segments that a later scan must still attach to it.
+        let elsewhere = cat.segments.iter().any(|(&other, u)| other != seg && u.contains_key(id));
+        if u.open && (!e.ended || elsewhere) {
             carry.push(e.open.clone());
         }
     }
