@@ -82,6 +82,7 @@ pub async fn serve_on(
     // the build; rustls then refuses to choose. Ours is ring. An error only
     // means a provider was installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_open_file_limit();
 
     let tls = match (&cfg.tls, cfg.insecure) {
         (Some(_), true) => anyhow::bail!("collector: `tls` and `insecure = true` are both set; choose one"),
@@ -97,6 +98,7 @@ pub async fn serve_on(
         .context("opening the store")?
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
     let store = Arc::new(store);
+    let released = Arc::downgrade(&store);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let collector = Collector::new(store, cfg.insecure, stop_rx);
@@ -120,6 +122,8 @@ pub async fn serve_on(
         .add_service(collector.query_service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    // The router holds what it needs; ours must not keep the store alive.
+    drop(collector);
 
     let local = listener.local_addr().ok();
     let incoming = TcpIncoming::from(listener)
@@ -157,18 +161,42 @@ pub async fn serve_on(
             router.serve_with_incoming_shutdown(incoming, drained).await
         }
     };
-    tokio::pin!(server);
-    tokio::pin!(signal);
-    tokio::select! {
-        r = &mut server => return r.context("collector server"),
-        () = &mut signal => {}
-    }
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(r) => r.context("collector server"),
-        Err(_) => {
-            tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; closing them");
-            Ok(())
+    let result = {
+        tokio::pin!(server);
+        tokio::pin!(signal);
+        tokio::select! {
+            r = &mut server => r.context("collector server"),
+            () = &mut signal => match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+                Ok(r) => r.context("collector server"),
+                Err(_) => {
+                    tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; closing them");
+                    Ok(())
+                }
+            },
         }
+    };
+    // Streams and readers end on the shutdown signal; wait (briefly) for
+    // them to let go of the store, so that its lock on the data directory
+    // is released when this returns and a new collector can take it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while released.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    result
+}
+
+/// Raises the soft limit on open files to the hard limit: every agent holds
+/// a connection open, and the usual soft limit (1024) is reached long
+/// before a thousand agents are.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(limit = soft, "cannot raise the open-file limit: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
     }
 }
 

@@ -105,13 +105,18 @@ impl Collector {
             .map_err(|e| Status::permission_denied(e.to_string()))
     }
 
-    /// Query calls: a certificate is required, whichever host it names.
+    /// Query calls: a certificate of the client CA is required (the TLS
+    /// layer verified it), whatever it names: operators' certificates need
+    /// not name a host.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         if self.insecure {
             tracing::warn!(peer = ?req.remote_addr(), "INSECURE collector: unauthenticated query");
             return Ok(());
         }
-        self.peer_host(req).map(|_| ())
+        match req.peer_certs() {
+            Some(certs) if !certs.is_empty() => Ok(()),
+            _ => Err(Status::unauthenticated("a client certificate is required")),
+        }
     }
 }
 
@@ -144,20 +149,14 @@ fn outcome_responses(session_id: &str, out: &AppendOutcome, out_responses: &mut 
             ended: out.ended,
         })));
     }
-    if !out.ended && (out.has_gap() || !out.ignored.is_empty() && out.next_seq == 0) {
-        out_responses.push(position(
-            session_id,
-            Position {
-                next_seq: out.next_seq,
-                ended: false,
-            },
-        ));
+    if let Some(next_seq) = out.resend_from {
+        out_responses.push(position(session_id, Position { next_seq, ended: false }));
     }
 }
 
 /// One session's operations in a batch, in arrival order.
 enum Op {
-    Start(SessionStart),
+    Start(Box<SessionStart>),
     Chunks(Vec<(u64, Vec<u8>)>),
     End(SessionEnd),
 }
@@ -187,7 +186,7 @@ fn plan(batch: Vec<ShipRequest>) -> Result<Vec<(String, Vec<Op>)>, Status> {
             }
             Some(ship_request::Body::Start(s)) => {
                 let sid = s.meta.as_ref().map(|m| m.session_id.clone()).unwrap_or_default();
-                push(sid, Op::Start(s));
+                push(sid, Op::Start(Box::new(s)));
             }
             Some(ship_request::Body::Chunk(c)) => push(c.session_id, Op::Chunks(vec![(c.seq, c.data)])),
             Some(ship_request::Body::End(e)) => push(e.session_id.clone(), Op::End(e)),
@@ -266,6 +265,20 @@ fn prost_len(m: &ShipRequest) -> usize {
     shelltrail_proto::Message::encoded_len(m)
 }
 
+/// The status to end a stream with after reading from it failed.
+///
+/// tonic 0.14 reports a message over the decoding limit as `OUT_OF_RANGE`
+/// (its only use of that code when decoding: the length prefix is checked
+/// before the body is buffered). gRPC's status code guide names
+/// `RESOURCE_EXHAUSTED` for it, which is what agents are told to expect.
+fn inbound_error(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange {
+        Status::resource_exhausted(status.message().to_owned())
+    } else {
+        status
+    }
+}
+
 /// One agent's stream after the hello.
 struct ShipTask {
     store: Arc<Store>,
@@ -306,6 +319,7 @@ impl ShipTask {
                 None => {}
                 Some(Ok(())) => return,
                 Some(Err(status)) => {
+                    let status = inbound_error(status);
                     tracing::warn!(host = %self.host, "agent stream failed: {status}");
                     let _ = self.tx.send(Err(status)).await;
                     return;

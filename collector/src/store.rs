@@ -38,7 +38,7 @@
 //!
 //! ## On-disk format
 //! ```text
-//! DATA/
+//! DATA/                               directories 0750, files 0640
 //!   lock                              held (flock) by the collector that owns DATA
 //!   tmp/                              sessions being created; emptied at start-up
 //!   sessions/<host>/<session-id>/
@@ -81,7 +81,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -359,14 +359,17 @@ pub struct AppendOutcome {
     pub dropped: Vec<u64>,
     /// The session's end is durable.
     pub ended: bool,
+    /// The collector cannot go on without chunk `next_seq`: later chunks
+    /// were held or dropped, or the end is waiting for it. The agent should
+    /// resend from here (the server says so with a `SessionPosition`).
+    pub resend_from: Option<u64>,
 }
 
 impl AppendOutcome {
-    /// The collector is waiting for `next_seq` while holding or dropping
-    /// later chunks, or could not end the session for want of it: the agent
-    /// should resend from `next_seq`.
+    /// Whether the collector is waiting for an earlier chunk; see
+    /// [`resend_from`](Self::resend_from).
     pub fn has_gap(&self) -> bool {
-        !self.held.is_empty() || !self.dropped.is_empty()
+        self.resend_from.is_some()
     }
 }
 
@@ -718,7 +721,7 @@ impl Store {
     pub fn open_with(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         for d in [root.clone(), root.join("sessions"), root.join("tmp")] {
-            fs::create_dir_all(&d).map_err(|e| io_err(&d, e))?;
+            make_dir(&d, true).map_err(|e| io_err(&d, e))?;
         }
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
@@ -758,6 +761,10 @@ impl Store {
     /// collector runs): no lock, no repair, every write refused. A torn tail
     /// is left alone and not read.
     pub fn open_read_only(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let sessions = root.as_ref().join("sessions");
+        if let Err(e) = fs::metadata(&sessions) {
+            return Err(io_err(&sessions, e));
+        }
         let store = Store {
             root: root.as_ref().to_path_buf(),
             opts: StoreOptions::default(),
@@ -783,7 +790,6 @@ impl Store {
         let sessions_dir = self.root.join("sessions");
         let hosts = match fs::read_dir(&sessions_dir) {
             Ok(h) => h,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.writable => return Ok(()),
             Err(e) => return Err(io_err(&sessions_dir, e)),
         };
         let mut dirs = Vec::new();
@@ -942,7 +948,7 @@ impl Store {
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         }
-        fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
+        make_dir(&tmp, false).map_err(|e| io_err(&tmp, e))?;
         let record = StartRecord {
             host: host.to_owned(),
             received_unix_ms: now_ms(),
@@ -955,14 +961,14 @@ impl Store {
         write_synced(&tmp.join(START_FILE), &json)?;
         for name in [CHUNKS_FILE, INDEX_FILE] {
             let p = tmp.join(name);
-            File::create(&p).map_err(|e| io_err(&p, e))?;
+            create_file(&p).map_err(|e| io_err(&p, e))?;
         }
         sync_dir(&tmp)?;
 
         let sessions = self.root.join("sessions");
         let host_dir = sessions.join(host);
         if !host_dir.is_dir() {
-            match fs::create_dir(&host_dir) {
+            match make_dir(&host_dir, false) {
                 Ok(()) => sync_dir(&sessions)?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err(&host_dir, e)),
@@ -1060,8 +1066,8 @@ impl Store {
                 reason: why,
             });
         }
-        commit?;
         slot.publish(&st);
+        commit?;
         if let Some((seq, last_seq)) = after_end {
             return Err(StoreError::AfterEnd {
                 session_id: session_id.to_owned(),
@@ -1073,6 +1079,9 @@ impl Store {
         out.held.retain(|s| st.held.contains_key(s));
         out.next_seq = st.next_seq;
         out.ended = st.end.is_some();
+        if !out.held.is_empty() || !out.dropped.is_empty() {
+            out.resend_from = Some(st.next_seq);
+        }
         Ok(out)
     }
 
@@ -1212,13 +1221,14 @@ impl Store {
                 reason: why,
             });
         }
+        slot.publish(&st);
         commit?;
         let empty = st.records == 0 && st.next_seq == 0 && st.held.is_empty() && last_seq == 0;
         if st.next_seq <= last_seq && !empty {
-            slot.publish(&st);
             let mut out = done(&st);
             out.stored = stored;
             out.held = st.held.keys().copied().collect();
+            out.resend_from = Some(st.next_seq);
             return Ok(out);
         }
         let record = EndRecord {
@@ -1438,12 +1448,28 @@ fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
     f.sync_all().map_err(|e| io_err(path, e))
 }
 
+/// Directories of the store: owner and group only (recordings hold what
+/// users typed and saw). The umask may take more away.
+fn make_dir(path: &Path, recursive: bool) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(recursive).mode(0o750).create(path)
+}
+
+/// Files of the store: owner read-write, group read.
+fn create_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(path)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create(path).map_err(|e| io_err(path, e))?;
+    let mut f = create_file(path).map_err(|e| io_err(path, e))?;
     f.write_all(bytes).map_err(|e| io_err(path, e))?;
     f.sync_all().map_err(|e| io_err(path, e))
 }

@@ -82,7 +82,12 @@ fn pki() -> Pki {
     let ca = new_ca("shelltrail test CA");
     let other_ca = new_ca("some other CA");
     let ca_path = write(d, "ca.pem", &ca.pem());
-    let (cert, key, _) = leaf(&ca, &["localhost", "127.0.0.1"], "collector", ExtendedKeyUsagePurpose::ServerAuth);
+    let (cert, key, _) = leaf(
+        &ca,
+        &["localhost", "127.0.0.1"],
+        "collector",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
     let server = TlsFiles {
         cert: write(d, "server.pem", &cert),
         key: write(d, "server.key", &key),
@@ -124,17 +129,28 @@ impl Running {
         self.data.join("sessions").join(host).join(id)
     }
 
-    async fn stop(mut self) {
+    async fn stop(self) {
+        self.stop_keeping_data().await;
+    }
+
+    /// Stops the collector and hands back its data directory.
+    async fn stop_keeping_data(mut self) -> (tempfile::TempDir, PathBuf) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         tokio::time::timeout(WAIT, self.task).await.unwrap().unwrap().unwrap();
+        (self._dir, self.data)
     }
 }
 
 async fn collector(tls: Option<&TlsFiles>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    collector_at(tls, dir, data).await
+}
+
+/// A collector on the data directory `data` (inside `dir`, kept alive).
+async fn collector_at(tls: Option<&TlsFiles>, dir: tempfile::TempDir, data: PathBuf) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cfg = CollectorConfig {
@@ -240,7 +256,7 @@ impl Agent {
                     if c.through_seq == seq && c.ended == ended {
                         return;
                     }
-                    assert!(c.through_seq < seq || !ended, "committed past {seq}: {c:?}");
+                    assert!(c.through_seq <= seq && !c.ended, "unexpected {c:?} waiting for {seq}");
                 }
                 ship_response::Body::Rejected(r) => panic!("rejected: {r:?}"),
                 other => panic!("unexpected {other:?}"),
@@ -263,7 +279,9 @@ async fn ships_resumes_deduplicates_and_reads_back() {
     let rec = recording(8);
     let ch = channel(&server, &pki.host_a).await;
 
-    let mut agent = Agent::open(ingest_client(ch.clone()), "whatever-it-claims").await.unwrap();
+    let mut agent = Agent::open(ingest_client(ch.clone()), "whatever-it-claims")
+        .await
+        .unwrap();
     assert_eq!(agent.host, "host-a", "the host comes from the certificate");
     agent.start(&rec, "alice").await;
     assert_eq!(agent.position(&rec.id).await, (0, false));
@@ -280,7 +298,11 @@ async fn ships_resumes_deduplicates_and_reads_back() {
     let index_len = std::fs::metadata(dir.join("index")).unwrap().len();
     agent.chunks(&rec, 2..5).await;
     agent.committed(&rec.id, 4, false).await;
-    assert_eq!(std::fs::metadata(dir.join("index")).unwrap().len(), index_len, "duplicates stored again");
+    assert_eq!(
+        std::fs::metadata(dir.join("index")).unwrap().len(),
+        index_len,
+        "duplicates stored again"
+    );
     agent.chunks(&rec, 5..8).await;
     agent.send(ship_request::Body::End(end_msg(&rec.id, 7, vec![]))).await;
     agent.committed(&rec.id, 7, true).await;
@@ -300,7 +322,10 @@ async fn ships_resumes_deduplicates_and_reads_back() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((info.host.as_str(), info.next_seq, info.end.is_some()), ("host-a", 8, true));
+    assert_eq!(
+        (info.host.as_str(), info.next_seq, info.end.is_some()),
+        ("host-a", 8, true)
+    );
     assert_eq!(info.start.unwrap().verified_user, "alice");
     let listed = q
         .list_sessions(ListSessionsRequest {
@@ -503,12 +528,10 @@ async fn an_oversized_message_ends_only_its_own_stream() {
         data: vec![0u8; MAX_MESSAGE_BYTES + 1024],
     }))
     .await;
-    let status = loop {
-        match big.next().await {
-            Err(status) => break status,
-            Ok(Some(m)) => panic!("unexpected {m:?}"),
-            Ok(None) => panic!("stream ended without a status"),
-        }
+    let status = match big.next().await {
+        Err(status) => status,
+        Ok(Some(m)) => panic!("unexpected {m:?}"),
+        Ok(None) => panic!("stream ended without a status"),
     };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
 
@@ -608,10 +631,10 @@ async fn protocol_errors_and_reflection() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
     // Reflection lists the services.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -673,13 +696,152 @@ async fn shutdown_ends_open_streams() {
 #[test]
 fn host_identity_comes_from_the_certificate() {
     let ca = new_ca("ca");
-    let (_, _, der) = leaf(&ca, &["Web01.Example.com", "other"], "ignored", ExtendedKeyUsagePurpose::ClientAuth);
+    let (_, _, der) = leaf(
+        &ca,
+        &["Web01.Example.com", "other"],
+        "ignored",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
     assert_eq!(host_from_certificate(&der).unwrap(), "web01.example.com");
     let (_, _, der) = leaf(&ca, &[], "Host-C", ExtendedKeyUsagePurpose::ClientAuth);
     assert_eq!(host_from_certificate(&der).unwrap(), "host-c");
     let (_, _, der) = leaf(&ca, &["*.example.com"], "x", ExtendedKeyUsagePurpose::ClientAuth);
-    assert!(matches!(host_from_certificate(&der), Err(IdentityError::InvalidName(_))));
+    assert!(matches!(
+        host_from_certificate(&der),
+        Err(IdentityError::InvalidName(_))
+    ));
     let (_, _, der) = leaf(&ca, &["10.0.0.1"], "../../x", ExtendedKeyUsagePurpose::ClientAuth);
-    assert!(matches!(host_from_certificate(&der), Err(IdentityError::InvalidName(_))));
+    assert!(matches!(
+        host_from_certificate(&der),
+        Err(IdentityError::InvalidName(_))
+    ));
     assert!(matches!(host_from_certificate(b"junk"), Err(IdentityError::Parse(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_are_reported_and_lost_chunks_end_the_session() {
+    let pki = pki();
+    let server = collector(Some(&pki.server)).await;
+    let rec = recording(5);
+    let mut agent = Agent::open(ingest_client(channel(&server, &pki.host_a).await), "host-a")
+        .await
+        .unwrap();
+    agent.start(&rec, "alice").await;
+    agent.position(&rec.id).await;
+    agent.chunks(&rec, [0]).await;
+    agent.committed(&rec.id, 0, false).await;
+    // The recorder lost 1 and 2: the collector holds 3 and says it waits for 1.
+    agent.chunks(&rec, [3]).await;
+    loop {
+        match agent.recv().await {
+            ship_response::Body::Committed(c) => assert_eq!(c.through_seq, 0),
+            ship_response::Body::Position(p) => {
+                assert_eq!((p.next_seq, p.ended), (1, false));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    agent.chunks(&rec, [4]).await;
+    // The end names the lost chunks: the held ones are stored after them.
+    agent
+        .send(ship_request::Body::End(end_msg(&rec.id, 4, vec![1, 2])))
+        .await;
+    loop {
+        match agent.recv().await {
+            ship_response::Body::Committed(c) if c.ended => {
+                assert_eq!(c.through_seq, 4);
+                break;
+            }
+            ship_response::Body::Committed(_) | ship_response::Body::Position(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let info = query_client(channel(&server, &pki.host_a).await)
+        .get_session(GetSessionRequest {
+            session_id: rec.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.next_seq, info.missing_seqs), (5, vec![1, 2]));
+    let report = shelltrail_collector::verify_dir(&server.session_dir("host-a", &rec.id)).unwrap();
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.chain_restarts, vec![3]);
+    drop(agent);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_collector_resumes_where_it_was() {
+    let pki = pki();
+    let server = collector(Some(&pki.server)).await;
+    let rec = recording(4);
+    let mut agent = Agent::open(ingest_client(channel(&server, &pki.host_a).await), "host-a")
+        .await
+        .unwrap();
+    agent.start(&rec, "alice").await;
+    agent.position(&rec.id).await;
+    agent.chunks(&rec, 0..2).await;
+    agent.committed(&rec.id, 1, false).await;
+    let (dir, data) = server.stop_keeping_data().await;
+    assert!(agent.next().await.is_err());
+
+    let server = collector_at(Some(&pki.server), dir, data).await;
+    let mut agent = Agent::open(ingest_client(channel(&server, &pki.host_a).await), "host-a")
+        .await
+        .unwrap();
+    agent.start(&rec, "alice").await;
+    assert_eq!(agent.position(&rec.id).await, (2, false));
+    agent.chunks(&rec, 2..4).await;
+    agent.send(ship_request::Body::End(end_msg(&rec.id, 3, vec![]))).await;
+    agent.committed(&rec.id, 3, true).await;
+    let file = std::fs::read(server.session_dir("host-a", &rec.id).join("chunks.zst")).unwrap();
+    assert_eq!(zstd::stream::decode_all(&file[..]).unwrap(), rec.text);
+    drop(agent);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_agents_at_once() {
+    const STREAMS: usize = 100;
+    let pki = pki();
+    let server = collector(Some(&pki.server)).await;
+    let mut channels = Vec::new();
+    for files in [&pki.host_a, &pki.host_b, &pki.host_a, &pki.host_b] {
+        channels.push(channel(&server, files).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..STREAMS {
+        let ch = channels[i % channels.len()].clone();
+        tasks.spawn(async move {
+            let rec = recording(5);
+            let mut agent = Agent::open(ingest_client(ch), "x").await.unwrap();
+            agent.start(&rec, "alice").await;
+            assert_eq!(agent.position(&rec.id).await, (0, false));
+            agent.chunks(&rec, 0..5).await;
+            agent.send(ship_request::Body::End(end_msg(&rec.id, 4, vec![]))).await;
+            agent.committed(&rec.id, 4, true).await;
+            (agent.host.clone(), rec)
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(120), tasks.join_next())
+        .await
+        .unwrap()
+    {
+        done.push(r.unwrap());
+    }
+    assert_eq!(done.len(), STREAMS);
+    for (host, rec) in &done {
+        let file = std::fs::read(server.session_dir(host, &rec.id).join("chunks.zst")).unwrap();
+        assert_eq!(&zstd::stream::decode_all(&file[..]).unwrap(), &rec.text);
+    }
+    let listed = query_client(channels[0].clone())
+        .list_sessions(ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.sessions.len(), STREAMS);
+    server.stop().await;
 }

@@ -75,6 +75,11 @@ fn stores_reads_and_verifies_a_session() {
         6 * INDEX_RECORD_LEN as u64
     );
     assert!(dir.join("start.json").is_file() && dir.join("end.json").is_file());
+    use std::os::unix::fs::PermissionsExt;
+    for p in [dir.clone(), dir.join("chunks.zst"), dir.join("end.json")] {
+        let mode = fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o007, 0, "{} is world-accessible", p.display());
+    }
 
     // Read back in pieces, from any position.
     let all = store.read_chunks(&rec.id, 0, usize::MAX).unwrap();
@@ -202,7 +207,7 @@ fn chunks_lost_at_the_recorder_are_skipped_at_the_end() {
     // An end that does not explain the gap does not end the session.
     let out = store.end(HOST, &end_msg(&rec.id, 7, vec![7])).unwrap();
     assert!(!out.ended);
-    assert_eq!(out.next_seq, 2);
+    assert_eq!((out.next_seq, out.resend_from), (2, Some(2)));
 
     let out = store.end(HOST, &end_msg(&rec.id, 7, vec![2, 3, 7])).unwrap();
     assert!(out.ended);
@@ -258,7 +263,7 @@ fn an_end_before_its_chunks_waits_for_them() {
     store.append(HOST, &rec.id, rec.pairs(0..2)).unwrap();
     let out = store.end(HOST, &end_msg(&rec.id, 3, vec![])).unwrap();
     assert!(!out.ended);
-    assert_eq!(out.next_seq, 2);
+    assert_eq!((out.next_seq, out.resend_from), (2, Some(2)));
     assert!(!store.info(&rec.id).unwrap().is_ended());
     store.append(HOST, &rec.id, rec.pairs(2..4)).unwrap();
     assert!(store.end(HOST, &end_msg(&rec.id, 3, vec![])).unwrap().ended);

@@ -24,3 +24,50 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/shelltrail_descriptor.bin"));
 
 pub use prost::Message;
+
+#[cfg(test)]
+mod tests {
+    use super::v1::{Close, SessionEnd, SessionMeta, SessionStart};
+
+    #[test]
+    fn descriptor_set_describes_both_protocols() {
+        let fds = super::FILE_DESCRIPTOR_SET;
+        let has = |needle: &[u8]| fds.windows(needle.len()).any(|w| w == needle);
+        for name in [
+            b"shelltrail/v1/recorder.proto".as_slice(),
+            b"shelltrail/v1/collector.proto",
+            b"Ingest",
+            b"Query",
+            b"ReadChunks",
+            b"SessionMeta",
+        ] {
+            assert!(has(name), "{}", String::from_utf8_lossy(name));
+        }
+    }
+
+    #[test]
+    fn collector_records_round_trip_through_json() {
+        let start = SessionStart {
+            meta: Some(SessionMeta {
+                session_id: "s".into(),
+                user: "alice".into(),
+                ..Default::default()
+            }),
+            verified_uid: 1000,
+            verified_user: "alice".into(),
+            verified_pid: 7,
+            opened_unix_ms: 1,
+        };
+        let json = serde_json::to_string(&start).unwrap();
+        assert_eq!(serde_json::from_str::<SessionStart>(&json).unwrap(), start);
+        // Fields added later default when absent.
+        let old: SessionEnd = serde_json::from_str(r#"{"session_id":"s","close":{"last_seq":3}}"#).unwrap();
+        assert_eq!(
+            old.close,
+            Some(Close {
+                last_seq: 3,
+                ..Default::default()
+            })
+        );
+    }
+}
