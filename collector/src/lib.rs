@@ -60,6 +60,11 @@ pub struct CollectorConfig {
     /// and on every connection.
     #[serde(default)]
     pub insecure: bool,
+    /// Names (from their client certificates) allowed to use the Query
+    /// service: operators. Agents' host certificates can ship, never read:
+    /// a compromised host must not read the fleet's recordings.
+    #[serde(default)]
+    pub operators: Vec<String>,
 }
 
 /// Binds `cfg.listen` and runs the collector until `shutdown` completes.
@@ -101,7 +106,7 @@ pub async fn serve_on(
     let released = Arc::downgrade(&store);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let collector = Collector::new(store, cfg.insecure, stop_rx);
+    let collector = Collector::new(store, cfg.insecure, cfg.operators.clone(), stop_rx);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shelltrail_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

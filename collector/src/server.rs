@@ -62,6 +62,8 @@ const READ_BATCH_BYTES: usize = 4 << 20;
 pub struct Collector {
     store: Arc<Store>,
     insecure: bool,
+    /// Certificate names allowed to query (lowercase).
+    operators: Arc<Vec<String>>,
     /// Becomes true at shutdown: long-lived streams end so the server can.
     shutdown: watch::Receiver<bool>,
 }
@@ -70,10 +72,12 @@ impl Collector {
     /// Services over `store`. With `insecure`, callers are not
     /// authenticated and an agent's host is what it claims (development
     /// only). Streams end when `shutdown` turns true.
-    pub fn new(store: Arc<Store>, insecure: bool, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(store: Arc<Store>, insecure: bool, operators: Vec<String>, shutdown: watch::Receiver<bool>) -> Self {
+        let operators = Arc::new(operators.into_iter().map(|o| o.to_ascii_lowercase()).collect());
         Collector {
             store,
             insecure,
+            operators,
             shutdown,
         }
     }
@@ -105,17 +109,27 @@ impl Collector {
             .map_err(|e| Status::permission_denied(e.to_string()))
     }
 
-    /// Query calls: a certificate of the client CA is required (the TLS
-    /// layer verified it), whatever it names: operators' certificates need
-    /// not name a host.
+    /// Query calls: a certificate of the client CA (the TLS layer verified
+    /// it) whose name is one of the configured operators.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         if self.insecure {
             tracing::warn!(peer = ?req.remote_addr(), "INSECURE collector: unauthenticated query");
             return Ok(());
         }
-        match req.peer_certs() {
-            Some(certs) if !certs.is_empty() => Ok(()),
-            _ => Err(Status::unauthenticated("a client certificate is required")),
+        let certs = req
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let name = host_from_certificate(leaf.as_ref()).map_err(|e| Status::permission_denied(e.to_string()))?;
+        if self.operators.contains(&name) {
+            Ok(())
+        } else {
+            tracing::warn!(peer = ?req.remote_addr(), %name, "query refused: not an operator");
+            Err(Status::permission_denied(format!(
+                "certificate {name:?} is not an operator's: list it in [collector] operators to allow queries"
+            )))
         }
     }
 }

@@ -158,6 +158,8 @@ async fn collector_at(tls: Option<&TlsFiles>, dir: tempfile::TempDir, data: Path
         data_dir: data.clone(),
         tls: tls.cloned(),
         insecure: tls.is_none(),
+        // These tests query with host certificates: they are the operators here.
+        operators: vec!["host-a".into(), "host-b".into()],
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(cfg, listener, async move {
@@ -844,4 +846,40 @@ async fn many_agents_at_once() {
         .into_inner();
     assert_eq!(listed.sessions.len(), STREAMS);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_operators_may_query() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = CollectorConfig {
+        listen: addr,
+        data_dir: data,
+        tls: Some(pki.server.clone()),
+        insecure: false,
+        operators: vec!["host-b".into()],
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_on(cfg, listener, async move {
+        let _ = stopped.await;
+    }));
+    let url = format!("https://{addr}");
+    // host-a is an agent, not an operator: it may ship, but not read.
+    let ch = connect(&url, Some(&pki.host_a)).await.unwrap();
+    let err = query_client(ch)
+        .list_sessions(ListSessionsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not an operator"), "{err}");
+    let ch = connect(&url, Some(&pki.host_b)).await.unwrap();
+    query_client(ch)
+        .list_sessions(ListSessionsRequest::default())
+        .await
+        .unwrap();
+    let _ = stop.send(());
+    let _ = task.await;
 }

@@ -496,7 +496,10 @@ fn deletable(cat: &Catalogue, seg: u64, uses: &BTreeMap<String, SegmentUse>) -> 
         // The start record must outlive the segment while anything of the
         // session remains: more chunks to come (live), or records in other
         // segments that a later scan must still attach to it.
-        let elsewhere = cat.segments.iter().any(|(&other, u)| other != seg && u.contains_key(id));
+        let elsewhere = cat
+            .segments
+            .iter()
+            .any(|(&other, u)| other != seg && u.contains_key(id));
         if u.open && (!e.ended || elsewhere) {
             carry.push(e.open.clone());
         }

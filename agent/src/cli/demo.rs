@@ -46,7 +46,7 @@ pub fn run(shell_bin: Option<PathBuf>) -> Result<i32> {
          socket = {sock:?}\nspool_dir = {spool:?}\n\n\
          [shell]\non_agent_unavailable = \"deny\"\n\n\
          [ship]\ncollector = {url:?}\nca = {ca:?}\ncert = {hc:?}\nkey = {hk:?}\n\n\
-         [collector]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data:?}\n\n\
+         [collector]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data:?}\noperators = [\"operator\"]\n\n\
          [collector.tls]\ncert = {cc:?}\nkey = {ck:?}\nclient_ca = {ca:?}\n",
         sock = dir.join("agent.sock"),
         spool = dir.join("spool"),
