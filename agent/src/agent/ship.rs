@@ -283,15 +283,19 @@ impl Shipper {
     fn handle(&self, m: ShipResponse) {
         let mut cat = self.lock();
         match m.body {
+            // At the start of a session, or mid-stream after a gap: send
+            // again from next_seq. Whatever was in flight beyond it will be
+            // resent, so it no longer counts against the window.
             Some(ship_response::Body::Position(p)) => {
-                if let Some(e) = cat.sessions.get_mut(&p.session_id) {
+                let freed = cat.sessions.get_mut(&p.session_id).map_or(0, |e| {
                     e.position = Some(p.next_seq);
                     e.next_to_send = p.next_seq;
-                    if p.next_seq > 0 {
-                        e.commit_through(p.next_seq - 1);
-                    }
+                    e.end_sent = false;
                     e.ended |= p.ended;
-                }
+                    let committed = if p.next_seq > 0 { e.commit_through(p.next_seq - 1) } else { 0 };
+                    committed + std::mem::take(&mut e.in_flight).values().sum::<u64>()
+                });
+                cat.in_flight = cat.in_flight.saturating_sub(freed);
             }
             Some(ship_response::Body::Committed(c)) => {
                 let freed = cat.sessions.get_mut(&c.session_id).map_or(0, |e| {
