@@ -26,10 +26,16 @@
 //! * [`security`]: the recorder as login shell and ForceCommand records once;
 //!   the user cannot read the recorder's memory or outlive it by killing it;
 //!   hostile bytes on the agent socket close only that connection.
+//! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through
+//!   a fault-injecting proxy: collector refused, killed and restarted, agent
+//!   killed, link cut a hundred times, stalled and black-holed, the spool
+//!   cap reached while the collector is away, and who may ship or read
+//!   (other CAs, no certificate, another host's sessions). No sshd.
 
 mod durability;
 mod exec;
 mod identity;
 mod interactive;
 mod security;
+mod shipping;
 mod transfer;

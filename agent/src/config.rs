@@ -250,6 +250,11 @@ impl Config {
         if self.agent.max_frame_bytes < s.chunk_bytes + s.chunk_bytes / 8 + 4096 {
             return Err("agent.max_frame_bytes must exceed shell.chunk_bytes by at least 1/8 + 4 KiB".into());
         }
+        // Only closed segments are deleted after shipping: with a cap below two
+        // segments, a spool full inside its active segment could never drain.
+        if self.agent.spool_max_bytes < 2 * self.agent.segment_bytes {
+            return Err("agent.spool_max_bytes must be at least twice agent.segment_bytes".into());
+        }
         if self.agent.segment_bytes < 1 << 20 {
             return Err("agent.segment_bytes must be at least 1 MiB".into());
         }
@@ -307,9 +312,13 @@ mod tests {
 
     #[test]
     fn sizes_with_units() {
-        let c = Config::parse("[shell]\nbuffer_bytes = \"8MiB\"\n[agent]\nspool_max_bytes = 1048576\n").unwrap();
+        let c = Config::parse(
+            "[shell]\nbuffer_bytes = \"8MiB\"\n[agent]\nspool_max_bytes = 2097152\nsegment_bytes = \"1 MiB\"\n",
+        )
+        .unwrap();
         assert_eq!(c.shell.buffer_bytes, 8 << 20);
-        assert_eq!(c.agent.spool_max_bytes, 1 << 20);
+        assert_eq!(c.agent.spool_max_bytes, 2 << 20);
+        assert_eq!(c.agent.segment_bytes, 1 << 20);
         assert_eq!(parse_size("512k").unwrap(), 512 << 10);
         assert!(parse_size("12 parsecs").is_err());
     }

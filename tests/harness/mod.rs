@@ -8,6 +8,10 @@
 //! inspect what was recorded through the operator CLI (`shelltrail sessions
 //! --json`, `shelltrail export`), never through the spool's internals.
 //!
+//! The shipping tests get a [`ShipWorld`] instead: a collector with its own
+//! certificate authority, a [`FaultProxy`] in front of it, and [`Host`]s
+//! whose agents ship through the proxy (see [`collector`]).
+//!
 //! Ground rules the harness enforces so that a broken product fails a test
 //! instead of hanging the suite:
 //! * every wait has a timeout, and a timeout panics with what was seen so far;
@@ -22,6 +26,8 @@
 pub mod asciinema;
 pub mod cast;
 pub mod client;
+pub mod collector;
+pub mod faultproxy;
 pub mod proc;
 pub mod sshd;
 pub mod term;
@@ -30,6 +36,8 @@ pub mod world;
 
 pub use cast::{Cast, Event};
 pub use client::Ssh;
+pub use collector::{Host, HostBuilder, Pki, SHIP_TIMEOUT, Script, ShipWorld};
+pub use faultproxy::{FaultProxy, XorShift};
 pub use proc::{Output, Running, poll_until, wait_until};
 pub use term::Term;
 pub use users::TestUser;

@@ -33,6 +33,7 @@ use shelltrail_proto::v1::{
     ship_request, ship_response,
 };
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 const WINDOW: u64 = 16 << 20;
 /// Chunks one session may send per round-robin turn.
 const PER_TURN: usize = 8;
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the shipper knows of one session.
@@ -202,6 +204,12 @@ impl Shipper {
 
     /// Ships until the process ends: connects, streams, reconnects with
     /// exponential backoff and jitter.
+    ///
+    /// The backoff grows while attempts fail and starts again from the
+    /// shortest delay after a stream that reached the collector's hello: a
+    /// link that drops now and then (or a collector restarted now and then)
+    /// must not, after a few drops, leave every later reconnection waiting
+    /// the longest delay.
     pub async fn run(self: Arc<Self>) {
         let compactor = self.clone();
         tokio::spawn(async move {
@@ -212,11 +220,13 @@ impl Shipper {
                 }
             }
         });
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = MIN_BACKOFF;
         loop {
-            match self.clone().stream_once().await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => tracing::warn!(collector = %self.cfg.collector, "shipping interrupted: {e:#}"),
+            let mut established = false;
+            let Err(e) = self.clone().stream_once(&mut established).await;
+            tracing::warn!(collector = %self.cfg.collector, "shipping interrupted: {e:#}");
+            if established {
+                backoff = MIN_BACKOFF;
             }
             // Jitter: agents that lost the collector together do not return in lockstep.
             let jitter = Duration::from_millis(rand_u64() % (backoff.as_millis() as u64 / 2 + 1));
@@ -225,7 +235,9 @@ impl Shipper {
         }
     }
 
-    async fn stream_once(self: Arc<Self>) -> Result<()> {
+    /// One connection and its stream, until it fails (it never ends
+    /// otherwise). Sets `established` once the collector has said hello.
+    async fn stream_once(self: Arc<Self>, established: &mut bool) -> Result<Infallible> {
         let channel = crate::agent::collector_channel(&self.cfg).await?;
         let mut client = IngestClient::new(channel).max_decoding_message_size(8 << 20);
         let (tx, rx) = mpsc::channel::<ShipRequest>(64);
@@ -244,6 +256,7 @@ impl Shipper {
                 body: Some(ship_response::Body::Hello(h)),
             }) => {
                 tracing::info!(collector = %self.cfg.collector, host = %h.host, "shipping to the collector");
+                *established = true;
             }
             other => bail!("expected CollectorHello, got {other:?}"),
         }
@@ -292,7 +305,11 @@ impl Shipper {
                     e.next_to_send = p.next_seq;
                     e.end_sent = false;
                     e.ended |= p.ended;
-                    let committed = if p.next_seq > 0 { e.commit_through(p.next_seq - 1) } else { 0 };
+                    let committed = if p.next_seq > 0 {
+                        e.commit_through(p.next_seq - 1)
+                    } else {
+                        0
+                    };
                     committed + std::mem::take(&mut e.in_flight).values().sum::<u64>()
                 });
                 cat.in_flight = cat.in_flight.saturating_sub(freed);
@@ -393,17 +410,18 @@ impl Shipper {
                 last = Some(id.clone());
             }
             let all_sent = e.chunks.range(e.next_to_send..).next().is_none();
-            if all_sent && !e.end_sent {
-                if let Some(c) = &e.close {
-                    e.end_sent = true;
-                    out.push(req(ship_request::Body::End(SessionEnd {
-                        session_id: id.clone(),
-                        close: Some(c.close.clone()),
-                        cause: c.cause.clone(),
-                        closed_unix_ms: c.closed_unix_ms,
-                    })));
-                    last = Some(id.clone());
-                }
+            if all_sent
+                && !e.end_sent
+                && let Some(c) = &e.close
+            {
+                e.end_sent = true;
+                out.push(req(ship_request::Body::End(SessionEnd {
+                    session_id: id.clone(),
+                    close: Some(c.close.clone()),
+                    cause: c.cause.clone(),
+                    closed_unix_ms: c.closed_unix_ms,
+                })));
+                last = Some(id.clone());
             }
         }
         cat.in_flight = in_flight;

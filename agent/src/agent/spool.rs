@@ -220,6 +220,8 @@ pub struct Index {
     /// Chunks met before their session's OPEN (possible after an OPEN was
     /// carried forward into a newer segment); attached when it turns up.
     orphans: BTreeMap<String, Vec<ChunkEntry>>,
+    /// Likewise for end records.
+    orphan_closes: BTreeMap<String, CloseRecord>,
 }
 
 /// One session's records in one segment.
@@ -312,6 +314,11 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
             }
         }
     }
+    for id in std::mem::take(&mut index.orphan_closes).keys() {
+        index
+            .problems
+            .push(format!("end record of session {id} whose start record is missing"));
+    }
     for (id, chunks) in std::mem::take(&mut index.orphans) {
         index.problems.push(format!(
             "{} chunks of session {id} whose start record is missing",
@@ -370,6 +377,9 @@ impl Index {
                         s.chunks.insert(at, c);
                     }
                 }
+                if let Some(close) = self.orphan_closes.remove(&id) {
+                    s.close.get_or_insert(close);
+                }
             }
             KIND_CHUNK => {
                 if payload.len() < 24 {
@@ -400,11 +410,12 @@ impl Index {
             KIND_CLOSE => {
                 let close: CloseRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
                 self.uses(loc.segment, &close.session_id).close = true;
-                let s = self
-                    .sessions
-                    .get_mut(&close.session_id)
-                    .ok_or_else(|| format!("close for unknown session {}", close.session_id))?;
-                s.close = Some(close);
+                match self.sessions.get_mut(&close.session_id) {
+                    Some(s) => s.close = Some(close),
+                    None => {
+                        self.orphan_closes.insert(close.session_id.clone(), close);
+                    }
+                }
             }
             k => return Err(format!("unknown record kind {k}")),
         }

@@ -16,6 +16,7 @@ use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use sessions::Row;
 use shelltrail_proto::v1::{GetSessionRequest, ListSessionsRequest, ReadChunksRequest, query_client::QueryClient};
+use std::error::Error;
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -70,7 +71,7 @@ impl Source {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let channel = rt
             .block_on(crate::agent::collector_channel(&ship))
-            .with_context(|| format!("connecting to the collector at {}", c.url))?;
+            .map_err(|e| collector_failure(&c.url, e.chain()))?;
         let client = QueryClient::new(channel).max_decoding_message_size(64 << 20);
         Ok(Source::Collector {
             rt,
@@ -88,9 +89,10 @@ impl Source {
                 }
                 Ok(index.sessions.values().map(sessions::from_spool).collect())
             }
-            Source::Collector { rt, client, .. } => {
+            Source::Collector { rt, client, url } => {
                 let resp = rt
-                    .block_on(client.list_sessions(ListSessionsRequest::default()))?
+                    .block_on(client.list_sessions(ListSessionsRequest::default()))
+                    .map_err(|s| status_failure(url, &s))?
                     .into_inner();
                 let mut rows: Vec<Row> = resp.sessions.iter().map(sessions::from_collector).collect();
                 rows.sort_by(|a, b| a.id.cmp(&b.id));
@@ -104,13 +106,14 @@ impl Source {
         if id.len() < 4 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
             bail!("{id:?} is not a session id (see `shelltrail sessions`)");
         }
-        if let Source::Collector { rt, client, .. } = self
+        if let Source::Collector { rt, client, url } = self
             && id.len() == 36
         {
             let info = rt
                 .block_on(client.get_session(GetSessionRequest {
                     session_id: id.to_string(),
                 }))
+                .map_err(|s| status_failure(url, &s))
                 .with_context(|| format!("session {id}"))?
                 .into_inner();
             return Ok(sessions::from_collector(&info));
@@ -141,15 +144,16 @@ impl Source {
                     .map(|c| Ok((c.seq, spool::read_chunk(dir, c.loc)?)))
                     .collect()
             }
-            Source::Collector { rt, client, .. } => rt.block_on(async {
+            Source::Collector { rt, client, url } => rt.block_on(async {
                 let req = ReadChunksRequest {
                     session_id: row.id.clone(),
                     from_seq: 0,
                     follow: false,
                 };
-                let mut stream = client.read_chunks(req).await?.into_inner();
+                let fail = |s: tonic::Status| status_failure(url, &s);
+                let mut stream = client.read_chunks(req).await.map_err(fail)?.into_inner();
                 let mut out = Vec::new();
-                while let Some(c) = stream.message().await? {
+                while let Some(c) = stream.message().await.map_err(fail)? {
                     out.push((c.seq, c.data));
                 }
                 Ok(out)
@@ -176,6 +180,75 @@ impl Source {
             buf: Vec::new(),
             pos: 0,
         })
+    }
+}
+
+/// A failed call to the collector, as a [`collector_failure`].
+fn status_failure(url: &str, status: &tonic::Status) -> anyhow::Error {
+    if status.source().is_none() {
+        // The collector answered: its own words are the clear ones ("no session ...").
+        return anyhow::anyhow!("the collector at {url}: {}", status.message());
+    }
+    let first: &(dyn Error + 'static) = status;
+    collector_failure(url, std::iter::successors(Some(first), |&e| e.source()))
+}
+
+/// Explains a failed exchange with the collector in words an operator can
+/// act on, from the error and its sources.
+///
+/// The result is plain text on purpose, not the underlying error chain: a
+/// collector that refuses this client's certificate says so only after a
+/// TLS 1.3 client considers the handshake done, so the first request fails
+/// with the collector's alert or, if the client was still writing, with a
+/// broken pipe, and `main` takes a broken pipe in the chain for a closed
+/// stdout (`shelltrail export | head`) and exits without a word.
+fn collector_failure<'a>(url: &str, chain: impl Iterator<Item = &'a (dyn Error + 'static)>) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let mut messages: Vec<String> = Vec::new();
+    let mut closed = false;
+    for e in chain {
+        let m = match e.downcast_ref::<tonic::Status>() {
+            // Its Display repeats every source in Debug form; they follow anyway.
+            Some(status) => status.message().to_string(),
+            None => e.to_string(),
+        };
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            closed |= matches!(
+                io.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+            );
+            // An io::Error's source() skips the error it wraps (rustls's, here).
+            if let Some(inner) = io.get_ref() {
+                messages.push(inner.to_string());
+            }
+        }
+        // hyper's words for a connection the peer closed under a request.
+        closed |= m == "connection closed";
+        if !m.is_empty() && !messages.contains(&m) {
+            messages.push(m);
+        }
+    }
+    let alert = messages.iter().filter(|m| m.contains("alert")).min_by_key(|m| m.len());
+    let untrusted = messages.iter().find(|m| m.contains("invalid peer certificate"));
+    let about_certificate = |m: &str| m.contains("Certificate") || m.contains("CA") || m.contains("AccessDenied");
+    if let Some(alert) = alert.filter(|a| about_certificate(a)) {
+        anyhow::anyhow!(
+            "the collector at {url} refused this client's TLS certificate ({alert}): use a certificate \
+             and key (--cert, --key) issued by the collector's client CA"
+        )
+    } else if let Some(alert) = alert {
+        anyhow::anyhow!("the collector at {url} refused the TLS connection ({alert})")
+    } else if let Some(bad) = untrusted {
+        anyhow::anyhow!("the collector at {url} presented a certificate that the CA in --ca does not vouch for ({bad})")
+    } else if closed {
+        anyhow::anyhow!(
+            "the collector at {url} closed the connection ({}); it does so at once when it does not accept \
+             this client's TLS certificate: use a certificate and key (--cert, --key) issued by the \
+             collector's client CA",
+            messages.last().map_or("", String::as_str)
+        )
+    } else {
+        anyhow::anyhow!("cannot talk to the collector at {url}: {}", messages.join(": "))
     }
 }
 
@@ -292,6 +365,33 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_certificate_is_explained_not_taken_for_a_closed_stdout() {
+        use std::error::Error;
+        use std::io::{Error as IoError, ErrorKind};
+        let url = "https://collector:7443";
+        // The collector closed the connection while the request was being written.
+        let pipe = IoError::new(ErrorKind::BrokenPipe, "stream closed because of a broken pipe");
+        let e = super::collector_failure(url, std::iter::once(&pipe as &(dyn Error + 'static)));
+        assert!(e.chain().all(|c| c.downcast_ref::<IoError>().is_none()), "{e:?}");
+        assert!(e.to_string().contains("--cert"), "{e}");
+        // The collector's alert arrived first.
+        let alert = IoError::new(ErrorKind::InvalidData, "received fatal alert: UnknownCA");
+        let e = super::collector_failure(url, std::iter::once(&alert as &(dyn Error + 'static)));
+        assert!(
+            e.to_string()
+                .contains("refused this client's TLS certificate (received fatal alert: UnknownCA)"),
+            "{e}"
+        );
+        // Other failures keep their own words.
+        let refused = IoError::new(ErrorKind::ConnectionRefused, "Connection refused");
+        let e = super::collector_failure(url, std::iter::once(&refused as &(dyn Error + 'static)));
+        assert_eq!(
+            e.to_string(),
+            "cannot talk to the collector at https://collector:7443: Connection refused"
+        );
+    }
+
     #[test]
     fn utc_formatting() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
