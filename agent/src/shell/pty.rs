@@ -9,6 +9,7 @@ use crate::shell::record::Event;
 use crate::shell::{Outcome, exit_code};
 use crate::sys;
 use anyhow::{Context, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use nix::unistd::Pid;
@@ -102,18 +103,12 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
     let pgid = Pid::from_raw(child.id() as i32);
 
     let progress = Arc::new(Progress::default());
-    let out_master = master.try_clone()?;
-    let out_events = events.clone();
-    let out_progress = progress.clone();
-    let output = std::thread::Builder::new()
-        .name("pty-output".into())
-        .spawn(move || pump_output(out_master, stdout, out_events, &out_progress))?;
-    let in_master = master.try_clone()?;
-    let in_events = events.clone();
-    std::thread::Builder::new()
-        .name("pty-input".into())
-        .spawn(move || pump_input(stdin, in_master, in_events, record_input))?;
-
+    let io = {
+        let (events, progress) = (events.clone(), progress.clone());
+        std::thread::Builder::new()
+            .name("pty-io".into())
+            .spawn(move || proxy(stdin, stdout, master, events, record_input, &progress))?
+    };
     let mut size = (cols, rows);
     let status = 'session: loop {
         for sig in signals.wait() {
@@ -153,7 +148,7 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
     // may hold the PTY open and never let EOF come, so stop once the output
     // has been quiet for a moment; past that, nothing more reaches the client.
     let exited = Instant::now();
-    while !output.is_finished() && exited.elapsed() < DRAIN_MAX {
+    while !io.is_finished() && exited.elapsed() < DRAIN_MAX {
         let last = progress.epoch + Duration::from_millis(progress.last_read.load(Ordering::Relaxed));
         if last.max(exited).elapsed() >= DRAIN_QUIET {
             break;
@@ -197,31 +192,151 @@ fn ms_since(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_millis() as u64
 }
 
-/// Copies PTY output to the terminal, then to the recorder: one blocking
-/// read and one write per burst, as a bare proxy does. Ends at EOF/EIO (every
-/// holder of the slave side closed it) or when the session is declared over.
-fn pump_output(master: File, mut out: File, events: SyncSender<Event>, progress: &Progress) {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut reader = &master;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        let now = Instant::now();
-        if progress.closed.load(Ordering::Relaxed) {
-            return;
+/// Output handed to the recorder in one piece at most this large: a burst of
+/// reads becomes one event, so the recorder thread is woken once per burst,
+/// not once per 4 KiB read.
+const COALESCE: usize = 64 << 10;
+
+/// The copy loop, both directions in one thread, as a bare proxy does it:
+/// one wake-up per keystroke echo, not one per thread.
+///
+/// Output is written to the user's terminal as soon as it is read, and
+/// handed to the recorder only when the burst ends (the next read would
+/// block) or [`COALESCE`] bytes are pending: the echo never waits for the
+/// recording, and busy output costs the recorder one event per burst.
+/// Input goes into the non-blocking master as it can; while some waits for
+/// room, no more is read from the user (flow control, not loss).
+fn proxy(
+    mut stdin: File,
+    mut out: File,
+    master: File,
+    events: SyncSender<Event>,
+    record_input: bool,
+    progress: &Progress,
+) {
+    let _ = nix::fcntl::fcntl(
+        master.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut buf = vec![0u8; 16 << 10];
+    let mut pending_out: Vec<u8> = Vec::with_capacity(COALESCE + buf.len());
+    let mut pending_at = Instant::now();
+    let mut pending_in: Vec<u8> = Vec::new();
+    let mut stdin_open = true;
+    let hand_on = |pending: &mut Vec<u8>, at: Instant| -> bool {
+        if pending.is_empty() {
+            return true;
         }
-        // A failed write means the client is gone; keep recording what the program says.
-        let _ = out.write_all(&buf[..n]);
-        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        progress
-            .last_read
-            .store(ms_since(progress.epoch, now), Ordering::Relaxed);
-        if events.send(Event::Output(now, buf[..n].to_vec())).is_err() {
-            return;
+        // A right-sized copy: the buffer keeps its capacity for the next burst.
+        let ok = events.send(Event::Output(at, pending.clone())).is_ok();
+        pending.clear();
+        ok
+    };
+    loop {
+        let in_flags = if stdin_open && pending_in.is_empty() {
+            PollFlags::POLLIN
+        } else {
+            PollFlags::empty()
+        };
+        let master_flags = if pending_in.is_empty() {
+            PollFlags::POLLIN
+        } else {
+            PollFlags::POLLIN | PollFlags::POLLOUT
+        };
+        let mut fds = [
+            PollFd::new(master.as_fd(), master_flags),
+            PollFd::new(stdin.as_fd(), in_flags),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        let master_ev = fds[0].revents().unwrap_or(PollFlags::POLLERR);
+        let stdin_ev = fds[1].revents().unwrap_or(PollFlags::empty());
+
+        // Output first: it carries the echo.
+        if master_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            loop {
+                match (&master).read(&mut buf) {
+                    Ok(0) => {
+                        hand_on(&mut pending_out, pending_at);
+                        return;
+                    }
+                    Ok(n) => {
+                        let now = Instant::now();
+                        if progress.closed.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        // A failed write means the client is gone; keep recording what the program says.
+                        let _ = out.write_all(&buf[..n]);
+                        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        progress
+                            .last_read
+                            .store(ms_since(progress.epoch, now), Ordering::Relaxed);
+                        if pending_out.is_empty() {
+                            pending_at = now;
+                        }
+                        pending_out.extend_from_slice(&buf[..n]);
+                        if pending_out.len() >= COALESCE && !hand_on(&mut pending_out, pending_at) {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // EIO: every holder of the slave side has closed it.
+                    Err(_) => {
+                        hand_on(&mut pending_out, pending_at);
+                        return;
+                    }
+                }
+            }
+            if !hand_on(&mut pending_out, pending_at) {
+                return;
+            }
+        }
+
+        if !pending_in.is_empty() && master_ev.contains(PollFlags::POLLOUT) {
+            match (&master).write(&pending_in) {
+                Ok(n) => {
+                    pending_in.drain(..n);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(_) => return,
+            }
+        }
+
+        if stdin_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    // The client is gone (sshd also sends SIGHUP): stop reading it,
+                    // keep copying and recording what the program still prints.
+                    stdin_open = false;
+                    continue;
+                }
+                Ok(n) => n,
+            };
+            let now = Instant::now();
+            // Read the slave's modes through the master before writing: the
+            // keystroke is judged by the state the program was in when it was typed.
+            let hidden = record_input && termios::tcgetattr(master.as_fd()).is_ok_and(|t| password_mode(&t));
+            match (&master).write(&buf[..n]) {
+                Ok(w) => pending_in.extend_from_slice(&buf[w..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    pending_in.extend_from_slice(&buf[..n])
+                }
+                Err(_) => return,
+            }
+            if record_input {
+                let ev = if hidden {
+                    Event::InputHidden(now)
+                } else {
+                    Event::Input(now, buf[..n].to_vec())
+                };
+                if events.send(ev).is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -234,33 +349,4 @@ fn pump_output(master: File, mut out: File, events: SyncSender<Event>, progress:
 /// tty audit skips input by the same rule.
 fn password_mode(t: &Termios) -> bool {
     t.local_flags.contains(LocalFlags::ICANON) && !t.local_flags.contains(LocalFlags::ECHO)
-}
-
-/// Copies the user's keystrokes into the PTY; records them only when asked,
-/// and never at a password prompt ([`password_mode`]).
-fn pump_input(mut stdin: File, master: File, events: SyncSender<Event>, record_input: bool) {
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        let n = match stdin.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let now = Instant::now();
-        // Read the slave's modes through the master before writing: the
-        // keystroke is judged by the state the program was in when it was typed.
-        let hidden = record_input && termios::tcgetattr(master.as_fd()).is_ok_and(|t| password_mode(&t));
-        if (&master).write_all(&buf[..n]).is_err() {
-            return;
-        }
-        if record_input {
-            let ev = if hidden {
-                Event::InputHidden(now)
-            } else {
-                Event::Input(now, buf[..n].to_vec())
-            };
-            if events.send(ev).is_err() {
-                return;
-            }
-        }
-    }
 }
