@@ -1,0 +1,211 @@
+//! Criterion micro-benchmarks of the recording data path:
+//!
+//! * `encode/*`: `shelltrail_cast::Encoder::output` over 4 KiB reads (what the
+//!   recorder thread does with each PTY read), in MB/s of terminal output.
+//! * `chunk/*`: `shelltrail_cast::Chunker` cutting 128 KiB chunks of encoded
+//!   asciicast at the default zstd level 3, in MB/s of encoded text; the
+//!   compression ratio is printed.
+//! * `spool/*`: the agent's spool `Writer` (group commit) fed ~1 KiB chunk
+//!   records by N concurrent producers that each wait for their record's
+//!   fdatasync; in chunks/s, with fsyncs per record printed.
+//!
+//! Run: `cargo bench -p shelltrail-benches --bench micro`
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use shelltrail::agent::spool::{self, Append, Stats, Writer};
+use shelltrail_benches::{mixed_text, random_bytes, utf8_text};
+use shelltrail_cast::{Chunker, Encoder};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Terminal output per iteration of the encode benchmarks.
+const ENCODE_BYTES: usize = 1 << 20;
+/// Bytes per PTY read.
+const READ: usize = 4096;
+/// The recorder's default chunk size and level.
+const CHUNK: usize = 128 << 10;
+const LEVEL: i32 = 3;
+
+fn inputs() -> [(&'static str, Vec<u8>); 3] {
+    [
+        ("ascii_escapes", mixed_text(ENCODE_BYTES, 1)),
+        ("utf8_heavy", utf8_text(ENCODE_BYTES, 2)),
+        ("random_bytes", random_bytes(ENCODE_BYTES, 3)),
+    ]
+}
+
+/// Encodes `data` as the recorder would: one `output` call per 4 KiB read,
+/// 1 ms apart.
+fn encode_all(enc: &mut Encoder, data: &[u8], out: &mut Vec<u8>, t0: &mut Duration) {
+    for read in data.chunks(READ) {
+        *t0 += Duration::from_millis(1);
+        enc.output(*t0, read, out);
+    }
+}
+
+fn encode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("encode");
+    for (name, data) in inputs() {
+        g.throughput(Throughput::Bytes(data.len() as u64));
+        let mut enc = Encoder::new();
+        let mut out = Vec::with_capacity(data.len() * 3);
+        let mut t = Duration::ZERO;
+        encode_all(&mut enc, &data, &mut out, &mut t);
+        println!(
+            "encode/{name}: {} bytes of output become {} bytes of asciicast ({:.2}x)",
+            data.len(),
+            out.len(),
+            out.len() as f64 / data.len() as f64
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                encode_all(&mut enc, black_box(&data), &mut out, &mut t);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn chunk(c: &mut Criterion) {
+    let mut g = c.benchmark_group("chunk");
+    // The default level on the three inputs, then two faster levels on the
+    // terminal-like text, to show what a cheaper setting would cost in size.
+    let cases: [(&str, &str, i32); 5] = [
+        ("ascii_escapes", "ascii_escapes", LEVEL),
+        ("utf8_heavy", "utf8_heavy", LEVEL),
+        ("random_bytes", "random_bytes", LEVEL),
+        ("ascii_escapes_level_1", "ascii_escapes", 1),
+        ("ascii_escapes_level_-1", "ascii_escapes", -1),
+    ];
+    let mut encoded_by_input = std::collections::HashMap::new();
+    for (id, input, level) in cases {
+        // 8 MiB of encoded asciicast to cut 128 KiB chunks from, in turn.
+        let encoded: &Vec<u8> = encoded_by_input.entry(input).or_insert_with(|| {
+            let mut enc = Encoder::new();
+            let mut encoded = Vec::new();
+            let mut t = Duration::ZERO;
+            let mut seed = 10;
+            while encoded.len() < 8 << 20 {
+                let more = match input {
+                    "ascii_escapes" => mixed_text(ENCODE_BYTES, seed),
+                    "utf8_heavy" => utf8_text(ENCODE_BYTES, seed),
+                    _ => random_bytes(ENCODE_BYTES, seed),
+                };
+                seed += 1;
+                encode_all(&mut enc, &more, &mut encoded, &mut t);
+            }
+            encoded
+        });
+        let pieces: Vec<&[u8]> = encoded.chunks(CHUNK).filter(|p| p.len() == CHUNK).collect();
+
+        // The ratio, over every piece once.
+        let mut chunker = Chunker::new("00000000-0000-7000-8000-000000000000", level);
+        let (mut raw, mut packed) = (0usize, 0usize);
+        for p in &pieces {
+            chunker.buffer().extend_from_slice(p);
+            let ch = chunker.cut(0, 1).expect("a chunk");
+            raw += p.len();
+            packed += ch.bytes.len();
+        }
+        println!(
+            "chunk/{id}: 128 KiB chunks at level {level}: {raw} -> {packed} bytes, ratio {:.2}:1 ({:.1}% of the encoded size)",
+            raw as f64 / packed as f64,
+            100.0 * packed as f64 / raw as f64
+        );
+
+        g.throughput(Throughput::Bytes(CHUNK as u64));
+        let mut i = 0;
+        g.bench_function(id, |b| {
+            b.iter(|| {
+                let p = pieces[i % pieces.len()];
+                i += 1;
+                chunker.buffer().extend_from_slice(p);
+                black_box(chunker.cut(0, 1).map(|c| c.bytes.len()))
+            })
+        });
+    }
+    g.finish();
+}
+
+/// N producers, each appending `per` chunk records and waiting for each one's
+/// fdatasync before sending the next, as a session's ack window of one would.
+/// Returns the number of records written (`total` rounded up to a multiple of N).
+fn spool_round(tx: &std::sync::mpsc::Sender<Append>, producers: u64, total: u64, body: &[u8]) -> u64 {
+    let per = total.div_ceil(producers).max(1);
+    std::thread::scope(|s| {
+        for p in 0..producers {
+            let tx = tx.clone();
+            s.spawn(move || {
+                let id = uuid::Uuid::from_u64_pair(0x0190_0000_0000_7000, p);
+                for seq in 0..per {
+                    let (done, wait) = tokio::sync::oneshot::channel();
+                    tx.send(Append {
+                        body: spool::chunk_body(&id, seq, body),
+                        done,
+                    })
+                    .expect("writer running");
+                    wait.blocking_recv().expect("writer answers").expect("append ok");
+                }
+            });
+        }
+    });
+    per * producers
+}
+
+fn spool_writes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("spool");
+    // A ~1 KiB record: what a compressed chunk of an interactive session weighs.
+    let body = random_bytes(1000, 4);
+    for producers in [1u64, 16, 256] {
+        // On the real disk (the spool's), not tmpfs: fdatasync must cost what it costs.
+        let dir = tempfile::Builder::new()
+            .prefix("shelltrail-spool-bench-")
+            .tempdir_in(std::env::temp_dir())
+            .expect("tempdir");
+        let stats = Arc::new(Stats::default());
+        let writer = Writer::create(dir.path(), 0, 64 << 20, stats.clone()).expect("writer");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(rx));
+        g.throughput(Throughput::Elements(1));
+        g.bench_with_input(BenchmarkId::new("producers", producers), &producers, |b, &n| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                let done = spool_round(&tx, n, iters, &body);
+                // Scaled to `iters` records, as criterion divides by `iters`.
+                t.elapsed().mul_f64(iters as f64 / done as f64)
+            })
+        });
+        drop(tx);
+        let _ = thread.join();
+        let records = stats.records.load(Ordering::Relaxed);
+        let fsyncs = stats.fsyncs.load(Ordering::Relaxed);
+        if records == 0 {
+            continue; // filtered out
+        }
+        println!(
+            "spool/producers/{producers}: {records} records in {fsyncs} group commits: {:.3} fsyncs per record ({:.1} records per fsync)",
+            fsyncs as f64 / records.max(1) as f64,
+            records as f64 / fsyncs.max(1) as f64
+        );
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(20)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = encode, chunk, spool_writes
+}
+criterion_main!(benches);
