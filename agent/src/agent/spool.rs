@@ -519,18 +519,17 @@ impl Writer {
         }
     }
 
+    /// Writes a batch: segments roll over inside a batch too, so no segment
+    /// grows much past `segment_bytes` (a closed segment is what shipping can
+    /// delete; a cap only drains if segments stay small).
     fn commit(&mut self, batch: &[Append], buf: &mut Vec<u8>) -> Result<Vec<Loc>, SpoolError> {
-        if self.len >= self.segment_bytes {
-            let (file, segment) = new_segment(&self.dir, self.segment + 1)?;
-            self.stats.active_segment.store(segment, Ordering::Relaxed);
-            self.file = file;
-            self.segment = segment;
-            self.len = MAGIC.len() as u64;
-            self.stats.total_bytes.fetch_add(self.len, Ordering::Relaxed);
-        }
         buf.clear();
         let mut locs = Vec::with_capacity(batch.len());
         for a in batch {
+            if self.len + buf.len() as u64 >= self.segment_bytes {
+                self.flush(buf)?;
+                self.rotate()?;
+            }
             let body_len = a.body.len() as u32;
             locs.push(Loc {
                 segment: self.segment,
@@ -541,20 +540,41 @@ impl Writer {
             buf.extend_from_slice(&crc32fast::hash(&a.body).to_le_bytes());
             buf.extend_from_slice(&a.body);
         }
-        let path = self.dir.join(segment_name(self.segment));
+        self.flush(buf)?;
+        self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(locs)
+    }
+
+    /// Appends `buf` to the active segment and makes it durable. On failure
+    /// no partial write is left behind (a full disk must not corrupt the
+    /// log): the file is cut back to its last durable length. If an earlier
+    /// part of the batch already went to a previous segment, it is durable
+    /// but unacknowledged; the recorder resends it and readers keep one copy.
+    fn flush(&mut self, buf: &mut Vec<u8>) -> Result<(), SpoolError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let written = self.file.write_all(buf).and_then(|_| self.file.sync_data());
         if let Err(e) = written {
-            // Leave no partial batch behind (a full disk must not corrupt the
-            // log): cut back to the last durable length.
             let _ = self.file.set_len(self.len);
             let _ = self.file.seek(SeekFrom::Start(self.len));
-            return Err(io_err(&path, e));
+            return Err(io_err(&self.dir.join(segment_name(self.segment)), e));
         }
         self.len += buf.len() as u64;
         self.stats.total_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        Ok(locs)
+        buf.clear();
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), SpoolError> {
+        let (file, segment) = new_segment(&self.dir, self.segment + 1)?;
+        self.stats.active_segment.store(segment, Ordering::Relaxed);
+        self.file = file;
+        self.segment = segment;
+        self.len = MAGIC.len() as u64;
+        self.stats.total_bytes.fetch_add(self.len, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -748,5 +768,39 @@ mod tests {
             }
         );
         assert!(ix.segments[&2][&id.to_string()].open);
+    }
+
+    #[test]
+    fn segments_roll_over_inside_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let w = Writer::create(dir.path(), 0, 1 << 20, stats.clone()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let id = uuid::Uuid::now_v7();
+        let mut waits = Vec::new();
+        // 3.2 MiB queued before the writer runs: one batch.
+        for seq in 0..25u64 {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            tx.send(Append {
+                body: chunk_body(&id, seq, &[1u8; 128 << 10]),
+                done,
+            })
+            .unwrap();
+            waits.push(wait);
+        }
+        drop(tx);
+        w.run(rx);
+        let segs: Vec<Loc> = waits.into_iter().map(|w| w.blocking_recv().unwrap().unwrap()).collect();
+        assert!(segs.last().unwrap().segment >= 4, "{:?}", segs.last());
+        for id in segments(dir.path()).unwrap() {
+            let len = std::fs::metadata(dir.path().join(segment_name(id))).unwrap().len();
+            assert!(len < (1 << 20) + (129 << 10), "segment {id} is {len} bytes");
+        }
+        let ix = scan(dir.path(), false).unwrap();
+        assert!(
+            ix.problems.iter().all(|p| p.contains("start record is missing")),
+            "{:?}",
+            ix.problems
+        );
     }
 }
