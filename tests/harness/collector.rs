@@ -28,7 +28,7 @@
 
 use crate::faultproxy::FaultProxy;
 use crate::proc::{Output, Running, poll_until, run, run_ok};
-use crate::world::{SessionRow, set_mode};
+use crate::world::{SessionRow, local_recorder, sessions_json, set_mode};
 use crate::{TIMEOUT, bin_dir, strip_ansi};
 use std::fs::File;
 use std::net::SocketAddr;
@@ -599,18 +599,7 @@ impl Host {
 
     /// `shelltrail-shell --config CONFIG -c COMMAND`, outside any SSH session.
     pub fn recorder(&self, command: &str) -> Command {
-        let mut c = Command::new(bin_dir().join("shelltrail-shell"));
-        c.arg("--config").arg(&self.config).arg("-c").arg(command);
-        for v in [
-            "SSH_CONNECTION",
-            "SSH_CLIENT",
-            "SSH_TTY",
-            "SSH_ORIGINAL_COMMAND",
-            "SSH_USER_AUTH",
-        ] {
-            c.env_remove(v);
-        }
-        c
+        local_recorder(&bin_dir().join("shelltrail-shell"), &self.config, command)
     }
 
     /// Runs `script` as a recorded session to its end; checks that the
@@ -647,9 +636,7 @@ impl Host {
 
     /// `shelltrail sessions --json` on this host's spool.
     pub fn sessions(&self) -> Vec<SessionRow> {
-        let out = run_ok(self.cli(&["sessions", "--json"]), TIMEOUT);
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("sessions --json (spool) is not the expected JSON: {e}; {out}"))
+        sessions_json(self.cli(&["sessions", "--json"]))
     }
 
     /// The spool's session that ran `script`.

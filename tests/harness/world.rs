@@ -330,9 +330,7 @@ impl World {
 
     /// `shelltrail sessions --json`, parsed.
     pub fn sessions(&self) -> Vec<SessionRow> {
-        let out = run_ok(self.cli(&["sessions", "--json"]), TIMEOUT);
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("sessions --json is not the expected JSON: {e}; {out}"))
+        sessions_json(self.cli(&["sessions", "--json"]))
     }
 
     /// The session with this id.
@@ -456,18 +454,7 @@ impl World {
     /// The recorder run directly, as root, outside any SSH session (sshd's
     /// variables removed): a session that reaches the agent without sshd.
     pub fn local_recorder(&self, command: &str) -> Command {
-        let mut c = Command::new(&self.shell_bin);
-        c.arg("--config").arg(&self.config).arg("-c").arg(command);
-        for v in [
-            "SSH_CONNECTION",
-            "SSH_CLIENT",
-            "SSH_TTY",
-            "SSH_ORIGINAL_COMMAND",
-            "SSH_USER_AUTH",
-        ] {
-            c.env_remove(v);
-        }
-        c
+        local_recorder(&self.shell_bin, &self.config, command)
     }
 
     /// Prints the logs; used when a test fails.
@@ -548,4 +535,28 @@ pub fn fingerprint(public_key: &Path) -> String {
         .nth(1)
         .unwrap_or_else(|| panic!("unexpected ssh-keygen -l output: {out}"))
         .to_string()
+}
+
+/// `shelltrail-shell --config CONFIG -c COMMAND` outside any SSH session
+/// (sshd's variables removed): a recorded session without sshd.
+pub fn local_recorder(shell_bin: &Path, config: &Path, command: &str) -> Command {
+    let mut c = Command::new(shell_bin);
+    c.arg("--config").arg(config).arg("-c").arg(command);
+    for v in [
+        "SSH_CONNECTION",
+        "SSH_CLIENT",
+        "SSH_TTY",
+        "SSH_ORIGINAL_COMMAND",
+        "SSH_USER_AUTH",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// Runs a `shelltrail ... sessions --json` command and parses its rows.
+pub fn sessions_json(cmd: Command) -> Vec<SessionRow> {
+    let out = run_ok(cmd, TIMEOUT);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("sessions --json is not the expected JSON: {e}; {out}"))
 }
