@@ -361,7 +361,10 @@ impl Chunker {
         if self.compressor.compress_to_buffer(raw, &mut cursor).is_err() {
             return None;
         }
-        let bytes = cursor.into_inner();
+        let mut bytes = cursor.into_inner();
+        // The buffer was sized for incompressible input; a chunk may wait in
+        // memory until it is acknowledged, so give back what compression saved.
+        bytes.shrink_to_fit();
 
         let hash = hash(&bytes);
         let chunk = Chunk {

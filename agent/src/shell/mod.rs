@@ -185,6 +185,7 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     };
     // Bounded: if the recorder falls behind, output waits rather than memory growing.
     let (ev_tx, ev_rx) = mpsc::sync_channel(256);
+    let (recycle_tx, recycle_rx) = mpsc::sync_channel(4);
     let link_guard = link_tx.clone();
     let recorder = {
         let settings = record::Settings {
@@ -197,13 +198,13 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
         let recorder_budget = budget.clone();
         std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || record::run(&id, header, start, settings, ev_rx, link_tx, recorder_budget))?
+            .spawn(move || record::run(&id, header, start, settings, ev_rx, recycle_tx, link_tx, recorder_budget))?
     };
 
     let mut cmd = std::process::Command::new(&plan.program);
     cmd.arg0(&plan.arg0).args(&plan.args);
     let outcome = if tty && plan.transfer.is_none() {
-        pty::run(cmd, ev_tx.clone(), record_input)?
+        pty::run(cmd, ev_tx.clone(), recycle_rx, record_input)?
     } else {
         pipes::run(cmd, ev_tx.clone(), record_input, summarise.map(|t| t.name()))?
     };

@@ -23,7 +23,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
 /// After the child exits, output still arriving is copied until the PTY has
@@ -60,7 +60,14 @@ pub fn outer_size() -> (u16, u16) {
 }
 
 /// Runs `cmd` on a new PTY and proxies it to stdin/stdout until it exits.
-pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> Result<Outcome> {
+/// Runs `cmd` on a new PTY and proxies it until it exits; output goes to
+/// `events`, and spent output buffers come back on `recycled`.
+pub fn run(
+    mut cmd: Command,
+    events: SyncSender<Event>,
+    recycled: Receiver<Vec<u8>>,
+    record_input: bool,
+) -> Result<Outcome> {
     let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let stdout = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
     let (cols, rows) = outer_size();
@@ -107,7 +114,7 @@ pub fn run(mut cmd: Command, events: SyncSender<Event>, record_input: bool) -> R
         let (events, progress) = (events.clone(), progress.clone());
         std::thread::Builder::new()
             .name("pty-io".into())
-            .spawn(move || proxy(stdin, stdout, master, events, record_input, &progress))?
+            .spawn(move || proxy(stdin, stdout, master, events, recycled, record_input, &progress))?
     };
     let mut size = (cols, rows);
     let status = 'session: loop {
@@ -192,25 +199,41 @@ fn ms_since(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_millis() as u64
 }
 
-/// Output handed to the recorder in one piece at most this large: a burst of
-/// reads becomes one event, so the recorder thread is woken once per burst,
-/// not once per 4 KiB read.
-const COALESCE: usize = 64 << 10;
+/// Output is read into a burst buffer this large, written to the user's
+/// terminal from it and then handed to the recorder as it is: one event (one
+/// wake-up of the recorder thread) per burst, not per 4 KiB PTY read, and no
+/// copy of the bytes on the way.
+const BURST: usize = 64 << 10;
+
+/// While output keeps coming, it is written to the terminal once this much
+/// is unwritten: a few PTY reads' worth, so the terminal gets a quarter as
+/// many writes (each one a wake-up of the kernel's tty flush work) while the
+/// bytes wait at most three extra back-to-back reads. A burst that ends
+/// (the next read would block), such as an echo, is written at once.
+const WRITE_AT: usize = 16 << 10;
+
+/// A burst buffer: the recorder's recycled one if it has sent one back, else
+/// a new one. Only its length is reset; the contents are overwritten.
+fn burst_buffer(recycled: &Receiver<Vec<u8>>) -> Vec<u8> {
+    let mut b = recycled.try_recv().unwrap_or_default();
+    b.resize(BURST, 0);
+    b
+}
 
 /// The copy loop, both directions in one thread, as a bare proxy does it:
 /// one wake-up per keystroke echo, not one per thread.
 ///
-/// Output is written to the user's terminal as soon as it is read, and
-/// handed to the recorder only when the burst ends (the next read would
-/// block) or [`COALESCE`] bytes are pending: the echo never waits for the
-/// recording, and busy output costs the recorder one event per burst.
-/// Input goes into the non-blocking master as it can; while some waits for
-/// room, no more is read from the user (flow control, not loss).
+/// Output is written to the user's terminal before the recorder sees it
+/// (see [`BURST`] and [`WRITE_AT`]): the echo never waits for the recording,
+/// and busy output costs the recorder one event per burst. Input goes into
+/// the non-blocking master as it can; while some waits for room, no more is
+/// read from the user (flow control, not loss).
 fn proxy(
     mut stdin: File,
     mut out: File,
     master: File,
     events: SyncSender<Event>,
+    recycled: Receiver<Vec<u8>>,
     record_input: bool,
     progress: &Progress,
 ) {
@@ -219,18 +242,25 @@ fn proxy(
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     );
     let mut buf = vec![0u8; 16 << 10];
-    let mut pending_out: Vec<u8> = Vec::with_capacity(COALESCE + buf.len());
-    let mut pending_at = Instant::now();
+    let mut burst = burst_buffer(&recycled);
     let mut pending_in: Vec<u8> = Vec::new();
     let mut stdin_open = true;
-    let hand_on = |pending: &mut Vec<u8>, at: Instant| -> bool {
-        if pending.is_empty() {
+    // Writes burst[written..filled] to the terminal, then, when `hand_on`,
+    // sends burst[..filled] to the recorder and starts a fresh buffer.
+    // False when the recorder is gone.
+    let mut flush = |burst: &mut Vec<u8>, written: &mut usize, filled: &mut usize, at: Instant, hand_on: bool| {
+        if *written < *filled {
+            let _ = out.write_all(&burst[*written..*filled]);
+            *written = *filled;
+        }
+        if !hand_on || *filled == 0 {
             return true;
         }
-        // A right-sized copy: the buffer keeps its capacity for the next burst.
-        let ok = events.send(Event::Output(at, pending.clone())).is_ok();
-        pending.clear();
-        ok
+        let mut full = std::mem::replace(burst, burst_buffer(&recycled));
+        full.truncate(*filled);
+        *written = 0;
+        *filled = 0;
+        events.send(Event::Output(at, full)).is_ok()
     };
     loop {
         let in_flags = if stdin_open && pending_in.is_empty() {
@@ -255,43 +285,48 @@ fn proxy(
         let master_ev = fds[0].revents().unwrap_or(PollFlags::POLLERR);
         let stdin_ev = fds[1].revents().unwrap_or(PollFlags::empty());
 
-        // Output first: it carries the echo.
         if master_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            let (mut written, mut filled) = (0, 0);
+            let mut at = Instant::now();
             loop {
-                match (&master).read(&mut buf) {
+                match (&master).read(&mut burst[filled..]) {
                     Ok(0) => {
-                        hand_on(&mut pending_out, pending_at);
+                        flush(&mut burst, &mut written, &mut filled, at, true);
                         return;
                     }
                     Ok(n) => {
                         let now = Instant::now();
+                        // The session owner gave up draining (a background job
+                        // holds the slave open): stop here.
                         if progress.closed.load(Ordering::Relaxed) {
                             return;
                         }
-                        // A failed write means the client is gone; keep recording what the program says.
-                        let _ = out.write_all(&buf[..n]);
+                        if filled == 0 {
+                            at = now;
+                        }
+                        filled += n;
                         progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
                         progress
                             .last_read
                             .store(ms_since(progress.epoch, now), Ordering::Relaxed);
-                        if pending_out.is_empty() {
-                            pending_at = now;
-                        }
-                        pending_out.extend_from_slice(&buf[..n]);
-                        if pending_out.len() >= COALESCE && !hand_on(&mut pending_out, pending_at) {
+                        // Keep room for a whole PTY read (the line discipline
+                        // hands out at most 4 KiB at a time).
+                        let full = BURST - filled < 4096;
+                        if (full || filled - written >= WRITE_AT)
+                            && !flush(&mut burst, &mut written, &mut filled, at, full)
+                        {
                             return;
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    // EIO: every holder of the slave side has closed it.
                     Err(_) => {
-                        hand_on(&mut pending_out, pending_at);
+                        flush(&mut burst, &mut written, &mut filled, at, true);
                         return;
                     }
                 }
             }
-            if !hand_on(&mut pending_out, pending_at) {
+            if !flush(&mut burst, &mut written, &mut filled, at, true) {
                 return;
             }
         }

@@ -10,7 +10,7 @@ use shelltrail_cast::asciicast::{Encoder, Header};
 use shelltrail_cast::chunk::Chunker;
 use shelltrail_proto::v1::Close;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
 /// What the copy loops and the session owner tell the recorder.
@@ -24,6 +24,10 @@ pub enum Event {
     /// The session is over; `close` is completed with the chunk numbers here.
     Exit(Instant, i32, Close),
 }
+
+/// Spent output buffers go back to the copy loop on this channel, so a busy
+/// session reuses a few buffers instead of allocating one per burst.
+pub type Recycle = SyncSender<Vec<u8>>;
 
 pub struct Settings {
     pub chunk_bytes: usize,
@@ -40,12 +44,16 @@ pub fn run(
     start: Instant,
     settings: Settings,
     rx: Receiver<Event>,
+    recycle: Recycle,
     link: Sender<ToLink>,
     budget: Arc<Budget>,
 ) -> Vec<u64> {
     let mut enc = Encoder::new();
     let mut chunker = Chunker::new(session_id, settings.compression_level);
     let mut lost = Vec::new();
+    // Room for a whole chunk plus the event that tips it over, once, instead
+    // of doubling into a buffer twice the chunk size.
+    chunker.buffer().reserve_exact(settings.chunk_bytes + (256 << 10));
     enc.header(&header, chunker.buffer());
     // The header goes out at once: the agent knows the session's shape even
     // if the recorder is killed a moment later.
@@ -80,7 +88,11 @@ pub fn run(
             let rel = t.saturating_duration_since(start);
             let buf = chunker.buffer();
             match ev {
-                Event::Output(_, data) => enc.output(rel, &data, buf),
+                Event::Output(_, data) => {
+                    enc.output(rel, &data, buf);
+                    // Full or gone: the buffer is simply freed.
+                    let _ = recycle.try_send(data);
+                }
                 Event::Input(_, data) => {
                     hidden = false;
                     enc.input(rel, &data, buf)
