@@ -152,7 +152,7 @@ impl Default for ShellConfig {
             require_reason: false,
             on_agent_unavailable: Unavailable::Deny,
             buffer_bytes: 64 << 20,
-            chunk_bytes: 128 << 10,
+            chunk_bytes: 512 << 10,
             chunk_interval_ms: 100,
             compression_level: 3,
             close_timeout_secs: 10,

@@ -47,7 +47,7 @@ use crate::store::{AppendOutcome, ListFilter, Position, StateFilter, Store, Stor
 use crate::tls::host_from_certificate;
 
 /// Largest message the collector decodes: a bigger one ends its stream with
-/// `RESOURCE_EXHAUSTED`. Chunks are cut at 128 KiB by default.
+/// `RESOURCE_EXHAUSTED`. Chunks are cut at 512 KiB by default.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// The first message (AgentHello) must come within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
