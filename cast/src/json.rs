@@ -41,22 +41,34 @@ const fn lanes(b: u8) -> u64 {
     0x0101_0101_0101_0101u64 * b as u64
 }
 
-/// Whether any of the eight bytes in `w` needs an escape: a control byte
-/// (< 0x20), a quote or a backslash.
+/// Marks the bytes of `w` that need an escape: a control byte (< 0x20), a
+/// quote or a backslash, each as the high bit of its lane.
 ///
 /// These are the classic "has a byte less than n" / "has a zero byte" bit
-/// tricks. They can misreport *which* lane matched (borrows propagate
-/// upwards), but never whether some lane did, and that is all we need: a hit
-/// only sends the eight bytes to the exact per-byte loop.
+/// tricks. A borrow can propagate upwards and mark a lane above a real match
+/// too, but never below one: the lowest marked lane is always a real match,
+/// and a word with no match has no mark at all. So the scan below jumps
+/// straight to the lowest mark, escapes that byte and rescans from there.
 #[inline]
-fn needs_escape(w: u64) -> bool {
+fn escape_marks(w: u64) -> u64 {
     const HIGH: u64 = lanes(0x80);
     let less_than_space = w.wrapping_sub(lanes(0x20)) & !w & HIGH;
     let q = w ^ lanes(b'"');
     let quote = q.wrapping_sub(lanes(1)) & !q & HIGH;
     let b = w ^ lanes(b'\\');
     let backslash = b.wrapping_sub(lanes(1)) & !b & HIGH;
-    (less_than_space | quote | backslash) != 0
+    less_than_space | quote | backslash
+}
+
+/// Appends the escape for byte `b`, which needs one.
+#[inline]
+fn push_escape(b: u8, out: &mut Vec<u8>) {
+    let e = ESCAPE[b as usize];
+    if e == b'u' {
+        out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+    } else {
+        out.extend_from_slice(&[b'\\', e]);
+    }
 }
 
 /// Appends `s` to `out` as a quoted JSON string.
@@ -74,32 +86,28 @@ pub fn escape_into(s: &str, out: &mut Vec<u8>) {
 
     let mut start = 0; // first byte not yet copied to `out`
     let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let marks = escape_marks(u64::from_le_bytes(w));
+        if marks == 0 {
+            i += 8;
+            continue;
+        }
+        let at = i + (marks.trailing_zeros() / 8) as usize;
+        out.extend_from_slice(&bytes[start..at]);
+        push_escape(bytes[at], out);
+        start = at + 1;
+        i = at + 1;
+    }
+    // The tail, shorter than a word.
     while i < bytes.len() {
-        // Fast skip over clean 8-byte words.
-        if let Some(word) = bytes.get(i..i + 8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            if !needs_escape(u64::from_le_bytes(w)) {
-                i += 8;
-                continue;
-            }
+        if ESCAPE[bytes[i] as usize] != 0 {
+            out.extend_from_slice(&bytes[start..i]);
+            push_escape(bytes[i], out);
+            start = i + 1;
         }
-        // Exact check of up to eight bytes (fewer at the tail).
-        let end = (i + 8).min(bytes.len());
-        while i < end {
-            let b = bytes[i];
-            let e = ESCAPE[b as usize];
-            if e != 0 {
-                out.extend_from_slice(&bytes[start..i]);
-                if e == b'u' {
-                    out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
-                } else {
-                    out.extend_from_slice(&[b'\\', e]);
-                }
-                start = i + 1;
-            }
-            i += 1;
-        }
+        i += 1;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -108,6 +116,7 @@ pub fn escape_into(s: &str, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::collection::vec;
     use proptest::prelude::*;
 
     fn esc(s: &str) -> String {
@@ -159,6 +168,21 @@ mod tests {
         #[test]
         fn matches_serde_json(s in any::<String>()) {
             prop_assert_eq!(esc(&s), serde_json::to_string(&s).unwrap());
+        }
+
+        #[test]
+        fn lowest_mark_is_a_real_match(word in any::<[u8; 8]>(), pick in vec(0usize..8, 0..4), special in vec(prop_oneof![0u8..0x20, Just(b'"'), Just(b'\\')], 4)) {
+            // Random words rarely hold a byte that needs escaping: plant some.
+            let mut w = word;
+            for (&at, &b) in pick.iter().zip(&special) {
+                w[at] = b;
+            }
+            let marks = escape_marks(u64::from_le_bytes(w));
+            let first = w.iter().position(|&b| ESCAPE[b as usize] != 0);
+            match first {
+                None => prop_assert_eq!(marks, 0),
+                Some(at) => prop_assert_eq!((marks.trailing_zeros() / 8) as usize, at),
+            }
         }
 
         #[test]
