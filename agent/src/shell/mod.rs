@@ -196,9 +196,14 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
         };
         let id = meta.session_id.clone();
         let recorder_budget = budget.clone();
+        let channels = record::Channels {
+            rx: ev_rx,
+            recycle: recycle_tx,
+            link: link_tx,
+        };
         std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || record::run(&id, header, start, settings, ev_rx, recycle_tx, link_tx, recorder_budget))?
+            .spawn(move || record::run(&id, header, start, settings, channels, recorder_budget))?
     };
 
     let mut cmd = std::process::Command::new(&plan.program);

@@ -29,6 +29,13 @@ pub enum Event {
 /// session reuses a few buffers instead of allocating one per burst.
 pub type Recycle = SyncSender<Vec<u8>>;
 
+/// The recorder's channels: events in, spent buffers back, chunks out.
+pub struct Channels {
+    pub rx: Receiver<Event>,
+    pub recycle: Recycle,
+    pub link: Sender<ToLink>,
+}
+
 pub struct Settings {
     pub chunk_bytes: usize,
     pub chunk_interval: Duration,
@@ -43,11 +50,10 @@ pub fn run(
     header: Header,
     start: Instant,
     settings: Settings,
-    rx: Receiver<Event>,
-    recycle: Recycle,
-    link: Sender<ToLink>,
+    channels: Channels,
     budget: Arc<Budget>,
 ) -> Vec<u64> {
+    let Channels { rx, recycle, link } = channels;
     let mut enc = Encoder::new();
     let mut chunker = Chunker::new(session_id, settings.compression_level);
     let mut lost = Vec::new();
