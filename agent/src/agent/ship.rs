@@ -21,9 +21,11 @@
 //!   segments kept, the reason logged and listed.
 //!
 //! ## Fairness
-//! Sessions are served round-robin, a few chunks per turn, within a bounded
-//! window of unacknowledged bytes: after an outage the backlog drains at full
-//! speed while live sessions still get their turn every round.
+//! Live sessions (little waiting) go first in every batch; the backlog an
+//! outage leaves is served round-robin, a megabyte per session per turn, in a
+//! smaller share of the window of unacknowledged bytes. So after an outage
+//! the backlog drains at full speed while a live session's chunks wait only
+//! behind the few megabytes of backlog already in flight, not behind a round.
 
 use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, SegmentUse, Stats};
 use crate::config::ShipConfig;
@@ -42,8 +44,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Unacknowledged bytes in flight to the collector, over all sessions.
 const WINDOW: u64 = 16 << 20;
-/// Chunks one session may send per round-robin turn.
-const PER_TURN: usize = 8;
+/// Of the window, what the backlog may use: the rest is for live sessions.
+const BACKLOG_WINDOW: u64 = 4 << 20;
+/// A session with at most this much waiting to be sent is live.
+const LIVE_BYTES: u64 = 256 << 10;
+/// Bytes a backlogged session may send per round-robin turn (at least one chunk).
+const TURN_BYTES: u64 = 1 << 20;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -70,6 +76,19 @@ struct Entry {
 }
 
 impl Entry {
+    /// Bytes of chunks not yet sent, counted up to `limit` (enough to tell
+    /// a live session from a backlog without walking the whole backlog).
+    fn waiting_bytes(&self, limit: u64) -> u64 {
+        let mut n = 0;
+        for loc in self.chunks.range(self.next_to_send..).map(|(_, l)| l) {
+            n += u64::from(loc.body_len);
+            if n >= limit {
+                break;
+            }
+        }
+        n
+    }
+
     fn new(open: OpenRecord) -> Entry {
         Entry {
             open,
@@ -350,85 +369,112 @@ impl Shipper {
         }
     }
 
+    /// The next requests to send: live sessions first, then the backlog.
+    ///
+    /// A session with little waiting ([`LIVE_BYTES`]) is live: all of it goes
+    /// out in every batch, up to the whole [`WINDOW`]. Sessions with more
+    /// waiting (the backlog an outage left) are served round-robin,
+    /// [`TURN_BYTES`] per turn, and only while less than [`BACKLOG_WINDOW`]
+    /// is in flight. The stream is ordered, so a live chunk waits behind
+    /// whatever was sent before it: capping the backlog in flight caps that
+    /// wait to what the collector commits in a fraction of a second.
     fn next_batch(&self) -> Result<Vec<ShipRequest>> {
-        let mut cat = self.lock();
+        let mut guard = self.lock();
+        let cat = &mut *guard;
         let mut out = Vec::new();
-        let ids: Vec<String> = match &cat.cursor {
-            Some(c) => {
-                let c = c.clone();
-                cat.sessions
-                    .range::<String, _>((std::ops::Bound::Excluded(&c), std::ops::Bound::Unbounded))
-                    .chain(cat.sessions.range::<String, _>(..=&c))
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            }
-            None => cat.sessions.keys().cloned().collect(),
-        };
         let mut in_flight = cat.in_flight;
-        let mut last = None;
-        for id in ids {
+        for (id, e) in cat.sessions.iter_mut() {
             if in_flight >= WINDOW {
                 break;
             }
+            if e.waiting_bytes(LIVE_BYTES + 1) <= LIVE_BYTES {
+                self.serve(id, e, u64::MAX, &mut in_flight, &mut out)?;
+            }
+        }
+        let ids: Vec<String> = match &cat.cursor {
+            Some(c) => cat
+                .sessions
+                .range::<String, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                .chain(cat.sessions.range::<String, _>(..=c))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            None => cat.sessions.keys().cloned().collect(),
+        };
+        for id in ids {
+            if in_flight >= BACKLOG_WINDOW {
+                break;
+            }
             let Some(e) = cat.sessions.get_mut(&id) else { continue };
-            if e.quarantine.is_some() || e.ended {
-                continue;
-            }
-            if !e.announced {
-                e.announced = true;
-                out.push(req(ship_request::Body::Start(SessionStart {
-                    meta: Some(e.open.meta.clone()),
-                    verified_uid: e.open.peer_uid,
-                    verified_user: e.open.peer_user.clone(),
-                    verified_pid: e.open.peer_pid,
-                    opened_unix_ms: e.open.opened_unix_ms,
-                })));
-                last = Some(id.clone());
-                continue;
-            }
-            if e.position.is_none() {
-                continue;
-            }
-            let due: Vec<(u64, Loc)> = e
-                .chunks
-                .range(e.next_to_send..)
-                .take(PER_TURN)
-                .map(|(&s, &l)| (s, l))
-                .collect();
-            for (seq, loc) in due {
-                let data = spool::read_chunk(&self.spool_dir, loc)
-                    .with_context(|| format!("reading chunk {seq} of session {id} from the spool"))?;
-                let n = data.len() as u64;
-                e.in_flight.insert(seq, n);
-                in_flight += n;
-                e.next_to_send = seq + 1;
-                out.push(req(ship_request::Body::Chunk(ChunkData {
-                    session_id: id.clone(),
-                    seq,
-                    data,
-                })));
-                last = Some(id.clone());
-            }
-            let all_sent = e.chunks.range(e.next_to_send..).next().is_none();
-            if all_sent
-                && !e.end_sent
-                && let Some(c) = &e.close
-            {
-                e.end_sent = true;
-                out.push(req(ship_request::Body::End(SessionEnd {
-                    session_id: id.clone(),
-                    close: Some(c.close.clone()),
-                    cause: c.cause.clone(),
-                    closed_unix_ms: c.closed_unix_ms,
-                })));
-                last = Some(id.clone());
+            if self.serve(&id, e, TURN_BYTES, &mut in_flight, &mut out)? {
+                cat.cursor = Some(id);
             }
         }
         cat.in_flight = in_flight;
-        if last.is_some() {
-            cat.cursor = last;
-        }
         Ok(out)
+    }
+
+    /// Appends what session `id` has to send (its start, then chunks in order
+    /// up to about `budget` bytes, at least one, then its end once all are
+    /// sent) to `out`. True if it sent anything.
+    fn serve(
+        &self,
+        id: &str,
+        e: &mut Entry,
+        budget: u64,
+        in_flight: &mut u64,
+        out: &mut Vec<ShipRequest>,
+    ) -> Result<bool> {
+        if e.quarantine.is_some() || e.ended {
+            return Ok(false);
+        }
+        if !e.announced {
+            e.announced = true;
+            out.push(req(ship_request::Body::Start(SessionStart {
+                meta: Some(e.open.meta.clone()),
+                verified_uid: e.open.peer_uid,
+                verified_user: e.open.peer_user.clone(),
+                verified_pid: e.open.peer_pid,
+                opened_unix_ms: e.open.opened_unix_ms,
+            })));
+            // Chunks wait for the collector's position.
+            return Ok(true);
+        }
+        if e.position.is_none() {
+            return Ok(false);
+        }
+        let len = out.len();
+        let mut sent = 0u64;
+        while sent < budget {
+            let Some((&seq, &loc)) = e.chunks.range(e.next_to_send..).next() else {
+                break;
+            };
+            let data = spool::read_chunk(&self.spool_dir, loc)
+                .with_context(|| format!("reading chunk {seq} of session {id} from the spool"))?;
+            let n = data.len() as u64;
+            e.in_flight.insert(seq, n);
+            *in_flight += n;
+            sent += n;
+            e.next_to_send = seq + 1;
+            out.push(req(ship_request::Body::Chunk(ChunkData {
+                session_id: id.to_string(),
+                seq,
+                data,
+            })));
+        }
+        let all_sent = e.chunks.range(e.next_to_send..).next().is_none();
+        if all_sent
+            && !e.end_sent
+            && let Some(c) = &e.close
+        {
+            e.end_sent = true;
+            out.push(req(ship_request::Body::End(SessionEnd {
+                session_id: id.to_string(),
+                close: Some(c.close.clone()),
+                cause: c.cause.clone(),
+                closed_unix_ms: c.closed_unix_ms,
+            })));
+        }
+        Ok(out.len() > len)
     }
 
     /// Deletes closed segments whose every record the collector has committed.
@@ -551,4 +597,130 @@ fn rand_u64() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     u64::from(n) ^ u64::from(std::process::id()).rotate_left(17)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::spool::{Writer, chunk_body, open_body};
+    use shelltrail_proto::v1::{Committed, SessionMeta, SessionPosition};
+
+    /// Appends records to a fresh spool segment and returns their locations.
+    fn append(dir: &std::path::Path, bodies: Vec<Vec<u8>>) -> Vec<Loc> {
+        let last = spool::segments(dir).unwrap().last().copied().unwrap_or(0);
+        let w = Writer::create(dir, last, 64 << 20, Arc::new(Stats::default())).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waits: Vec<_> = bodies
+            .into_iter()
+            .map(|body| {
+                let (done, wait) = oneshot::channel();
+                tx.send(Append { body, done }).unwrap();
+                wait
+            })
+            .collect();
+        drop(tx);
+        w.run(rx);
+        waits.into_iter().map(|w| w.blocking_recv().unwrap().unwrap()).collect()
+    }
+
+    fn open_rec(id: &uuid::Uuid) -> OpenRecord {
+        OpenRecord {
+            meta: SessionMeta {
+                session_id: id.to_string(),
+                ..Default::default()
+            },
+            peer_uid: 1000,
+            peer_pid: 42,
+            peer_user: "u".into(),
+            peer_start_ticks: 7,
+            opened_unix_ms: 1,
+            resume: None,
+        }
+    }
+
+    fn position(s: &Shipper, id: &uuid::Uuid) {
+        s.handle(ShipResponse {
+            body: Some(ship_response::Body::Position(SessionPosition {
+                session_id: id.to_string(),
+                next_seq: 0,
+                ..Default::default()
+            })),
+        });
+    }
+
+    /// (session, seq) of every chunk in a batch, in order.
+    fn chunks(batch: &[ShipRequest]) -> Vec<(String, u64)> {
+        batch
+            .iter()
+            .filter_map(|r| match &r.body {
+                Some(ship_request::Body::Chunk(c)) => Some((c.session_id.clone(), c.seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// After an outage a big backlog fills the backlog's share of the window;
+    /// a live session's new chunk still goes out in the next batch, first, and
+    /// the backlog goes on as the collector commits it.
+    #[test]
+    fn live_chunks_overtake_a_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backlog, live) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let mut bodies = vec![open_body(&open_rec(&backlog)), open_body(&open_rec(&live))];
+        bodies.extend((0..40).map(|seq| chunk_body(&backlog, seq, &[b'x'; 256 << 10])));
+        bodies.push(chunk_body(&live, 0, b"typed"));
+        append(dir.path(), bodies);
+        let index = spool::scan(dir.path(), true).unwrap();
+        let (writer, _rx) = std::sync::mpsc::channel();
+        let s = Shipper::new(
+            ShipConfig::default(),
+            dir.path().into(),
+            &index,
+            Arc::new(Stats::default()),
+            writer,
+        );
+
+        let starts = s.next_batch().unwrap();
+        assert_eq!(starts.len(), 2, "both sessions are announced first");
+        assert!(chunks(&starts).is_empty(), "no chunk before the collector's position");
+        position(&s, &backlog);
+        position(&s, &live);
+
+        let first = chunks(&s.next_batch().unwrap());
+        assert_eq!(first[0], (live.to_string(), 0), "the live chunk goes first: {first:?}");
+        // The backlog goes out a turn per batch until its share of the window is full.
+        let mut backlog_sent = first.len() - 1;
+        loop {
+            let more = chunks(&s.next_batch().unwrap());
+            if more.is_empty() {
+                break;
+            }
+            assert!(more.iter().all(|(id, _)| *id == backlog.to_string()), "{more:?}");
+            backlog_sent += more.len();
+        }
+        assert!(
+            (16..40).contains(&backlog_sent),
+            "the backlog gets its share of the window (4 MiB), not all of it: {backlog_sent} chunks"
+        );
+
+        // The user types again while the backlog's share is still full.
+        let loc = append(dir.path(), vec![chunk_body(&live, 1, b"more")])[0];
+        s.chunk(&live.to_string(), 1, loc);
+        assert_eq!(chunks(&s.next_batch().unwrap()), vec![(live.to_string(), 1)]);
+
+        // The collector commits the backlog in flight: the next turn follows.
+        s.handle(ShipResponse {
+            body: Some(ship_response::Body::Committed(Committed {
+                session_id: backlog.to_string(),
+                through_seq: backlog_sent as u64 - 1,
+                ..Default::default()
+            })),
+        });
+        let next = chunks(&s.next_batch().unwrap());
+        assert_eq!(
+            next.first(),
+            Some(&(backlog.to_string(), backlog_sent as u64)),
+            "{next:?}"
+        );
+    }
 }
