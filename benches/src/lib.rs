@@ -6,7 +6,11 @@
 //! * `src/bin/compare.rs`: end-to-end runs inside a real PTY against a bare
 //!   proxy, `script`, asciinema and tlog.
 //! * `src/bin/scale.rs`: the agent with a thousand concurrent sessions.
+//! * `src/bin/ingest.rs`: the collector: ingest throughput, backlog drain
+//!   after an outage, stored bytes.
 
+use shelltrail_proto::framing;
+use shelltrail_proto::v1::AgentFrame;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -564,6 +568,18 @@ impl Agent {
     /// lines under `[shell]` and `agent_extra` under `[agent]`) and starts
     /// `cli --config CFG agent`, waiting until its socket exists.
     pub fn start(cli: &Path, dir: &Path, shell_extra: &str, agent_extra: &str) -> Result<Agent, String> {
+        Self::start_with(cli, dir, shell_extra, agent_extra, "")
+    }
+
+    /// [`start`](Self::start) with `tables` (whole TOML tables, such as
+    /// `[ship]`) appended to the config after `[agent]`.
+    pub fn start_with(
+        cli: &Path,
+        dir: &Path,
+        shell_extra: &str,
+        agent_extra: &str,
+        tables: &str,
+    ) -> Result<Agent, String> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
@@ -573,6 +589,11 @@ impl Agent {
         let text = format!(
             "# Written by the shelltrail benchmarks.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\n[shell]\n{shell_extra}\n\n[agent]\n{agent_extra}\n"
         );
+        let text = if tables.is_empty() {
+            text
+        } else {
+            format!("{text}\n{tables}\n")
+        };
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
         // The recorder refuses a config file others can write.
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
@@ -636,6 +657,49 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Reads one agent frame from the agent's socket (`None` at end of stream).
+pub async fn next_frame(
+    r: &mut tokio::net::unix::OwnedReadHalf,
+    buf: &mut Vec<u8>,
+) -> Result<Option<AgentFrame>, String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(f) = framing::take::<AgentFrame>(buf, 1 << 20).map_err(|e| e.to_string())? {
+            return Ok(Some(f));
+        }
+        let n = r.read_buf(buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, at most 65 536 (what the
+/// systemd units give the agent and the collector): thousands of sessions or
+/// host streams each hold a socket, and the peers started here inherit it.
+/// Returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let want = hard.min(65536).max(soft);
+            if setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+                want
+            } else {
+                soft
+            }
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Seconds since the Unix epoch, as the collector writes `received_unix_ms`.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

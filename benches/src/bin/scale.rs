@@ -17,14 +17,15 @@
 //! Options: `--quick` (200 sessions, 5 s), `--sessions N`, `--seconds S`, `--no-strace`.
 
 use shelltrail_benches::{
-    Agent, cpu_time, dir_bytes, machine, mib, percentile, print_table, status_kb, target_dir, version_of, which,
+    Agent, cpu_time, dir_bytes, machine, mib, next_frame, percentile, print_table, raise_nofile, status_kb, target_dir,
+    unix_now, version_of, which,
 };
 use shelltrail_cast::{Chunker, Encoder, Header};
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{AgentFrame, Close, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -148,19 +149,6 @@ fn build_script(i: usize, ticks: usize) -> Script {
         },
         chunks,
         close,
-    }
-}
-
-/// Reads one agent frame.
-async fn next_frame(r: &mut tokio::net::unix::OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Option<AgentFrame>, String> {
-    loop {
-        if let Some(f) = framing::take::<AgentFrame>(buf, 1 << 20).map_err(|e| e.to_string())? {
-            return Ok(Some(f));
-        }
-        let n = r.read_buf(buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Ok(None);
-        }
     }
 }
 
@@ -292,22 +280,6 @@ async fn session(opened: Opened, script: Arc<Script>, start: Instant) -> Outcome
     out
 }
 
-/// Raises the soft open-file limit to the hard one (the agent inherits it):
-/// the systemd unit gives the agent LimitNOFILE=65536.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointer to an rlimit.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max.min(65536);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    lim.rlim_cur
-}
-
 /// strace attached to one thread, logging its fdatasync calls with their
 /// wall-clock times.
 struct Strace {
@@ -361,12 +333,6 @@ impl Strace {
             .collect();
         Ok(times.iter().filter(|&&t| t >= from && t < to).count() as u64)
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The id of the thread of `pid` named `comm`.
