@@ -212,6 +212,10 @@ const BURST: usize = 64 << 10;
 /// (the next read would block), such as an echo, is written at once.
 const WRITE_AT: usize = 16 << 10;
 
+/// Bursts smaller than this are copied out of the burst buffer rather than
+/// handed on with it: cheaper than preparing a new 64 KiB buffer per keystroke.
+const SMALL_BURST: usize = 4 << 10;
+
 /// A burst buffer: the recorder's recycled one if it has sent one back, else
 /// a new one. Only its length is reset; the contents are overwritten.
 fn burst_buffer(recycled: &Receiver<Vec<u8>>) -> Vec<u8> {
@@ -256,11 +260,19 @@ fn proxy(
         if !hand_on || *filled == 0 {
             return true;
         }
-        let mut full = std::mem::replace(burst, burst_buffer(&recycled));
-        full.truncate(*filled);
+        // A small burst (an echo, a prompt) goes as a right-sized copy and
+        // the buffer stays; a big one goes as it is, and a fresh buffer
+        // takes its place.
+        let data = if *filled < SMALL_BURST {
+            burst[..*filled].to_vec()
+        } else {
+            let mut full = std::mem::replace(burst, burst_buffer(&recycled));
+            full.truncate(*filled);
+            full
+        };
         *written = 0;
         *filled = 0;
-        events.send(Event::Output(at, full)).is_ok()
+        events.send(Event::Output(at, data)).is_ok()
     };
     loop {
         let in_flags = if stdin_open && pending_in.is_empty() {
