@@ -2,9 +2,9 @@
 //!
 //! * `encode/*`: `shelltrail_cast::Encoder::output` over 4 KiB reads (what the
 //!   recorder thread does with each PTY read), in MB/s of terminal output.
-//! * `chunk/*`: `shelltrail_cast::Chunker` cutting 128 KiB chunks of encoded
-//!   asciicast at the default zstd level 3, in MB/s of encoded text; the
-//!   compression ratio is printed.
+//! * `chunk/*`: `shelltrail_cast::Chunker` cutting chunks of the recorder's
+//!   default size (`chunk_bytes`) of encoded asciicast at its default zstd
+//!   level, in MB/s of encoded text; the compression ratio is printed.
 //! * `spool/*`: the agent's spool `Writer` (group commit) fed ~1 KiB chunk
 //!   records by N concurrent producers that each wait for their record's
 //!   fdatasync; in chunks/s, with fsyncs per record printed.
@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 const ENCODE_BYTES: usize = 1 << 20;
 /// Bytes per PTY read.
 const READ: usize = 4096;
-/// The recorder's default chunk size and level.
-const CHUNK: usize = 128 << 10;
-const LEVEL: i32 = 3;
+/// The recorder's default chunk size and level, so the numbers follow it.
+fn recorder() -> (usize, i32) {
+    let d = shelltrail::config::ShellConfig::default();
+    (d.chunk_bytes as usize, d.compression_level)
+}
 
 fn inputs() -> [(&'static str, Vec<u8>); 3] {
     [
@@ -71,19 +73,20 @@ fn encode(c: &mut Criterion) {
 }
 
 fn chunk(c: &mut Criterion) {
+    let (chunk_bytes, default_level) = recorder();
     let mut g = c.benchmark_group("chunk");
     // The default level on the three inputs, then two faster levels on the
     // terminal-like text, to show what a cheaper setting would cost in size.
     let cases: [(&str, &str, i32); 5] = [
-        ("ascii_escapes", "ascii_escapes", LEVEL),
-        ("utf8_heavy", "utf8_heavy", LEVEL),
-        ("random_bytes", "random_bytes", LEVEL),
+        ("ascii_escapes", "ascii_escapes", default_level),
+        ("utf8_heavy", "utf8_heavy", default_level),
+        ("random_bytes", "random_bytes", default_level),
         ("ascii_escapes_level_1", "ascii_escapes", 1),
         ("ascii_escapes_level_-1", "ascii_escapes", -1),
     ];
     let mut encoded_by_input = std::collections::HashMap::new();
     for (id, input, level) in cases {
-        // 8 MiB of encoded asciicast to cut 128 KiB chunks from, in turn.
+        // 8 MiB of encoded asciicast to cut chunks from, in turn.
         let encoded: &Vec<u8> = encoded_by_input.entry(input).or_insert_with(|| {
             let mut enc = Encoder::new();
             let mut encoded = Vec::new();
@@ -100,7 +103,7 @@ fn chunk(c: &mut Criterion) {
             }
             encoded
         });
-        let pieces: Vec<&[u8]> = encoded.chunks(CHUNK).filter(|p| p.len() == CHUNK).collect();
+        let pieces: Vec<&[u8]> = encoded.chunks(chunk_bytes).filter(|p| p.len() == chunk_bytes).collect();
 
         // The ratio, over every piece once.
         let mut chunker = Chunker::new("00000000-0000-7000-8000-000000000000", level);
@@ -112,12 +115,13 @@ fn chunk(c: &mut Criterion) {
             packed += ch.bytes.len();
         }
         println!(
-            "chunk/{id}: 128 KiB chunks at level {level}: {raw} -> {packed} bytes, ratio {:.2}:1 ({:.1}% of the encoded size)",
+            "chunk/{id}: {} KiB chunks at level {level}: {raw} -> {packed} bytes, ratio {:.2}:1 ({:.1}% of the encoded size)",
+            chunk_bytes >> 10,
             raw as f64 / packed as f64,
             100.0 * packed as f64 / raw as f64
         );
 
-        g.throughput(Throughput::Bytes(CHUNK as u64));
+        g.throughput(Throughput::Bytes(chunk_bytes as u64));
         let mut i = 0;
         g.bench_function(id, |b| {
             b.iter(|| {
