@@ -152,9 +152,16 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
         writeln!(out)?;
         return Ok(());
     }
+    // Login names run to 32 characters; the column is as wide as the longest shown.
+    let uw = rows
+        .iter()
+        .map(|r| r.user.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(4, 32);
     writeln!(
         out,
-        "{:<36}  {:<12} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} COMMAND",
+        "{:<36}  {:<uw$} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} COMMAND",
         "ID", "USER", "HOST", "CLIENT", "START (UTC)", "DURATION", "STORED", "STATE"
     )?;
     for r in rows {
@@ -172,7 +179,7 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
         let host: String = r.host.chars().filter(|c| !c.is_control()).take(16).collect();
         writeln!(
             out,
-            "{:<36}  {:<12} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} {}",
+            "{:<36}  {:<uw$} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} {}",
             r.id,
             r.user,
             host,
