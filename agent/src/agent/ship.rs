@@ -602,8 +602,9 @@ fn rand_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::spool::tests::open_rec;
     use crate::agent::spool::{Writer, chunk_body, open_body};
-    use shelltrail_proto::v1::{Committed, SessionMeta, SessionPosition};
+    use shelltrail_proto::v1::{Committed, SessionPosition};
 
     /// Appends records to a fresh spool segment and returns their locations.
     fn append(dir: &std::path::Path, bodies: Vec<Vec<u8>>) -> Vec<Loc> {
@@ -621,21 +622,6 @@ mod tests {
         drop(tx);
         w.run(rx);
         waits.into_iter().map(|w| w.blocking_recv().unwrap().unwrap()).collect()
-    }
-
-    fn open_rec(id: &uuid::Uuid) -> OpenRecord {
-        OpenRecord {
-            meta: SessionMeta {
-                session_id: id.to_string(),
-                ..Default::default()
-            },
-            peer_uid: 1000,
-            peer_pid: 42,
-            peer_user: "u".into(),
-            peer_start_ticks: 7,
-            opened_unix_ms: 1,
-            resume: None,
-        }
     }
 
     fn position(s: &Shipper, id: &uuid::Uuid) {
@@ -666,7 +652,10 @@ mod tests {
     fn live_chunks_overtake_a_backlog() {
         let dir = tempfile::tempdir().unwrap();
         let (backlog, live) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        let mut bodies = vec![open_body(&open_rec(&backlog)), open_body(&open_rec(&live))];
+        let mut bodies = vec![
+            open_body(&open_rec(&backlog.to_string())),
+            open_body(&open_rec(&live.to_string())),
+        ];
         bodies.extend((0..40).map(|seq| chunk_body(&backlog, seq, &[b'x'; 256 << 10])));
         bodies.push(chunk_body(&live, 0, b"typed"));
         append(dir.path(), bodies);

@@ -611,10 +611,11 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SpoolError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn open_rec(id: &str) -> OpenRecord {
+    /// An open record for session `id` (shared with the shipper's tests).
+    pub(crate) fn open_rec(id: &str) -> OpenRecord {
         OpenRecord {
             meta: SessionMeta {
                 session_id: id.into(),
