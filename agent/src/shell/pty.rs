@@ -309,8 +309,10 @@ fn proxy(
                     Ok(n) => {
                         let now = Instant::now();
                         // The session owner gave up draining (a background job
-                        // holds the slave open): stop here.
+                        // holds the slave open): what was read before goes out
+                        // and is recorded; this read, after the end, does neither.
                         if progress.closed.load(Ordering::Relaxed) {
+                            flush(&mut burst, &mut written, &mut filled, at, true);
                             return;
                         }
                         if filled == 0 {
