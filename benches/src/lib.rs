@@ -676,6 +676,51 @@ pub async fn next_frame(
     }
 }
 
+/// A recorder's side of one session on the agent's socket, after `Accepted`.
+pub struct Opened {
+    pub rd: tokio::net::unix::OwnedReadHalf,
+    pub wr: tokio::net::unix::OwnedWriteHalf,
+    /// From connecting to reading `Accepted`.
+    pub open_latency: Duration,
+}
+
+/// Opens a new session on the agent's socket as a recorder does: connect,
+/// send `Open`, expect `Accepted` at seq 0.
+pub async fn open_session(socket: &Path, meta: shelltrail_proto::v1::SessionMeta) -> Result<Opened, String> {
+    use shelltrail_proto::v1::{Open, RecorderFrame, agent_frame, recorder_frame};
+    use tokio::io::AsyncWriteExt;
+    let t = std::time::Instant::now();
+    let s = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut rd, mut wr) = s.into_split();
+    let mut buf = Vec::new();
+    framing::encode(
+        &RecorderFrame {
+            body: Some(recorder_frame::Body::Open(Open {
+                meta: Some(meta),
+                resume: false,
+            })),
+        },
+        &mut buf,
+    );
+    wr.write_all(&buf).await.map_err(|e| e.to_string())?;
+    let mut rbuf = Vec::new();
+    match next_frame(&mut rd, &mut rbuf).await? {
+        Some(AgentFrame {
+            body: Some(agent_frame::Body::Accepted(a)),
+        }) if a.next_seq == 0 => Ok(Opened {
+            rd,
+            wr,
+            open_latency: t.elapsed(),
+        }),
+        Some(AgentFrame {
+            body: Some(agent_frame::Body::Refused(r)),
+        }) => Err(format!("refused: {}", r.reason)),
+        other => Err(format!("unexpected answer to Open: {other:?}")),
+    }
+}
+
 /// Raises the soft open-file limit to the hard one, at most 65 536 (what the
 /// systemd units give the agent and the collector): thousands of sessions or
 /// host streams each hold a socket, and the peers started here inherit it.

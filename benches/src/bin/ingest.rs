@@ -62,15 +62,15 @@
 //! (keep the temporary directory).
 
 use shelltrail_benches::{
-    Agent, Rng, cpu_time, dir_bytes, machine, mib, mixed_text, next_frame, percentile, print_table, print_table_left,
-    raise_nofile, status_kb, target_dir, unix_now, version_of, which,
+    Agent, Opened, Rng, cpu_time, dir_bytes, machine, mib, mixed_text, next_frame, open_session, percentile,
+    print_table, print_table_left, raise_nofile, status_kb, target_dir, unix_now, version_of, which,
 };
 use shelltrail_cast::{Chunker, Encoder, Header};
 use shelltrail_collector::ClientTlsFiles;
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::ingest_client::IngestClient;
 use shelltrail_proto::v1::{
-    AgentFrame, AgentHello, ChunkData, Close, GetSessionRequest, HostFacts, Open, ReadChunksRequest, RecorderFrame,
+    AgentFrame, AgentHello, ChunkData, Close, GetSessionRequest, HostFacts, ReadChunksRequest, RecorderFrame,
     SessionMeta, SessionStart, ShipRequest, ShipResponse, agent_frame, recorder_frame, ship_request, ship_response,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -79,7 +79,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 use tokio::sync::{Notify, mpsc};
 use tonic::transport::Channel;
 
@@ -1370,33 +1369,9 @@ fn recorder_meta(id: &str) -> SessionMeta {
     }
 }
 
-/// Opens a session on the agent's socket (as a recorder does) and waits for `Accepted`.
-async fn open_recorder(
-    socket: &Path,
-    id: &str,
-) -> Result<(tokio::net::unix::OwnedReadHalf, tokio::net::unix::OwnedWriteHalf), String> {
-    let s = UnixStream::connect(socket).await.map_err(|e| format!("connect: {e}"))?;
-    let (mut rd, mut wr) = s.into_split();
-    let open = frame(recorder_frame::Body::Open(Open {
-        meta: Some(recorder_meta(id)),
-        resume: false,
-    }));
-    wr.write_all(&open).await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    match next_frame(&mut rd, &mut buf).await? {
-        Some(AgentFrame {
-            body: Some(agent_frame::Body::Accepted(a)),
-        }) if a.next_seq == 0 => Ok((rd, wr)),
-        Some(AgentFrame {
-            body: Some(agent_frame::Body::Refused(r)),
-        }) => Err(format!("refused: {}", r.reason)),
-        other => Err(format!("unexpected answer to Open: {other:?}")),
-    }
-}
-
 /// A whole session into the agent: Open, every chunk, Close, until `Ack{closed}`.
 async fn feed_one(socket: PathBuf, id: String, frames: Vec<Vec<u8>>) -> Result<(), String> {
-    let (mut rd, mut wr) = open_recorder(&socket, &id).await?;
+    let Opened { mut rd, mut wr, .. } = open_session(&socket, recorder_meta(&id)).await?;
     let last_seq = frames.len() as u64 - 1;
     for f in &frames {
         wr.write_all(f).await.map_err(|e| format!("write: {e}"))?;
@@ -1445,7 +1420,7 @@ async fn live_session(
 ) -> Result<(), String> {
     let id = built.id.clone();
     let frames = chunk_frames(built);
-    let (mut rd, mut wr) = open_recorder(&socket, &id).await?;
+    let Opened { mut rd, mut wr, .. } = open_session(&socket, recorder_meta(&id)).await?;
     let closed = tokio::spawn(async move {
         let mut buf = Vec::new();
         loop {

@@ -17,16 +17,15 @@
 //! Options: `--quick` (200 sessions, 5 s), `--sessions N`, `--seconds S`, `--no-strace`.
 
 use shelltrail_benches::{
-    Agent, cpu_time, dir_bytes, machine, mib, next_frame, percentile, print_table, raise_nofile, status_kb, target_dir,
-    unix_now, version_of, which,
+    Agent, Opened, cpu_time, dir_bytes, machine, mib, next_frame, open_session, percentile, print_table, raise_nofile,
+    status_kb, target_dir, unix_now, version_of, which,
 };
 use shelltrail_cast::{Chunker, Encoder, Header};
 use shelltrail_proto::framing;
-use shelltrail_proto::v1::{AgentFrame, Close, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
+use shelltrail_proto::v1::{AgentFrame, Close, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 
 const INTERVAL: Duration = Duration::from_millis(100);
 
@@ -149,44 +148,6 @@ fn build_script(i: usize, ticks: usize) -> Script {
         },
         chunks,
         close,
-    }
-}
-
-/// A connected, accepted session.
-struct Opened {
-    rd: tokio::net::unix::OwnedReadHalf,
-    wr: tokio::net::unix::OwnedWriteHalf,
-    open_latency: Duration,
-}
-
-async fn open(socket: &std::path::Path, meta: &SessionMeta) -> Result<Opened, String> {
-    let t = Instant::now();
-    let s = UnixStream::connect(socket).await.map_err(|e| format!("connect: {e}"))?;
-    let (mut rd, mut wr) = s.into_split();
-    let mut buf = Vec::new();
-    framing::encode(
-        &RecorderFrame {
-            body: Some(recorder_frame::Body::Open(Open {
-                meta: Some(meta.clone()),
-                resume: false,
-            })),
-        },
-        &mut buf,
-    );
-    wr.write_all(&buf).await.map_err(|e| e.to_string())?;
-    let mut rbuf = Vec::new();
-    match next_frame(&mut rd, &mut rbuf).await? {
-        Some(AgentFrame {
-            body: Some(agent_frame::Body::Accepted(a)),
-        }) if a.next_seq == 0 => Ok(Opened {
-            rd,
-            wr,
-            open_latency: t.elapsed(),
-        }),
-        Some(AgentFrame {
-            body: Some(agent_frame::Body::Refused(r)),
-        }) => Err(format!("refused: {}", r.reason)),
-        other => Err(format!("unexpected answer to Open: {other:?}")),
     }
 }
 
@@ -394,7 +355,7 @@ fn phase(
             let (sem, socket, meta) = (sem.clone(), socket.clone(), s.meta.clone());
             hs.push(tokio::spawn(async move {
                 let _p = sem.acquire_owned().await.expect("semaphore");
-                open(&socket, &meta).await
+                open_session(&socket, meta.clone()).await
             }));
         }
         let mut v = Vec::new();
