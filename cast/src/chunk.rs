@@ -222,6 +222,18 @@ pub fn decompress(bytes: &[u8]) -> Result<(ChunkHeader, Vec<u8>), ChunkError> {
     Ok((header, data))
 }
 
+/// Length of the chunk at the start of `bytes` (header frame plus zstd
+/// frame), from the framing alone; an error if `bytes` does not start with a
+/// complete chunk. Lets a reader walk stored chunks one at a time and stop
+/// at a torn tail.
+pub fn chunk_len(bytes: &[u8]) -> Result<usize, ChunkError> {
+    let header = skippable_len(bytes)?;
+    if bytes.len() < header {
+        return Err(truncated(header, bytes.len()));
+    }
+    Ok(header + frame_len(&bytes[header..])?)
+}
+
 /// Splits a concatenation of chunks (as stored) into the individual chunk
 /// byte slices, so a stored session file can be verified or iterated.
 ///
@@ -231,14 +243,8 @@ pub fn split(stream: &[u8]) -> Result<Vec<&[u8]>, ChunkError> {
     let mut chunks = Vec::new();
     let mut pos = 0;
     while pos < stream.len() {
-        let rest = &stream[pos..];
-        let header = skippable_len(rest)?;
-        if rest.len() < header {
-            return Err(truncated(header, rest.len()));
-        }
-        let frame = frame_len(&rest[header..])?;
-        let len = header + frame;
-        chunks.push(&rest[..len]);
+        let len = chunk_len(&stream[pos..])?;
+        chunks.push(&stream[pos..pos + len]);
         pos += len;
     }
     Ok(chunks)

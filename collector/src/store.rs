@@ -7,14 +7,16 @@
 //! a file, so appending to one session takes only that session's lock: a
 //! thousand agents shipping at once contend on nothing but the disk. The
 //! server groups the chunks of one session that arrive together into one
-//! [`Store::append`] call, which costs two `fdatasync`s (data, then index)
-//! however many chunks it carries.
+//! [`Store::append`] call, which costs one `fdatasync` however many chunks
+//! it carries: the chunks are the truth and the index can be rebuilt from
+//! them, so only the chunks are synced.
 //!
 //! ## Invariants
-//! * A chunk is reported committed only after the `fdatasync` of both its
-//!   bytes and its index record returned. The bytes are synced before the
-//!   index record is written, so an index record never points at bytes that
-//!   may be missing after a crash.
+//! * A chunk is reported committed only after the `fdatasync` of its bytes
+//!   returned. Its index record is written after that sync and not synced
+//!   itself: after a crash an index record never points at bytes that may be
+//!   missing, but the newest records may be missing while their chunks are
+//!   durable. Start-up finds those chunks and writes their records again.
 //! * A session's chunks are stored in sequence order, each exactly once, and
 //!   each one's header links to the previous stored chunk (hash chain; chunk
 //!   0 links to [`chain_seed`](shelltrail_cast::chunk::chain_seed) of the
@@ -68,8 +70,11 @@
 //! [`Store::open`] scans every session directory and builds the in-memory
 //! catalogue. Per session it walks the index: a partial last record, a last
 //! record whose CRC fails or whose bytes lie past the end of `chunks.zst` is a
-//! torn append and is cut off, as are bytes of `chunks.zst` after the last
-//! indexed chunk (written, never acknowledged). A bad record before the last
+//! torn append and is cut off. Then it walks the bytes of `chunks.zst` after
+//! the last indexed chunk: each whole chunk that decompresses and continues
+//! the sequence and the chain, as at ingest, gets its index record back (it
+//! may have been acknowledged); from the first one that does not (a torn
+//! append, never acknowledged) the file is cut. A bad record before the last
 //! one is damage: the session is kept readable up to it, flagged, and refuses
 //! writes. The last chunk's bytes are re-hashed against its record, since
 //! that hash is what the next chunk must link to.
@@ -1430,10 +1435,11 @@ fn write_batch(dir: &Path, st: &SessionState, batch: &Batch) -> Result<(), Store
         .write(true)
         .open(&index_path)
         .map_err(|e| io_err(&index_path, e))?;
+    // Not synced: once the chunks are durable their records can always be
+    // rebuilt from them (see `reindex_tail`), so an append costs one sync.
     index
         .write_all_at(&index_bytes, st.records * INDEX_RECORD_LEN as u64)
-        .map_err(|e| io_err(&index_path, e))?;
-    index.sync_data().map_err(|e| io_err(&index_path, e))
+        .map_err(|e| io_err(&index_path, e))
 }
 
 /// Cuts both files back to the committed state after a failed write.
@@ -1592,18 +1598,41 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
             break;
         }
     }
-    let keep_index = (good.len() * INDEX_RECORD_LEN) as u64;
-    let keep_chunks = good.last().map_or(0, |r| r.end());
+    let mut keep_index = (good.len() * INDEX_RECORD_LEN) as u64;
+    let mut keep_chunks = good.last().map_or(0, |r| r.end());
     if repair && st.damaged.is_none() {
         if torn {
             tracing::warn!(session = %id, "cutting a torn tail off the index: {} bytes", index.len() as u64 - keep_index);
             truncate(&index_path, keep_index).map_err(|e| e.to_string())?;
         }
         if chunks_len > keep_chunks {
+            let found = reindex_tail(&chunks_path, id, good.last(), chunks_len)?;
+            if !found.is_empty() {
+                tracing::warn!(
+                    session = %id,
+                    "re-indexing chunks {}..={} from chunks.zst (their index records were not yet on disk)",
+                    found[0].seq,
+                    found[found.len() - 1].seq
+                );
+                let bytes: Vec<u8> = found.iter().flat_map(|r| r.encode()).collect();
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&index_path)
+                    .map_err(|e| format!("cannot open {}: {e}", index_path.display()))?;
+                f.write_all_at(&bytes, keep_index)
+                    .and_then(|()| f.sync_data())
+                    .map_err(|e| format!("cannot write {}: {e}", index_path.display()))?;
+                keep_index += bytes.len() as u64;
+                good.extend(found);
+                keep_chunks = good.last().map_or(0, |r| r.end());
+            }
+        }
+        if chunks_len > keep_chunks {
             tracing::warn!(session = %id, "cutting {} unindexed bytes off chunks.zst", chunks_len - keep_chunks);
             truncate(&chunks_path, keep_chunks).map_err(|e| e.to_string())?;
         }
     }
+    debug_assert_eq!(keep_index, (good.len() * INDEX_RECORD_LEN) as u64);
     if let Some(last) = good.last() {
         let f = File::open(&chunks_path).map_err(|e| format!("cannot open {}: {e}", chunks_path.display()))?;
         let mut buf = vec![0u8; last.len as usize];
@@ -1637,6 +1666,58 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
     st.records = good.len() as u64;
     st.chunks_len = keep_chunks;
     Ok((start.start, st))
+}
+
+/// The chunks in `chunks.zst` after `last` (the last indexed one), up to
+/// the first that is torn or does not check out as it did at ingest.
+///
+/// An append syncs the chunks and only then writes their index records,
+/// without syncing those, so after a crash the index may lack records of
+/// durable, acknowledged chunks, never the reverse. Each chunk found here
+/// must decompress, come after `last` and, when it directly follows, link
+/// to it by hash; a later seq starts a new chain, as the chunk after a gap
+/// the recorder declared lost does (the gap is then reported as missing
+/// until `end.json` explains it, as ingest leaves it).
+fn reindex_tail(
+    chunks_path: &Path,
+    id: &str,
+    last: Option<&IndexRecord>,
+    file_len: u64,
+) -> Result<Vec<IndexRecord>, String> {
+    let from = last.map_or(0, IndexRecord::end);
+    let f = File::open(chunks_path).map_err(|e| format!("cannot open {}: {e}", chunks_path.display()))?;
+    let mut tail = vec![0u8; (file_len - from) as usize];
+    f.read_exact_at(&mut tail, from)
+        .map_err(|e| format!("cannot read {}: {e}", chunks_path.display()))?;
+    let (mut next, mut prev_hash) = match last {
+        Some(r) => (r.seq + 1, r.sha256),
+        None => (0, chunk::chain_seed(id)),
+    };
+    let mut found = Vec::new();
+    let mut pos = 0usize;
+    while pos < tail.len() {
+        let Ok(len) = chunk::chunk_len(&tail[pos..]) else { break };
+        let bytes = &tail[pos..pos + len];
+        let Ok((header, _)) = chunk::decompress(bytes) else {
+            break;
+        };
+        if header.seq < next || (header.seq == next && header.prev_hash != prev_hash) {
+            break;
+        }
+        let (Ok(len32), sha256) = (u32::try_from(len), chunk::hash(bytes)) else {
+            break;
+        };
+        found.push(IndexRecord {
+            seq: header.seq,
+            offset: from + pos as u64,
+            len: len32,
+            sha256,
+        });
+        next = header.seq + 1;
+        prev_hash = sha256;
+        pos += len;
+    }
+    Ok(found)
 }
 
 /// A problem [`verify_dir`] found.

@@ -247,6 +247,15 @@ fn chunks_lost_at_the_recorder_are_skipped_at_the_end() {
     let info = store.info(&rec.id).unwrap();
     assert_eq!((info.next_seq, info.missing_seqs()), (8, vec![2, 3, 7]));
     check(&store);
+    // Index records lost in a crash are rebuilt across the gap too: chunk 4
+    // starts a new chain there, as it did at ingest.
+    let dir = store.session_dir(&rec.id).unwrap();
+    drop(store);
+    let index = fs::read(dir.join("index")).unwrap();
+    fs::write(dir.join("index"), &index[..INDEX_RECORD_LEN]).unwrap();
+    let store = open(tmp.path());
+    assert_eq!(fs::read(dir.join("index")).unwrap(), index);
+    check(&store);
     let mut expected = Vec::new();
     for s in [0usize, 1, 4, 5, 6] {
         expected.extend(zstd::stream::decode_all(&rec.chunks[s].bytes[..]).unwrap());
@@ -406,6 +415,62 @@ fn torn_tails_are_cut_at_start_up() {
     assert_eq!(out.next_seq, 5);
     assert_eq!(stored_text(&store, &rec.id), rec.text);
     assert!(store.verify(&rec.id).unwrap().is_ok());
+}
+
+/// The index is not synced: a crash can lose the newest index records of
+/// chunks that were synced and acknowledged. Start-up indexes them again
+/// from `chunks.zst`, checking each as ingest did, and cuts only what does
+/// not check out.
+#[test]
+fn acknowledged_chunks_whose_index_records_were_lost_are_reindexed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = recording(8);
+    let (dir, full_index) = {
+        let store = open(tmp.path());
+        started(&store, &rec);
+        store.append(HOST, &rec.id, rec.pairs(0..3)).unwrap();
+        store.append(HOST, &rec.id, rec.pairs(3..6)).unwrap();
+        let dir = store.session_dir(&rec.id).unwrap();
+        (dir.clone(), fs::read(dir.join("index")).unwrap())
+    };
+    let chunks_len = fs::metadata(dir.join("chunks.zst")).unwrap().len();
+    // The crash: the last append's records never reached the disk, half of
+    // the one before it did, and a torn chunk 6 follows the durable ones.
+    fs::write(dir.join("index"), &full_index[..3 * INDEX_RECORD_LEN + 30]).unwrap();
+    let mut f = OpenOptions::new().append(true).open(dir.join("chunks.zst")).unwrap();
+    f.write_all(&rec.chunks[6].bytes[..rec.chunks[6].bytes.len() - 5])
+        .unwrap();
+    drop(f);
+
+    let store = open(tmp.path());
+    let info = store.info(&rec.id).unwrap();
+    assert_eq!(
+        (info.next_seq, info.chunks, info.damaged.as_deref()),
+        (6, 6, None),
+        "{info:?}"
+    );
+    // The same records as before the crash, and the torn chunk is gone.
+    assert_eq!(fs::read(dir.join("index")).unwrap(), full_index);
+    assert_eq!(fs::metadata(dir.join("chunks.zst")).unwrap().len(), chunks_len);
+    assert!(store.verify(&rec.id).unwrap().is_ok());
+    // The session goes on, and resends of re-indexed chunks are duplicates.
+    let out = store.append(HOST, &rec.id, rec.pairs(4..8)).unwrap();
+    assert_eq!(out.next_seq, 8);
+    assert_eq!(stored_text(&store, &rec.id), rec.text);
+    drop(store);
+
+    // A chunk after the index that does not continue the chain (here: chunk 7
+    // again, where chunk 8 would go) is not taken in.
+    let index_before = fs::read(dir.join("index")).unwrap();
+    let len_before = fs::metadata(dir.join("chunks.zst")).unwrap().len();
+    let mut f = OpenOptions::new().append(true).open(dir.join("chunks.zst")).unwrap();
+    f.write_all(&rec.chunks[7].bytes).unwrap();
+    drop(f);
+    let store = open(tmp.path());
+    assert_eq!(store.info(&rec.id).unwrap().next_seq, 8);
+    assert_eq!(fs::read(dir.join("index")).unwrap(), index_before);
+    assert_eq!(fs::metadata(dir.join("chunks.zst")).unwrap().len(), len_before);
+    assert!(verify_dir(&dir).unwrap().is_ok());
 }
 
 #[test]
