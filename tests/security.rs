@@ -216,6 +216,7 @@ fn hostile_agent_clients_only_lose_their_own_connection() {
     bytes.extend(frame(recorder_frame::Body::Chunk(Chunk {
         seq: 0,
         data: b"this is not a zstd chunk".to_vec(),
+        hash: Vec::new(),
     })));
     send_and_wait_close(&w, &bytes);
     wait_log(&w, "malformed chunk");

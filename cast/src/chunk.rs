@@ -29,12 +29,17 @@
 //!
 //! # Hash chain
 //!
-//! Each chunk's `prev_hash` is the SHA-256 of the previous chunk's complete
-//! bytes (both frames); chunk 0 uses [`chain_seed`] of the session id. A
+//! Each chunk's `prev_hash` is the [`link_hash`] of the previous chunk:
+//! SHA-256 of its 64-byte header payload (tag to `raw_len`) followed by its
+//! uncompressed content; chunk 0 uses [`chain_seed`] of the session id. A
 //! collector can therefore tell that chunks were dropped, reordered or
 //! altered, and whether they belong to the claimed session, without trusting
 //! the transport. The zstd checksum guards against accidental corruption;
 //! the chain is what makes tampering visible.
+//!
+//! The chain covers what was recorded, not how it was compressed, so the
+//! collector may compress ended sessions again, denser, without breaking it
+//! (see [`run`](crate::run)).
 
 use std::io::Cursor;
 
@@ -51,9 +56,12 @@ pub const SKIPPABLE_MAGIC: u32 = 0x184D_2A5B;
 pub const MAX_RAW_LEN: usize = 16 << 20;
 
 /// Tag identifying the payload layout of our skippable frame.
-const TAG: &[u8; 4] = b"STC1";
+pub(crate) const TAG: &[u8; 4] = b"STC1";
+/// Bytes at the start of stored bytes (a chunk or a
+/// [run](crate::run)) that say which seqs they hold.
+pub const HEADER_PREFIX: usize = 24;
 /// Size of the skippable frame's payload.
-const PAYLOAD_LEN: usize = 64;
+pub const PAYLOAD_LEN: usize = 64;
 /// Size of the whole skippable frame (magic + size + payload).
 const HEADER_LEN: usize = 8 + PAYLOAD_LEN;
 /// Magic number of a standard zstd frame.
@@ -80,7 +88,7 @@ pub struct Chunk {
     pub raw_len: u32,
     /// The whole chunk: skippable frame + zstd frame.
     pub bytes: Vec<u8>,
-    /// SHA-256 of `bytes`; the next chunk's prev_hash.
+    /// The chunk's [`link_hash`]; the next chunk's prev_hash.
     pub hash: [u8; 32],
 }
 
@@ -91,10 +99,16 @@ pub enum ChunkError {
     Truncated { needed: usize, have: usize },
     #[error("bad skippable-frame magic {0:#010x} (expected {SKIPPABLE_MAGIC:#010x})")]
     BadMagic(u32),
-    #[error("bad chunk header size {0} (expected {PAYLOAD_LEN})")]
+    #[error("bad chunk header size {0}")]
     BadHeaderSize(u32),
     #[error("bad chunk tag {0:?} (expected \"STC1\")")]
     BadTag([u8; 4]),
+    #[error("content {actual} bytes long, but the run's parts add up to {expected}")]
+    RunLength { expected: u64, actual: usize },
+    #[error("chunk {seq} no longer hashes to what was recorded: altered")]
+    Altered { seq: u64 },
+    #[error("malformed run header: {0}")]
+    BadRun(String),
     #[error("chunk claims {0} uncompressed bytes, more than the limit of {MAX_RAW_LEN}")]
     RawTooLarge(u32),
     #[error("zstd: {0}")]
@@ -117,51 +131,81 @@ pub fn chain_seed(session_id: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// SHA-256 of `bytes` (of a whole chunk, for the chain).
-pub fn hash(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+/// The 64-byte header payload of a chunk: what [`link_hash`] covers
+/// besides the content, and what follows the magic and size in its
+/// skippable frame.
+pub fn payload(h: &ChunkHeader) -> [u8; PAYLOAD_LEN] {
+    let mut p = [0u8; PAYLOAD_LEN];
+    p[0..4].copy_from_slice(TAG);
+    p[4..12].copy_from_slice(&h.seq.to_le_bytes());
+    p[12..44].copy_from_slice(&h.prev_hash);
+    p[44..52].copy_from_slice(&h.start_ms.to_le_bytes());
+    p[52..60].copy_from_slice(&h.end_ms.to_le_bytes());
+    p[60..64].copy_from_slice(&h.raw_len.to_le_bytes());
+    p
 }
 
-fn read_u32(b: &[u8], at: usize) -> u32 {
+/// A chunk's link in the hash chain: SHA-256 of its header payload and its
+/// uncompressed content. The next chunk's `prev_hash` must equal it.
+pub fn link_hash(header: &ChunkHeader, raw: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(payload(header));
+    h.update(raw);
+    h.finalize().into()
+}
+
+/// Decompresses a chunk and returns its [`link_hash`].
+pub fn hash(bytes: &[u8]) -> Result<[u8; 32], ChunkError> {
+    let (header, raw) = decompress(bytes)?;
+    Ok(link_hash(&header, &raw))
+}
+
+pub(crate) fn read_u32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
     u32::from_le_bytes(a)
 }
 
-fn read_u64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn read_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
 }
 
-fn truncated(needed: usize, have: usize) -> ChunkError {
+pub(crate) fn truncated(needed: usize, have: usize) -> ChunkError {
     ChunkError::Truncated { needed, have }
 }
 
 /// Checks the skippable frame's magic and size; returns the total length of
-/// the skippable frame.
-fn skippable_len(bytes: &[u8]) -> Result<usize, ChunkError> {
-    if bytes.len() < 8 {
-        return Err(truncated(8, bytes.len()));
+/// the skippable frame: [`HEADER_LEN`] for a recorder's chunk (`STC1`), or
+/// up to [`run::MAX_HEADER`](crate::run::MAX_HEADER) for a run (`STC2`).
+pub(crate) fn skippable_len(bytes: &[u8]) -> Result<usize, ChunkError> {
+    if bytes.len() < 12 {
+        return Err(truncated(12, bytes.len()));
     }
     let magic = read_u32(bytes, 0);
     if magic != SKIPPABLE_MAGIC {
         return Err(ChunkError::BadMagic(magic));
     }
     let size = read_u32(bytes, 4);
-    if size as usize != PAYLOAD_LEN {
+    let fits = match &bytes[8..12] {
+        t if t == TAG => size as usize == PAYLOAD_LEN,
+        t if t == crate::run::TAG => (4..=crate::run::MAX_HEADER as u32).contains(&size),
+        _ => size as usize == PAYLOAD_LEN,
+    };
+    if !fits {
         return Err(ChunkError::BadHeaderSize(size));
     }
-    Ok(HEADER_LEN)
+    Ok(8 + size as usize)
 }
 
-fn zstd_error(code: zstd_safe::ErrorCode) -> ChunkError {
+pub(crate) fn zstd_error(code: zstd_safe::ErrorCode) -> ChunkError {
     ChunkError::Zstd(zstd_safe::get_error_name(code).to_owned())
 }
 
 /// Length of the zstd frame at the start of `bytes`, refusing anything but
 /// a standard frame (no skippable or legacy frames where ours should be).
-fn frame_len(bytes: &[u8]) -> Result<usize, ChunkError> {
+pub(crate) fn frame_len(bytes: &[u8]) -> Result<usize, ChunkError> {
     if bytes.len() < 4 {
         return Err(truncated(4, bytes.len()));
     }
@@ -179,7 +223,7 @@ pub fn parse(bytes: &[u8]) -> Result<(ChunkHeader, &[u8]), ChunkError> {
         return Err(truncated(start, bytes.len()));
     }
     let tag: [u8; 4] = [bytes[8], bytes[9], bytes[10], bytes[11]];
-    if &tag != TAG {
+    if &tag != TAG || start != HEADER_LEN {
         return Err(ChunkError::BadTag(tag));
     }
     let mut prev_hash = [0u8; 32];
@@ -372,7 +416,10 @@ impl Chunker {
         // memory until it is acknowledged, so give back what compression saved.
         bytes.shrink_to_fit();
 
-        let hash = hash(&bytes);
+        let mut h = Sha256::new();
+        h.update(&bytes[8..HEADER_LEN]);
+        h.update(raw);
+        let hash: [u8; 32] = h.finalize().into();
         let chunk = Chunk {
             seq: self.next_seq,
             start_ms,
@@ -429,7 +476,9 @@ mod tests {
         assert_eq!(&b[72..76], &[0x28, 0xB5, 0x2F, 0xFD]);
         // The content checksum flag (bit 2 of the frame header descriptor).
         assert_ne!(b[76] & 0b100, 0);
-        assert_eq!(chunk.hash, hash(b));
+        assert_eq!(chunk.hash, hash(b).unwrap());
+        assert_eq!(chunk.hash, link_hash(&parse(b).unwrap().0, &raw));
+        assert_eq!(&payload(&parse(b).unwrap().0)[..], &b[8..72]);
         assert_eq!(chunk.raw_len as usize, raw.len());
     }
 
@@ -518,12 +567,11 @@ mod tests {
                         } else {
                             // Some bits of zstd's frame header descriptor
                             // only change how the same content is framed
-                            // (the "unused" bit, the single-segment flag);
-                            // the chunk's hash, checked by the chain, still
-                            // differs.
+                            // (the "unused" bit, the single-segment flag):
+                            // the same recording, and the chain says so.
                             assert_eq!(i, 76, "flip at {i}.{bit} undetected");
                             assert_eq!(h, orig);
-                            assert_ne!(hash(&b), chunk.hash);
+                            assert_eq!(hash(&b).unwrap(), chunk.hash);
                         }
                     }
                 }
@@ -623,7 +671,7 @@ mod tests {
                 prop_assert_eq!(h.end_ms, k as u64 * 10 + 5);
                 let want_prev = if k == 0 { chain_seed("sess") } else { chunks[k - 1].hash };
                 prop_assert_eq!(h.prev_hash, want_prev);
-                prop_assert_eq!(chunk.hash, hash(&chunk.bytes));
+                prop_assert_eq!(chunk.hash, hash(&chunk.bytes).unwrap());
                 stored.extend_from_slice(&chunk.bytes);
             }
 

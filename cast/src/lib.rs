@@ -9,7 +9,8 @@
 //!    pending lines into a [`Chunk`]: a zstd skippable frame with our header
 //!    (sequence number, hash chain, time span) followed by a zstd frame.
 //! 3. The agent stores and ships chunks as opaque bytes; the collector
-//!    checks them with [`chunk::decompress`] and the hash chain.
+//!    checks them with [`chunk::decompress`] and the hash chain, and once a
+//!    session has ended merges its chunks into denser [`run`]s.
 //! 4. Anyone can concatenate a session's chunks and run `zstd -d` to get a
 //!    plain `.cast` file that asciinema plays; our tools read it back with
 //!    a [`Decoder`], and [`raw_bytes`] recovers the exact bytes of a stream.
@@ -22,6 +23,7 @@
 pub mod asciicast;
 pub mod chunk;
 pub mod json;
+pub mod run;
 
 pub use asciicast::{Code, DecodeError, Decoder, Encoder, Event, Header, Term, raw_bytes, round_ms, to_v2};
 pub use chunk::{Chunk, ChunkError, ChunkHeader, Chunker};

@@ -545,7 +545,7 @@ impl ChunkReader {
             };
             if !chunks.is_empty() {
                 for c in chunks {
-                    self.next = c.seq + 1;
+                    self.next = c.last_seq + 1;
                     let msg = ChunkData {
                         session_id: self.session_id.clone(),
                         seq: c.seq,

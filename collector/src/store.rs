@@ -49,9 +49,14 @@
 //!     index        one 56-byte record per stored chunk, in seq order
 //!     end.json     {"received_unix_ms", "end": SessionEnd}, written once, last
 //!     quarantine   why the session was rejected (text), if it was
+//!     runs.zst     once the session has ended and been compacted, in place of
+//!     runs.index   chunks.zst and index: its chunks merged into runs (see
+//!                  shelltrail_cast::run), a valid .cast.zst too, and one
+//!                  index record per run (seq = its first chunk, sha256 = its
+//!                  last chunk's link hash)
 //! index record = seq:u64le offset:u64le len:u32le sha256:[32] crc32:u32le
 //!                (crc32 of the 52 bytes before it; offset and len locate the
-//!                chunk in chunks.zst; sha256 is the chunk's hash at ingest)
+//!                chunk in chunks.zst; sha256 is the chunk's link hash at ingest)
 //! ```
 //! `start.json` is written in `tmp/<id>/` with empty `chunks.zst` and `index`,
 //! synced, and the directory renamed into place: a session directory always
@@ -60,8 +65,9 @@
 //!
 //! ## Lifecycle
 //! [`Store::start`] (creates the session, or answers where it resumes) →
-//! [`Store::append`]* → [`Store::end`]; [`Store::quarantine`] (also done by
-//! `append`/`end` on a bad chunk) stops it for good. Readers
+//! [`Store::append`]* → [`Store::end`] → compaction in the background
+//! ([`compact`]); [`Store::quarantine`] (also done by `append`/`end` on a
+//! bad chunk) stops it for good. Readers
 //! ([`Store::read_chunks`], [`Store::subscribe`] for live tail,
 //! [`Store::verify`], [`Store::list`]) never take the writer's lock: they read
 //! only the committed prefix, which appends never change.
@@ -92,9 +98,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
-use shelltrail_cast::chunk;
+use shelltrail_cast::chunk::{self, ChunkError};
+use shelltrail_cast::run;
 use shelltrail_proto::v1::{SessionEnd, SessionInfo, SessionStart};
 use tokio::sync::watch;
+
+pub mod compact;
 
 /// Bytes of one index record.
 pub const INDEX_RECORD_LEN: usize = 56;
@@ -103,6 +112,12 @@ const CHUNKS_FILE: &str = "chunks.zst";
 const INDEX_FILE: &str = "index";
 const END_FILE: &str = "end.json";
 const QUARANTINE_FILE: &str = "quarantine";
+/// A compacted session's runs (see [`shelltrail_cast::run`]) and their index.
+const RUNS_FILE: &str = "runs.zst";
+const RUNS_INDEX_FILE: &str = "runs.index";
+/// Where compaction writes before it commits.
+const RUNS_TMP: &str = ".runs.zst.tmp";
+const RUNS_INDEX_TMP: &str = ".runs.index.tmp";
 /// Most index records one read fetches.
 const READ_BATCH_RECORDS: usize = 1024;
 /// `SessionInfo.missing_seqs` lists at most this many seqs (a recorder that
@@ -315,9 +330,16 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Limits on chunks held in memory while waiting for a gap to be filled.
+/// Limits on chunks held in memory while waiting for a gap to be filled,
+/// and how ended sessions are compacted.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
+    /// Merge the chunks of ended sessions into runs (see [`compact`]).
+    pub compact: bool,
+    /// zstd level of the runs.
+    pub compact_level: i32,
+    /// Most uncompressed bytes per run.
+    pub run_raw_bytes: usize,
     /// Most chunks held per session.
     pub max_held_chunks: usize,
     /// Most bytes held per session.
@@ -329,6 +351,9 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
+            compact: true,
+            compact_level: 3,
+            run_raw_bytes: 8 << 20,
             max_held_chunks: 64,
             max_held_bytes: 16 << 20,
             max_held_total_bytes: 512 << 20,
@@ -378,10 +403,14 @@ impl AppendOutcome {
     }
 }
 
-/// One stored chunk, as read back.
+/// One stored chunk, or one run of chunks once the session is compacted,
+/// as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredChunk {
+    /// The (first) chunk's seq.
     pub seq: u64,
+    /// The last chunk's seq: `seq` for a chunk.
+    pub last_seq: u64,
     pub bytes: Vec<u8>,
 }
 
@@ -394,8 +423,10 @@ pub struct SessionSummary {
     pub end: Option<Arc<SessionEnd>>,
     /// Every chunk below it is stored or was declared lost.
     pub next_seq: u64,
-    /// Chunks stored (index records).
+    /// Chunks stored.
     pub chunks: u64,
+    /// Stored as runs: the session has ended and been compacted.
+    pub compacted: bool,
     /// Bytes of `chunks.zst`.
     pub stored_bytes: u64,
     /// Seqs below `next_seq` that are not stored: lost at the recorder.
@@ -516,12 +547,17 @@ struct SessionState {
     chunks_len: u64,
     /// Committed index records.
     records: u64,
+    /// Chunks they hold: `records` until compaction merges chunks into runs.
+    parts: u64,
+    /// The session is stored as runs (`runs.zst`), for good.
+    compacted: bool,
     next_seq: u64,
     /// Hash of the last stored chunk, or the chain seed: what the next
     /// chunk's prev_hash must be.
     last_hash: [u8; 32],
     missing: Vec<SeqRange>,
-    held: BTreeMap<u64, Vec<u8>>,
+    /// Chunks ahead of a gap, with their link hashes.
+    held: BTreeMap<u64, (Vec<u8>, [u8; 32])>,
     held_bytes: usize,
     end: Option<Arc<SessionEnd>>,
     quarantine: Option<String>,
@@ -533,6 +569,8 @@ impl SessionState {
         SessionState {
             chunks_len: 0,
             records: 0,
+            parts: 0,
+            compacted: false,
             next_seq: 0,
             last_hash: chunk::chain_seed(id),
             missing: Vec::new(),
@@ -603,8 +641,9 @@ fn summarize(id: &str, host: &str, start: &Arc<SessionStart>, st: &SessionState)
         start: start.clone(),
         end: st.end.clone(),
         next_seq: st.next_seq,
-        chunks: st.records,
+        chunks: st.parts,
         stored_bytes: st.chunks_len,
+        compacted: st.compacted,
         missing: st.missing.clone(),
         held_chunks: st.held.len(),
         quarantine: st.quarantine.clone(),
@@ -640,7 +679,7 @@ impl Batch {
 
     /// Adds the chunk `seq == self.next_seq` after checking that it links to
     /// the previous one (unless the chain restarts after declared-lost chunks).
-    fn push(&mut self, seq: u64, data: Vec<u8>, restart: bool) -> Result<(), String> {
+    fn push(&mut self, seq: u64, data: Vec<u8>, sha256: [u8; 32], restart: bool) -> Result<(), String> {
         debug_assert_eq!(seq, self.next_seq);
         let (header, _) = chunk::parse(&data).map_err(|e| format!("chunk {seq} is malformed: {e}"))?;
         if !restart && header.prev_hash != self.last_hash {
@@ -648,7 +687,7 @@ impl Batch {
                 "the chain seed of this session id (chunk of another session?)".to_owned()
             } else {
                 format!(
-                    "the SHA-256 of stored chunk {} ({})",
+                    "the link hash of stored chunk {} ({})",
                     seq - 1,
                     short_hex(&self.last_hash)
                 )
@@ -659,7 +698,6 @@ impl Batch {
             ));
         }
         let len = u32::try_from(data.len()).map_err(|_| format!("chunk {seq} is larger than 4 GiB"))?;
-        let sha256 = chunk::hash(&data);
         let rec = IndexRecord {
             seq,
             offset: self.chunks_len,
@@ -685,13 +723,13 @@ fn short_hex(h: &[u8; 32]) -> String {
 }
 
 /// Checks what can be checked of a chunk on its own: it decodes, and its
-/// header's seq is the one it was sent as.
-fn check_chunk(seq: u64, data: &[u8]) -> Result<(), String> {
-    let (header, _) = chunk::decompress(data).map_err(|e| format!("chunk {seq} is malformed: {e}"))?;
+/// header's seq is the one it was sent as. Returns its link hash.
+fn check_chunk(seq: u64, data: &[u8]) -> Result<[u8; 32], String> {
+    let (header, raw) = chunk::decompress(data).map_err(|e| format!("chunk {seq} is malformed: {e}"))?;
     if header.seq != seq {
         return Err(format!("chunk sent as seq {seq} says seq {} in its header", header.seq));
     }
-    Ok(())
+    Ok(chunk::link_hash(&header, &raw))
 }
 
 /// The durable session store. See the module documentation.
@@ -702,6 +740,9 @@ pub struct Store {
     writable: bool,
     sessions: RwLock<HashMap<String, Arc<Slot>>>,
     held_total: AtomicUsize,
+    /// Compacts ended sessions in the background (a writable store with
+    /// `compact` on). Declared before the lock so that it stops first.
+    compactor: Option<compact::Compactor>,
     /// Holds the data directory's lock for as long as the store lives.
     _lock: Option<File>,
 }
@@ -750,15 +791,29 @@ impl Store {
             };
             r.map_err(|e| io_err(&p, e))?;
         }
+        let compactor = match opts.compact {
+            true => Some(compact::Compactor::start(&opts).map_err(|e| io_err(&root, e))?),
+            false => None,
+        };
         let store = Store {
             root,
             opts,
             writable: true,
             sessions: RwLock::new(HashMap::new()),
             held_total: AtomicUsize::new(0),
+            compactor,
             _lock: Some(lock),
         };
         store.scan()?;
+        // Sessions that ended before a restart and were not compacted yet.
+        if let Some(c) = &store.compactor {
+            let map = store.sessions.read().unwrap_or_else(|e| e.into_inner());
+            for slot in map.values() {
+                if compact::wanted(&self::lock(&slot.state)) {
+                    c.enqueue(slot.clone());
+                }
+            }
+        }
         Ok(store)
     }
 
@@ -776,6 +831,7 @@ impl Store {
             writable: false,
             sessions: RwLock::new(HashMap::new()),
             held_total: AtomicUsize::new(0),
+            compactor: None,
             _lock: None,
         };
         store.scan()?;
@@ -1025,12 +1081,15 @@ impl Store {
                 after_end = Some((seq, end.close.as_ref().map_or(0, |c| c.last_seq)));
                 break;
             }
-            if let Err(why) = check_chunk(seq, &data) {
-                failure = Some(why);
-                break;
-            }
+            let hash = match check_chunk(seq, &data) {
+                Ok(h) => h,
+                Err(why) => {
+                    failure = Some(why);
+                    break;
+                }
+            };
             if seq == batch.next_seq {
-                if let Err(why) = batch.push(seq, data, false) {
+                if let Err(why) = batch.push(seq, data, hash, false) {
                     failure = Some(why);
                     break;
                 }
@@ -1040,7 +1099,7 @@ impl Store {
                 }
             } else {
                 match st.held.get(&seq) {
-                    Some(held) if *held == data => out.duplicates += 1,
+                    Some((held, _)) if *held == data => out.duplicates += 1,
                     Some(_) => {
                         failure = Some(format!("chunk {seq} was sent twice with different content"));
                         break;
@@ -1055,7 +1114,7 @@ impl Store {
                         } else {
                             st.held_bytes += data.len();
                             self.held_total.fetch_add(data.len(), Ordering::Relaxed);
-                            st.held.insert(seq, data);
+                            st.held.insert(seq, (data, hash));
                             out.held.push(seq);
                         }
                     }
@@ -1102,10 +1161,10 @@ impl Store {
         let mut restart = false;
         loop {
             let seq = batch.next_seq;
-            if let Some(data) = st.held.remove(&seq) {
+            if let Some((data, hash)) = st.held.remove(&seq) {
                 st.held_bytes -= data.len();
                 self.held_total.fetch_sub(data.len(), Ordering::Relaxed);
-                batch.push(seq, data, restart)?;
+                batch.push(seq, data, hash, restart)?;
                 restart = false;
                 continue;
             }
@@ -1136,6 +1195,8 @@ impl Store {
                 Some((r, _)) => r.sha256,
                 None => return Ok(Dup::Lost),
             }
+        } else if st.compacted {
+            stored_part_hash(&slot.dir, seq)?
         } else {
             let pos = seq - count_below(&st.missing, seq);
             let path = slot.dir.join(INDEX_FILE);
@@ -1150,7 +1211,7 @@ impl Store {
                 }
             }
         };
-        if stored_hash == chunk::hash(data) {
+        if chunk::hash(data).is_ok_and(|h| h == stored_hash) {
             Ok(Dup::Same)
         } else {
             Ok(Dup::Different(format!(
@@ -1173,6 +1234,7 @@ impl Store {
             }
             st.chunks_len = batch.chunks_len;
             st.records += batch.writes.len() as u64;
+            st.parts += batch.writes.len() as u64;
             st.last_hash = batch.last_hash;
         }
         st.next_seq = batch.next_seq;
@@ -1250,6 +1312,11 @@ impl Store {
         slot.publish(&st);
         let mut out = done(&st);
         out.stored = stored;
+        if let Some(c) = &self.compactor
+            && compact::wanted(&st)
+        {
+            c.enqueue(slot.clone());
+        }
         Ok(out)
     }
 
@@ -1318,7 +1385,9 @@ impl Store {
 
     /// Committed chunks of a session from the first stored seq at or after
     /// `from_seq`, in order: as many as fit in `max_bytes` (at least one),
-    /// at most 1024. Empty when there is nothing more yet.
+    /// at most 1024. Empty when there is nothing more yet. Once the session
+    /// is compacted these are runs, the first one holding `from_seq` (or
+    /// the first stored seq after it), so it may start before `from_seq`.
     pub fn read_chunks(
         &self,
         session_id: &str,
@@ -1329,16 +1398,29 @@ impl Store {
         let slot = self
             .slot(session_id)
             .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))?;
-        let (records, stored_bytes, pos) = {
+        // The summary first, then the files: a summary of the chunks never
+        // claims more than the chunk files hold.
+        let (records, stored_bytes, pos, next_seq) = {
             let s = slot.summary.borrow();
-            (s.chunks, s.stored_bytes, from_seq - count_below(&s.missing, from_seq))
+            (
+                s.chunks,
+                s.stored_bytes,
+                from_seq - count_below(&s.missing, from_seq),
+                s.next_seq,
+            )
         };
+        if from_seq >= next_seq {
+            return Ok(Vec::new());
+        }
+        let files = Files::open(&slot.dir)?;
+        if files.runs {
+            return read_runs(&files, from_seq, max_bytes);
+        }
         if pos >= records {
             return Ok(Vec::new());
         }
         let want = (records - pos).min(READ_BATCH_RECORDS as u64) as usize;
-        let index_path = slot.dir.join(INDEX_FILE);
-        let recs = read_records(&index_path, pos, want)?;
+        let recs = read_records_from(&files.index, &files.index_path, pos, want)?;
         let mut take = 0;
         let mut bytes = 0usize;
         for r in &recs {
@@ -1352,46 +1434,44 @@ impl Store {
         let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
             return Ok(Vec::new());
         };
-        let chunks_path = slot.dir.join(CHUNKS_FILE);
         if last.end() > stored_bytes || first.offset > last.offset {
             return Err(StoreError::Corrupt {
-                path: index_path,
+                path: files.index_path,
                 why: format!("index records {pos}.. point outside the committed chunks"),
             });
         }
-        let f = File::open(&chunks_path).map_err(|e| io_err(&chunks_path, e))?;
-        let mut buf = vec![0u8; (last.end() - first.offset) as usize];
-        f.read_exact_at(&mut buf, first.offset)
-            .map_err(|e| io_err(&chunks_path, e))?;
+        let buf = files.read_at(first.offset, (last.end() - first.offset) as usize)?;
         let mut out = Vec::with_capacity(recs.len());
         for r in recs {
             let at = (r.offset - first.offset) as usize;
             let Some(bytes) = buf.get(at..at + r.len as usize) else {
                 return Err(StoreError::Corrupt {
-                    path: index_path,
+                    path: files.index_path,
                     why: format!("index record for chunk {} overlaps another", r.seq),
                 });
             };
             out.push(StoredChunk {
                 seq: r.seq,
+                last_seq: r.seq,
                 bytes: bytes.to_vec(),
             });
         }
         Ok(out)
     }
 
-    /// Copies the session's committed `chunks.zst` (a zstd-compressed
-    /// asciicast file) to `out`; returns the bytes copied.
+    /// Copies the session's committed recording (`chunks.zst`, or `runs.zst`
+    /// once compacted: either is a zstd-compressed asciicast file) to `out`;
+    /// returns the bytes copied.
     pub fn copy_recording(&self, session_id: &str, out: &mut dyn Write) -> Result<u64, StoreError> {
         check_id(session_id)?;
         let slot = self
             .slot(session_id)
             .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))?;
         let len = slot.summary.borrow().stored_bytes;
-        let path = slot.dir.join(CHUNKS_FILE);
-        let f = File::open(&path).map_err(|e| io_err(&path, e))?;
-        let mut limited = io::Read::take(f, len);
-        io::copy(&mut limited, out).map_err(|e| io_err(&path, e))
+        let files = Files::open(&slot.dir)?;
+        let len = if files.runs { files.data_len()? } else { len };
+        let mut limited = io::Read::take(&files.data, len);
+        io::copy(&mut limited, out).map_err(|e| io_err(&files.data_path, e))
     }
 
     /// Verifies a session's committed chunks (all of its files when it is
@@ -1490,9 +1570,142 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
     sync_dir(dir)
 }
 
+/// A session's data and index as one reader sees them: its chunks and
+/// their index, or, once compacted, its runs and theirs.
+///
+/// Compaction commits by renaming `runs.zst` into place (after
+/// `runs.index`) and only then removes `chunks.zst` and `index`, so a
+/// reader that finds no `runs.zst` and then opens both old files holds a
+/// consistent pair (open files outlive their removal); one that finds an
+/// old file gone looks again and finds the runs.
+struct Files {
+    data: File,
+    data_path: PathBuf,
+    index: File,
+    index_path: PathBuf,
+    runs: bool,
+}
+
+impl Files {
+    fn open(dir: &Path) -> Result<Files, StoreError> {
+        let not_found = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        for _ in 0..3 {
+            let runs_path = dir.join(RUNS_FILE);
+            match File::open(&runs_path) {
+                Ok(data) => {
+                    let index_path = dir.join(RUNS_INDEX_FILE);
+                    let index = File::open(&index_path).map_err(|e| io_err(&index_path, e))?;
+                    return Ok(Files {
+                        data,
+                        data_path: runs_path,
+                        index,
+                        index_path,
+                        runs: true,
+                    });
+                }
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(io_err(&runs_path, e)),
+            }
+            let (index_path, data_path) = (dir.join(INDEX_FILE), dir.join(CHUNKS_FILE));
+            match (File::open(&index_path), File::open(&data_path)) {
+                (Ok(index), Ok(data)) => {
+                    return Ok(Files {
+                        data,
+                        data_path,
+                        index,
+                        index_path,
+                        runs: false,
+                    });
+                }
+                (Err(e), _) if not_found(&e) => continue,
+                (_, Err(e)) if not_found(&e) => continue,
+                (Err(e), _) => return Err(io_err(&index_path, e)),
+                (_, Err(e)) => return Err(io_err(&data_path, e)),
+            }
+        }
+        Err(StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            why: format!("neither {CHUNKS_FILE} and {INDEX_FILE} nor {RUNS_FILE} and {RUNS_INDEX_FILE} can be opened"),
+        })
+    }
+
+    fn data_len(&self) -> Result<u64, StoreError> {
+        Ok(self.data.metadata().map_err(|e| io_err(&self.data_path, e))?.len())
+    }
+
+    fn read_index(&self) -> Result<Vec<u8>, StoreError> {
+        let mut buf = Vec::new();
+        io::Read::read_to_end(&mut &self.index, &mut buf).map_err(|e| io_err(&self.index_path, e))?;
+        Ok(buf)
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        let mut buf = vec![0u8; len];
+        self.data
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| io_err(&self.data_path, e))?;
+        Ok(buf)
+    }
+}
+
 /// Reads up to `n` index records from record `pos`; fails on a bad CRC.
 fn read_records(path: &Path, pos: u64, n: usize) -> Result<Vec<IndexRecord>, StoreError> {
     let f = File::open(path).map_err(|e| io_err(path, e))?;
+    read_records_from(&f, path, pos, n)
+}
+
+/// The link hash of stored chunk `seq` of a compacted session.
+fn stored_part_hash(dir: &Path, seq: u64) -> Result<[u8; 32], StoreError> {
+    let files = Files::open(dir)?;
+    let found = read_runs(&files, seq, 0)?;
+    let corrupt = |why: String| StoreError::Corrupt {
+        path: files.data_path.clone(),
+        why,
+    };
+    let first = found
+        .first()
+        .ok_or_else(|| corrupt(format!("no run holds chunk {seq}")))?;
+    let unpacked = run::unpack(&first.bytes).map_err(|e| corrupt(format!("the run holding chunk {seq}: {e}")))?;
+    unpacked
+        .parts
+        .iter()
+        .find(|p| p.header.seq == seq)
+        .map(|p| p.hash)
+        .ok_or_else(|| corrupt(format!("no run holds chunk {seq}")))
+}
+
+/// [`Store::read_chunks`] of a compacted session: the runs from the one
+/// holding `from_seq` on.
+fn read_runs(files: &Files, from_seq: u64, max_bytes: usize) -> Result<Vec<StoredChunk>, StoreError> {
+    let index = files.read_index()?;
+    let recs = read_records_from(&files.index, &files.index_path, 0, index.len() / INDEX_RECORD_LEN)?;
+    // The last run starting at or before from_seq may hold it.
+    let start = recs.partition_point(|r| r.seq <= from_seq).saturating_sub(1);
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for r in recs.iter().skip(start).take(READ_BATCH_RECORDS) {
+        if !out.is_empty() && bytes + r.len as usize > max_bytes {
+            break;
+        }
+        let data = files.read_at(r.offset, r.len as usize)?;
+        let (first, last) = run::seqs(&data).map_err(|e| StoreError::Corrupt {
+            path: files.data_path.clone(),
+            why: format!("the run at byte {}: {e}", r.offset),
+        })?;
+        if last < from_seq {
+            continue;
+        }
+        bytes += data.len();
+        out.push(StoredChunk {
+            seq: first,
+            last_seq: last,
+            bytes: data,
+        });
+    }
+    Ok(out)
+}
+
+fn read_records_from(f: &File, path: &Path, pos: u64, n: usize) -> Result<Vec<IndexRecord>, StoreError> {
     let mut buf = vec![0u8; n * INDEX_RECORD_LEN];
     let mut got = 0;
     while got < buf.len() {
@@ -1562,8 +1775,16 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
         st.quarantine = Some(String::from_utf8_lossy(&quarantine).into_owned());
     }
 
-    let index_path = dir.join(INDEX_FILE);
-    let chunks_path = dir.join(CHUNKS_FILE);
+    // A compaction commits when runs.zst is in place.
+    let compacted = dir.join(RUNS_FILE).exists();
+    if repair {
+        settle_compaction(dir, compacted)?;
+    }
+    let (index_path, chunks_path) = if compacted {
+        (dir.join(RUNS_INDEX_FILE), dir.join(RUNS_FILE))
+    } else {
+        (dir.join(INDEX_FILE), dir.join(CHUNKS_FILE))
+    };
     let index = read_file_or_empty(&index_path)?;
     let chunks_len = fs::metadata(&chunks_path)
         .map_err(|e| format!("cannot stat {}: {e}", chunks_path.display()))?
@@ -1598,9 +1819,13 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
             break;
         }
     }
+    if compacted && torn && st.damaged.is_none() {
+        // Runs are written whole and synced before they are committed.
+        st.damaged = Some(format!("{RUNS_INDEX_FILE} ends with a bad record"));
+    }
     let mut keep_index = (good.len() * INDEX_RECORD_LEN) as u64;
     let mut keep_chunks = good.last().map_or(0, |r| r.end());
-    if repair && st.damaged.is_none() {
+    if repair && st.damaged.is_none() && !compacted {
         if torn {
             tracing::warn!(session = %id, "cutting a torn tail off the index: {} bytes", index.len() as u64 - keep_index);
             truncate(&index_path, keep_index).map_err(|e| e.to_string())?;
@@ -1633,26 +1858,49 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
         }
     }
     debug_assert_eq!(keep_index, (good.len() * INDEX_RECORD_LEN) as u64);
-    if let Some(last) = good.last() {
-        let f = File::open(&chunks_path).map_err(|e| format!("cannot open {}: {e}", chunks_path.display()))?;
-        let mut buf = vec![0u8; last.len as usize];
-        f.read_exact_at(&mut buf, last.offset)
-            .map_err(|e| format!("cannot read {}: {e}", chunks_path.display()))?;
-        if chunk::hash(&buf) != last.sha256 && st.damaged.is_none() {
+    // The seqs each record holds: one chunk, or a run of them.
+    let f = File::open(&chunks_path).map_err(|e| format!("cannot open {}: {e}", chunks_path.display()))?;
+    let read = |offset: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset)
+            .map(|()| buf)
+            .map_err(|e| format!("cannot read {}: {e}", chunks_path.display()))
+    };
+    let mut spans = Vec::with_capacity(good.len());
+    for r in &good {
+        if !compacted {
+            spans.push((r.seq, r.seq));
+            continue;
+        }
+        let head = read(r.offset, chunk::HEADER_PREFIX.min(r.len as usize))?;
+        match run::seqs(&head) {
+            Ok((first, last)) if first == r.seq && spans.last().is_none_or(|&(_, p)| first > p) => {
+                spans.push((first, last));
+            }
+            _ => {
+                return Err(format!(
+                    "the run at byte {} of {RUNS_FILE} does not match its record",
+                    r.offset
+                ));
+            }
+        }
+    }
+    if let (Some(last), Some(&(_, last_seq))) = (good.last(), spans.last()) {
+        let stored = read(last.offset, last.len as usize)?;
+        if run::unpack(&stored).ok().and_then(|u| u.last_hash()) != Some(last.sha256) && st.damaged.is_none() {
             st.damaged = Some(format!(
-                "the stored bytes of chunk {} do not match its index record",
-                last.seq
+                "the stored bytes of chunk {last_seq} do not match its index record"
             ));
         }
         st.last_hash = last.sha256;
-        st.next_seq = last.seq + 1;
+        st.next_seq = last_seq + 1;
     }
     let mut expect = 0u64;
-    for r in &good {
-        if r.seq > expect {
-            push_range(&mut st.missing, expect, r.seq - 1);
+    for &(first, last) in &spans {
+        if first > expect {
+            push_range(&mut st.missing, expect, first - 1);
         }
-        expect = r.seq + 1;
+        expect = last + 1;
     }
     // Chunks the recorder lost at the very end are below next_seq too
     // (as `end` leaves them), except in a session that never had a chunk.
@@ -1664,8 +1912,35 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
         }
     }
     st.records = good.len() as u64;
+    st.parts = spans.iter().map(|&(first, last)| last - first + 1).sum();
+    st.compacted = compacted;
     st.chunks_len = keep_chunks;
     Ok((start.start, st))
+}
+
+/// Finishes or undoes a compaction a crash interrupted: once `runs.zst` is
+/// in place (`compacted`) the chunks it replaced go; before that, what the
+/// compaction wrote goes.
+fn settle_compaction(dir: &Path, compacted: bool) -> Result<(), String> {
+    let mut leftovers = vec![RUNS_TMP, RUNS_INDEX_TMP];
+    if compacted {
+        leftovers.extend([CHUNKS_FILE, INDEX_FILE]);
+    } else {
+        leftovers.push(RUNS_INDEX_FILE);
+    }
+    let mut removed = false;
+    for name in leftovers {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", dir.join(name).display())),
+        }
+    }
+    if removed {
+        tracing::warn!(dir = %dir.display(), "settled a compaction interrupted by a crash");
+        sync_dir(dir).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// The chunks in `chunks.zst` after `last` (the last indexed one), up to
@@ -1698,15 +1973,16 @@ fn reindex_tail(
     while pos < tail.len() {
         let Ok(len) = chunk::chunk_len(&tail[pos..]) else { break };
         let bytes = &tail[pos..pos + len];
-        let Ok((header, _)) = chunk::decompress(bytes) else {
+        let Ok((header, raw)) = chunk::decompress(bytes) else {
             break;
         };
         if header.seq < next || (header.seq == next && header.prev_hash != prev_hash) {
             break;
         }
-        let (Ok(len32), sha256) = (u32::try_from(len), chunk::hash(bytes)) else {
+        let Ok(len32) = u32::try_from(len) else {
             break;
         };
+        let sha256 = chunk::link_hash(&header, &raw);
         found.push(IndexRecord {
             seq: header.seq,
             offset: from + pos as u64,
@@ -1921,6 +2197,10 @@ pub fn verify_dir(dir: &Path) -> Result<Report, StoreError> {
     verify_impl(dir, None)
 }
 
+/// Chunks a record holds, for [`verify_impl`]: first seq, last seq, the
+/// first's prev_hash when it could be read, the last's hash.
+type Held = (u64, u64, Option<[u8; 32]>, [u8; 32]);
+
 fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreError> {
     let id = dir
         .file_name()
@@ -1967,11 +2247,11 @@ fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreErr
         report.quarantine = Some(String::from_utf8_lossy(&q).into_owned());
     }
 
-    let index_path = dir.join(INDEX_FILE);
-    let chunks_path = dir.join(CHUNKS_FILE);
-    let index = fs::read(&index_path).map_err(|e| io_err(&index_path, e))?;
-    let chunks = File::open(&chunks_path).map_err(|e| io_err(&chunks_path, e))?;
-    let file_len = chunks.metadata().map_err(|e| io_err(&chunks_path, e))?.len();
+    let files = Files::open(dir)?;
+    let index = files.read_index()?;
+    let file_len = files.data_len()?;
+    // Runs are written whole before they are committed: no limit applies.
+    let limit = limit.filter(|_| !files.runs);
     let (records, file_len) = match limit {
         Some((r, b)) => ((r as usize).min(index.len() / INDEX_RECORD_LEN), b.min(file_len)),
         None => {
@@ -2021,22 +2301,6 @@ fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreErr
             report.problems.push(Problem::IndexRecordCorrupt { record: i as u64 });
             break;
         };
-        report.chunks += 1;
-        let prev_seq = prev.map(|p| p.0);
-        if let Some(p) = prev_seq
-            && rec.seq <= p
-        {
-            report.problems.push(Problem::OutOfOrder {
-                record: i as u64,
-                seq: rec.seq,
-                after: p,
-            });
-        }
-        let gap_first = prev_seq.map_or(0, |p| p + 1);
-        let restart = rec.seq > gap_first && gap(gap_first, rec.seq - 1, &mut report);
-        if restart {
-            report.chain_restarts.push(rec.seq);
-        }
         if rec.offset != expected_offset {
             report.problems.push(Problem::Layout {
                 seq: rec.seq,
@@ -2045,53 +2309,91 @@ fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreErr
             });
         }
         expected_offset = rec.end();
+        // What the record holds, as far as it can be read, per chunk (a run
+        // holds many).
+        let mut held: Vec<Held> = Vec::new();
         if rec.end() > file_len {
             report.problems.push(Problem::OutsideFile {
                 seq: rec.seq,
                 end: rec.end(),
                 file_len,
             });
-            prev = Some((rec.seq, rec.sha256));
-            continue;
-        }
-        let mut bytes = vec![0u8; rec.len as usize];
-        chunks
-            .read_exact_at(&mut bytes, rec.offset)
-            .map_err(|e| io_err(&chunks_path, e))?;
-        report.stored_bytes += bytes.len() as u64;
-        let actual = chunk::hash(&bytes);
-        if actual != rec.sha256 {
-            report.problems.push(Problem::Altered { seq: rec.seq });
-        }
-        match chunk::decompress(&bytes) {
-            Err(e) => report.problems.push(Problem::Undecodable {
-                seq: rec.seq,
-                error: e.to_string(),
-            }),
-            Ok((header, raw)) => {
-                report.raw_bytes += raw.len() as u64;
-                if header.seq != rec.seq {
-                    report.problems.push(Problem::WrongChunk {
-                        seq: rec.seq,
-                        found: header.seq,
-                    });
+            held.push((rec.seq, rec.seq, None, rec.sha256));
+        } else {
+            let mut bytes = vec![0u8; rec.len as usize];
+            files
+                .data
+                .read_exact_at(&mut bytes, rec.offset)
+                .map_err(|e| io_err(&files.data_path, e))?;
+            report.stored_bytes += bytes.len() as u64;
+            let (first, last) = run::seqs(&bytes).unwrap_or((rec.seq, rec.seq));
+            match run::unpack(&bytes) {
+                Ok(u) => {
+                    report.raw_bytes += u.raw.len() as u64;
+                    if first != rec.seq {
+                        report.problems.push(Problem::WrongChunk {
+                            seq: rec.seq,
+                            found: first,
+                        });
+                    }
+                    if u.last_hash() != Some(rec.sha256) {
+                        report.problems.push(Problem::Altered {
+                            seq: rec.seq + (last - first),
+                        });
+                    }
+                    // Placed where the index says; a header that disagrees
+                    // is the WrongChunk above.
+                    held.extend(
+                        u.parts
+                            .iter()
+                            .zip(rec.seq..)
+                            .map(|(p, seq)| (seq, seq, Some(p.header.prev_hash), p.hash)),
+                    );
                 }
-                let expected_prev = match prev {
-                    _ if restart => None,
-                    None if rec.seq == 0 => Some((None, seed)),
-                    // A gap at the very start that was not declared lost:
-                    // already reported; there is nothing to link to.
-                    None => None,
-                    Some((p, h)) => Some((Some(p), h)),
-                };
-                if let Some((previous, h)) = expected_prev
-                    && header.prev_hash != h
-                {
-                    report.problems.push(Problem::ChainBroken { seq: rec.seq, previous });
+                Err(e) => {
+                    report.problems.push(match e {
+                        ChunkError::Altered { seq } => Problem::Altered { seq },
+                        e => Problem::Undecodable {
+                            seq: rec.seq,
+                            error: e.to_string(),
+                        },
+                    });
+                    held.push((rec.seq, rec.seq + (last - first), None, rec.sha256));
                 }
             }
         }
-        prev = Some((rec.seq, actual));
+        for (first, last, prev_hash, hash) in held {
+            report.chunks += last.saturating_sub(first) + 1;
+            let prev_seq = prev.map(|p| p.0);
+            if let Some(p) = prev_seq
+                && first <= p
+            {
+                report.problems.push(Problem::OutOfOrder {
+                    record: i as u64,
+                    seq: first,
+                    after: p,
+                });
+            }
+            let gap_first = prev_seq.map_or(0, |p| p + 1);
+            let restart = first > gap_first && gap(gap_first, first - 1, &mut report);
+            if restart {
+                report.chain_restarts.push(first);
+            }
+            let expected_prev = match prev {
+                _ if restart => None,
+                None if first == 0 => Some((None, seed)),
+                // A gap at the very start that was not declared lost:
+                // already reported; there is nothing to link to.
+                None => None,
+                Some((p, h)) => Some((Some(p), h)),
+            };
+            if let (Some((previous, h)), Some(ph)) = (expected_prev, prev_hash)
+                && ph != h
+            {
+                report.problems.push(Problem::ChainBroken { seq: first, previous });
+            }
+            prev = Some((last, hash));
+        }
     }
     if let (Some(last_seq), true) = (report.last_seq, report.ended) {
         let next = prev.map_or(0, |p| p.0 + 1);

@@ -368,7 +368,8 @@ impl ShipWorld {
     /// Everything the scenarios require of one shipped session: it reaches
     /// the collector ended (within `timeout`), complete (no chunk lost or
     /// missing), `verify` passes there (hash chain, no gap, no duplicate),
-    /// and `export --raw` from the collector is exactly `expected`.
+    /// and `export --raw` from the collector is exactly `expected`; and all
+    /// of that again once the collector has compacted it into runs.
     /// Returns the collector's row.
     #[track_caller]
     pub fn assert_shipped(&self, host: &Host, id: &str, expected: &[u8], timeout: Duration) -> SessionRow {
@@ -387,6 +388,27 @@ impl ShipWorld {
         );
         let got = self.remote_export_raw(id);
         assert_bytes_eq(&got, expected, &format!("export --raw of {id} from the collector"));
+        // The ended session is compacted into runs; it reads and verifies the same.
+        let runs = self
+            .collector
+            .data_dir
+            .join("sessions")
+            .join(&host.name)
+            .join(id)
+            .join("runs.zst");
+        poll_until(timeout, || runs.exists().then_some(()))
+            .unwrap_or_else(|| panic!("session {id} was not compacted at the collector within {timeout:?}"));
+        let v = self.remote_verify(id);
+        assert!(
+            v.status.success() && v.stdout_str().starts_with("OK: ") && !v.stdout_str().contains("FAIL"),
+            "verify of the compacted session at the collector failed: {v}"
+        );
+        let got = self.remote_export_raw(id);
+        assert_bytes_eq(
+            &got,
+            expected,
+            &format!("export --raw of compacted {id} from the collector"),
+        );
         r
     }
 

@@ -537,7 +537,8 @@ impl Shipper {
         let (next, hash) = match last {
             Some((seq, loc)) => (
                 seq + 1,
-                shelltrail_cast::chunk::hash(&spool::read_chunk(&self.spool_dir, loc)?),
+                shelltrail_cast::chunk::hash(&spool::read_chunk(&self.spool_dir, loc)?)
+                    .with_context(|| format!("session {id}: its last spooled chunk {seq} is unreadable"))?,
             ),
             None => (0, shelltrail_cast::chunk::chain_seed(id)),
         };

@@ -268,26 +268,34 @@ impl CastReader {
         };
         self.buf.clear();
         self.pos = 0;
-        if seq != self.expect_seq && seq > 0 {
-            let why = if (self.expect_seq..seq).all(|s| self.row.lost_seqs.contains(&s)) {
-                "dropped by the recorder while the agent was away"
-            } else {
-                "missing"
-            };
-            let line = format!(
-                "[0.000, \"m\", \"shelltrail: gap: chunks {}..{} of this session are {why}\"]\n",
-                self.expect_seq,
-                seq - 1
-            );
-            self.buf.extend_from_slice(line.as_bytes());
-        }
-        self.expect_seq = seq + 1;
-        let (_, text) = shelltrail_cast::chunk::decompress(&bytes)
+        // A recorder's chunk, or a run of them as the collector keeps ended sessions.
+        let stored = shelltrail_cast::run::unpack(&bytes)
             .map_err(|e| std::io::Error::other(format!("chunk {seq} of session {}: {e}", self.row.id)))?;
-        if seq == 0 {
-            self.buf.extend_from_slice(&patch_header(&text, &self.row));
-        } else {
-            self.buf.extend_from_slice(&text);
+        for part in &stored.parts {
+            let seq = part.header.seq;
+            if seq < self.expect_seq {
+                continue;
+            }
+            if seq != self.expect_seq {
+                let why = if (self.expect_seq..seq).all(|s| self.row.lost_seqs.contains(&s)) {
+                    "dropped by the recorder while the agent was away"
+                } else {
+                    "missing"
+                };
+                let line = format!(
+                    "[0.000, \"m\", \"shelltrail: gap: chunks {}..{} of this session are {why}\"]\n",
+                    self.expect_seq,
+                    seq - 1
+                );
+                self.buf.extend_from_slice(line.as_bytes());
+            }
+            self.expect_seq = seq + 1;
+            let text = stored.content(part);
+            if seq == 0 {
+                self.buf.extend_from_slice(&patch_header(text, &self.row));
+            } else {
+                self.buf.extend_from_slice(text);
+            }
         }
         Ok(true)
     }

@@ -7,7 +7,8 @@
 
 use crate::cli::Source;
 use anyhow::Result;
-use shelltrail_cast::chunk;
+use shelltrail_cast::chunk::{self, ChunkError};
+use shelltrail_cast::run;
 use std::io::Write;
 
 /// Prints the report; returns whether the session verified.
@@ -18,55 +19,68 @@ pub fn run(src: &mut Source, id: &str, out: &mut impl Write) -> Result<bool> {
     let mut notes = Vec::new();
     let mut expect = 0u64;
     let mut prev = chunk::chain_seed(&row.id);
+    let mut parts = 0usize;
     if row.first_chunk_missing(&chunks) {
         notes.push(format!(
             "chunks before {} are not here (shipped and deleted from the spool): verifying from there",
             chunks[0].0
         ));
         expect = chunks[0].0;
-        prev = chunk::parse(&chunks[0].1).map(|(h, _)| h.prev_hash).unwrap_or(prev);
+        if let Ok(u) = run::unpack(&chunks[0].1)
+            && let Some(p) = u.parts.first()
+        {
+            prev = p.header.prev_hash;
+        }
     }
     for (seq, bytes) in &chunks {
-        let (head, _) = match chunk::parse(bytes) {
-            Ok(h) => h,
+        // A recorder's chunk, or a run of them (how the collector keeps
+        // ended sessions): unpacking checks a run's inner chain.
+        let stored = match run::unpack(bytes) {
+            Ok(u) => u,
+            Err(ChunkError::Altered { seq: at }) => {
+                problems.push(format!("chunk {at} no longer hashes to what was recorded: altered"));
+                expect = expect.max(at + 1);
+                continue;
+            }
             Err(e) => {
-                problems.push(format!("chunk {seq}: unreadable header: {e}"));
-                expect = seq + 1;
+                problems.push(format!("chunk {seq}: unreadable: {e}"));
+                expect = expect.max(seq + 1);
                 continue;
             }
         };
-        if head.seq != *seq {
+        if stored.parts.first().is_some_and(|p| p.header.seq != *seq) {
             problems.push(format!(
                 "chunk stored as {seq} says it is chunk {}: reordered",
-                head.seq
+                stored.parts[0].header.seq
             ));
         }
-        if *seq < expect {
-            problems.push(format!(
-                "chunk {seq} appears again after chunk {}: duplicated or reordered",
-                expect - 1
-            ));
-        } else if *seq > expect {
-            let gap: Vec<u64> = (expect..*seq).collect();
-            if gap.iter().all(|s| row.lost_seqs.contains(s)) {
-                notes.push(format!(
-                    "chunks {expect}..{} were dropped by the recorder (recorded gap)",
-                    seq - 1
+        for part in &stored.parts {
+            let (seq, head) = (part.header.seq, &part.header);
+            parts += 1;
+            if seq < expect {
+                problems.push(format!(
+                    "chunk {seq} appears again after chunk {}: duplicated or reordered",
+                    expect - 1
                 ));
-            } else {
-                problems.push(format!("chunks {expect}..{} are missing: deleted", seq - 1));
+            } else if seq > expect {
+                let gap: Vec<u64> = (expect..seq).collect();
+                if gap.iter().all(|s| row.lost_seqs.contains(s)) {
+                    notes.push(format!(
+                        "chunks {expect}..{} were dropped by the recorder (recorded gap)",
+                        seq - 1
+                    ));
+                } else {
+                    problems.push(format!("chunks {expect}..{} are missing: deleted", seq - 1));
+                }
+            } else if head.prev_hash != prev {
+                problems.push(format!(
+                    "chunk {seq} does not follow chunk {}: altered, replaced or reordered",
+                    seq.wrapping_sub(1)
+                ));
             }
-        } else if head.prev_hash != prev {
-            problems.push(format!(
-                "chunk {seq} does not follow chunk {}: altered, replaced or reordered",
-                seq.wrapping_sub(1)
-            ));
+            prev = part.hash;
+            expect = expect.max(seq + 1);
         }
-        if let Err(e) = chunk::decompress(bytes) {
-            problems.push(format!("chunk {seq} is corrupt: {e}"));
-        }
-        prev = chunk::hash(bytes);
-        expect = expect.max(seq + 1);
     }
     if let Some(last) = row.last_seq
         && expect <= last
@@ -83,17 +97,15 @@ pub fn run(src: &mut Source, id: &str, out: &mut impl Write) -> Result<bool> {
     if problems.is_empty() {
         writeln!(
             out,
-            "OK: session {} ({state}): {} chunks, hash chain intact",
+            "OK: session {} ({state}): {parts} chunks, hash chain intact",
             row.id,
-            chunks.len()
         )?;
     } else {
         writeln!(
             out,
-            "session {} ({state}): {} problem(s) in {} chunks",
+            "session {} ({state}): {} problem(s) in {parts} chunks",
             row.id,
             problems.len(),
-            chunks.len()
         )?;
     }
     Ok(problems.is_empty())

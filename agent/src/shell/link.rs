@@ -349,6 +349,7 @@ impl Link {
             body: Some(recorder_frame::Body::Chunk(shelltrail_proto::v1::Chunk {
                 seq: c.seq,
                 data: c.bytes.clone(),
+                hash: c.hash.to_vec(),
             })),
         };
         self.send(&frame);

@@ -119,6 +119,7 @@ fn build_script(i: usize, ticks: usize) -> Script {
         let frame = RecorderFrame {
             body: Some(recorder_frame::Body::Chunk(shelltrail_proto::v1::Chunk {
                 seq: c.seq,
+                hash: c.hash.to_vec(),
                 data: c.bytes,
             })),
         };

@@ -88,3 +88,20 @@ pub fn end_msg(id: &str, last_seq: u64, lost: Vec<u64>) -> SessionEnd {
         closed_unix_ms: 2_000_001,
     }
 }
+
+/// A session's recording as stored: `runs.zst` once the collector has
+/// compacted the ended session, `chunks.zst` until then (either is a
+/// `.cast.zst`). Compaction removes `chunks.zst` only after `runs.zst` is in
+/// place, so looking twice always finds one.
+pub fn stored_file(dir: &std::path::Path) -> Vec<u8> {
+    for _ in 0..2 {
+        for name in ["runs.zst", "chunks.zst"] {
+            match std::fs::read(dir.join(name)) {
+                Ok(b) => return b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("{}: {e}", dir.join(name).display()),
+            }
+        }
+    }
+    panic!("{} holds neither runs.zst nor chunks.zst", dir.display());
+}
