@@ -75,7 +75,8 @@ pub struct ShellConfig {
     pub chunk_bytes: u64,
     /// ...or when the oldest pending event is this old.
     pub chunk_interval_ms: u64,
-    /// zstd level for chunks.
+    /// zstd level for chunks: cheap, since it is paid on the user's hot path
+    /// and the collector compresses ended sessions again, denser.
     pub compression_level: i32,
     /// Seconds to wait at session end for the agent to acknowledge the rest.
     pub close_timeout_secs: u64,
@@ -154,7 +155,7 @@ impl Default for ShellConfig {
             buffer_bytes: 64 << 20,
             chunk_bytes: 512 << 10,
             chunk_interval_ms: 100,
-            compression_level: 3,
+            compression_level: 1,
             close_timeout_secs: 10,
         }
     }
