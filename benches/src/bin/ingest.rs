@@ -39,13 +39,16 @@
 //!    (`follow`): each live chunk's time from the recorder's write to its
 //!    arrival at the follower, during the drain and after it, shows whether
 //!    the backlog starves live sessions.
-//! 4. **stored bytes**: the collector's `chunks.zst` and whole session
-//!    directory per MiB of asciicast, against `gzip -6` and `zstd -3` of the
-//!    whole `.cast` file (on a sample of sessions), for interactive sessions
-//!    (the paced ones: a chunk every 100 ms) and bulk ones (the drained
-//!    backlog). Every stored session is decompressed and compared with the
-//!    `.cast` the generator encoded (length and SHA-256): mismatches are
-//!    counted, not fatal.
+//! 4. **compaction and stored bytes**: a collector is started again on each
+//!    phase's data directory and left until every ended session is compacted
+//!    into runs (the collector of the phase stops with its compaction queue
+//!    unfinished). Then the chunks as shipped, the stored recording
+//!    (`runs.zst`) and the whole session directory, per MiB of asciicast,
+//!    against `gzip -6` and `zstd -3` of the whole `.cast` file (on a sample
+//!    of sessions), for interactive sessions (the paced ones: a chunk every
+//!    100 ms) and bulk ones (the drained backlog). Every stored session is
+//!    decompressed and compared with the `.cast` the generator encoded
+//!    (length and SHA-256): mismatches are counted, not fatal.
 //!
 //! Also: a short fdatasync probe of the temporary directory's disk (1, 8 and
 //! 64 concurrent writers), the system's CPU split (`/proc/stat`: user,
@@ -945,6 +948,46 @@ async fn send_windowed(
     }
 }
 
+/// Ends `sessions` (id, last seq) on a host's stream and waits until the
+/// collector has committed every end.
+async fn end_sessions(mut conn: Conn, sessions: Vec<(String, u64)>) -> Result<(), String> {
+    let mut open: HashSet<String> = sessions.iter().map(|(id, _)| id.clone()).collect();
+    for (id, last_seq) in sessions {
+        let end = shelltrail_proto::v1::SessionEnd {
+            session_id: id,
+            close: Some(Close {
+                exit_status: 0,
+                last_seq,
+                end_unix_ms: (unix_now() * 1e3) as i64,
+                ..Default::default()
+            }),
+            cause: "recorder".into(),
+            closed_unix_ms: (unix_now() * 1e3) as i64,
+        };
+        conn.tx
+            .send(ship(ship_request::Body::End(end)))
+            .await
+            .map_err(|_| format!("{}: the stream closed", conn.host))?;
+    }
+    while !open.is_empty() {
+        match tokio::time::timeout(Duration::from_secs(60), conn.inbound.message()).await {
+            Ok(Ok(Some(ShipResponse {
+                body: Some(ship_response::Body::Committed(c)),
+            }))) if c.ended => {
+                open.remove(&c.session_id);
+            }
+            Ok(Ok(Some(ShipResponse {
+                body: Some(ship_response::Body::Rejected(r)),
+            }))) => return Err(format!("{}: end rejected: {}", r.session_id, r.reason)),
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return Err(format!("{}: the collector closed the stream", conn.host)),
+            Ok(Err(status)) => return Err(format!("{}: {status}", conn.host)),
+            Err(_) => return Err(format!("{}: {} ends not committed within 60 s", conn.host, open.len())),
+        }
+    }
+    Ok(())
+}
+
 /// Runs one host's load on its stream until every chunk is committed (or
 /// the stream fails); gives the stream back for the next phase.
 async fn run_host(conn: Conn, load: Load) -> (Conn, Track) {
@@ -1340,7 +1383,35 @@ fn ingest(
     progress!("phase 2: saturation");
     let (conns, mut sat_ran) = sub_phase(rt, &collector, conns, deal(sat, hosts), None, opts.window_mib << 20);
     sat_ran.checks_us = sat_checks;
-    drop(conns);
+    // The sessions end, as sessions do: the collector then compacts them.
+    progress!("ending the {} sessions...", paced_expect.len() + sat_expect.len());
+    let groups = [&paced_expect[..], &sat_expect[..]];
+    let end_errors: Vec<String> = rt.block_on(async {
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|c| {
+                let mine: Vec<(String, u64)> = groups
+                    .iter()
+                    .flat_map(|g| g.iter())
+                    .filter(|e| e.host == c.host)
+                    .map(|e| (e.id.clone(), e.chunks as u64 - 1))
+                    .collect();
+                tokio::spawn(end_sessions(c, mine))
+            })
+            .collect();
+        let mut errors = Vec::new();
+        for t in tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        errors
+    });
+    if let Some(e) = end_errors.first() {
+        progress!("{} host streams could not end their sessions: {e}", end_errors.len());
+    }
     let data = collector.data.clone();
     drop(collector);
     Ok(IngestReport {
@@ -1748,6 +1819,10 @@ fn drain(
 struct Sizes {
     sessions: usize,
     verified: usize,
+    /// Sessions stored as runs (compacted) rather than as their chunks.
+    compacted: usize,
+    /// Bytes of the chunks the sample's sessions were shipped as.
+    shipped: u64,
     mismatches: Vec<String>,
     sample: usize,
     chunks: usize,
@@ -1758,8 +1833,42 @@ struct Sizes {
     zstd3: Option<u64>,
 }
 
-/// Checks every session of a group (its stored `chunks.zst` decompresses
-/// to exactly the `.cast` the generator encoded) and sizes a sample.
+/// After a phase: a collector started again on its data directory compacts
+/// every ended session that is not compacted yet (the one that ingested
+/// them stops right after the load, its compaction queue unfinished).
+/// Returns the seconds until all of `groups` are, or why they were not.
+fn compact_all(cli: &Path, pki: &Pki, data: &Path, groups: &[&[Expect]]) -> Result<f64, String> {
+    let parent = data.parent().ok_or("data directory without a parent")?;
+    let t0 = Instant::now();
+    let mut c = CollectorProc::start(cli, parent, pki, free_port()?)?;
+    let dirs: Vec<PathBuf> = groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|e| data.join("sessions").join(&e.host).join(&e.id).join("runs.zst"))
+        .collect();
+    let deadline = t0 + Duration::from_secs(300);
+    let mut left = dirs.len();
+    while Instant::now() < deadline {
+        left = dirs.iter().filter(|p| !p.exists()).count();
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    c.stop();
+    if left > 0 {
+        return Err(format!(
+            "{left} of {} sessions not compacted after {secs:.0} s",
+            dirs.len()
+        ));
+    }
+    Ok(secs)
+}
+
+/// Checks every session of a group (its stored recording, `runs.zst` once
+/// compacted, else `chunks.zst`, decompresses to exactly the `.cast` the
+/// generator encoded) and sizes a sample.
 fn sizes(data: &Path, group: &[Expect], sample: usize, tmp: &Path) -> Sizes {
     let mut out = Sizes {
         sessions: group.len(),
@@ -1770,18 +1879,22 @@ fn sizes(data: &Path, group: &[Expect], sample: usize, tmp: &Path) -> Sizes {
     let step = (group.len() / sample.max(1)).max(1);
     for (i, e) in group.iter().enumerate() {
         let dir = data.join("sessions").join(&e.host).join(&e.id);
-        let stored = match std::fs::read(dir.join("chunks.zst")) {
-            Ok(s) => s,
-            Err(err) => {
-                out.mismatches.push(format!("{}: {err}", e.id));
-                continue;
-            }
+        let (stored, compacted) = match std::fs::read(dir.join("runs.zst")) {
+            Ok(s) => (s, true),
+            Err(_) => match std::fs::read(dir.join("chunks.zst")) {
+                Ok(s) => (s, false),
+                Err(err) => {
+                    out.mismatches.push(format!("{}: {err}", e.id));
+                    continue;
+                }
+            },
         };
+        out.compacted += usize::from(compacted);
         let cast = match zstd::stream::decode_all(&stored[..]) {
             Ok(c) => c,
             Err(err) => {
                 out.mismatches
-                    .push(format!("{}: chunks.zst does not decompress: {err}", e.id));
+                    .push(format!("{}: the stored recording does not decompress: {err}", e.id));
                 continue;
             }
         };
@@ -1800,6 +1913,7 @@ fn sizes(data: &Path, group: &[Expect], sample: usize, tmp: &Path) -> Sizes {
         }
         out.sample += 1;
         out.chunks += e.chunks;
+        out.shipped += e.chunk_bytes;
         out.cast += cast.len() as u64;
         out.stored += stored.len() as u64;
         out.dir += dir_bytes(&dir, "");
@@ -1959,6 +2073,11 @@ fn run(opts: &Opts) -> Result<(), String> {
         failed: Some(e),
         ..Default::default()
     });
+    progress!("phase 4: compaction; the collector restarted on each data directory compacts what is left...");
+    let compaction = [
+        compact_all(&cli, &pki, &ing.data, &[&ing.interactive, &ing.bulk]),
+        compact_all(&cli, &pki, &dr.data, &[&dr.expect]),
+    ];
     progress!("phase 4: stored bytes; checking every stored session against its .cast...");
     let sz_inter = sizes(&ing.data, &ing.interactive, opts.sample, &dir);
     let sz_sat = sizes(&ing.data, &ing.bulk, 0, &dir);
@@ -2221,7 +2340,11 @@ fn run(opts: &Opts) -> Result<(), String> {
             &format!(".cast ({} sessions, {} chunks)", s.sample, s.chunks),
             Some(s.cast),
         ));
-        srows.push(row("chunks.zst (the stored chunks)", Some(s.stored)));
+        srows.push(row("the chunks as shipped (recorder's level)", Some(s.shipped)));
+        srows.push(row(
+            &format!("stored ({}/{} sessions compacted into runs)", s.compacted, s.sessions),
+            Some(s.stored),
+        ));
         srows.push(row("session directories (all files)", Some(s.dir)));
         srows.push(row("gzip -6 of the whole .cast", s.gzip6));
         srows.push(row("zstd -3 of the whole .cast", s.zstd3));
@@ -2243,6 +2366,18 @@ fn run(opts: &Opts) -> Result<(), String> {
         .take(5)
     {
         println!("mismatch: {m}");
+    }
+    println!(
+        "compacted into runs: interactive {}/{}, saturation {}/{}, backlog {}/{}",
+        sz_inter.compacted, sz_inter.sessions, sz_sat.compacted, sz_sat.sessions, sz_bulk.compacted, sz_bulk.sessions
+    );
+    for (what, c) in ["ingest", "drain"].iter().zip(&compaction) {
+        match c {
+            Ok(secs) => println!(
+                "{what} data directory: every session compacted {secs:.1} s after a collector was started on it again"
+            ),
+            Err(e) => println!("{what} data directory: {e}"),
+        }
     }
     println!();
 

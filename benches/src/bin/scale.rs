@@ -97,7 +97,7 @@ struct Script {
 fn build_script(i: usize, ticks: usize) -> Script {
     let id = uuid::Uuid::now_v7().to_string();
     let mut enc = Encoder::new();
-    let mut chunker = Chunker::new(&id, 3);
+    let mut chunker = Chunker::new(&id, shelltrail::config::ShellConfig::default().compression_level);
     let mut header = Header::new(120, 40);
     header.command = Some("simulated".into());
     enc.header(&header, chunker.buffer());
