@@ -5,6 +5,10 @@
 //! * `chunk/*`: `shelltrail_cast::Chunker` cutting chunks of the recorder's
 //!   default size (`chunk_bytes`) of encoded asciicast at its default zstd
 //!   level, in MB/s of encoded text; the compression ratio is printed.
+//! * `run/compact`: what the collector's compaction does per MiB of content:
+//!   16 chunks of the default size decompressed and their link hashes
+//!   checked, merged into a run at level 3, and the run unpacked again to
+//!   check it, in MB/s of asciicast.
 //! * `spool/*`: the agent's spool `Writer` (group commit) fed ~1 KiB chunk
 //!   records by N concurrent producers that each wait for their record's
 //!   fdatasync; in chunks/s, with fsyncs per record printed.
@@ -75,13 +79,13 @@ fn encode(c: &mut Criterion) {
 fn chunk(c: &mut Criterion) {
     let (chunk_bytes, default_level) = recorder();
     let mut g = c.benchmark_group("chunk");
-    // The default level on the three inputs, then two faster levels on the
-    // terminal-like text, to show what a cheaper setting would cost in size.
+    // The default level on the three inputs, then a denser and a faster
+    // level on the terminal-like text, to show what each would cost.
     let cases: [(&str, &str, i32); 5] = [
         ("ascii_escapes", "ascii_escapes", default_level),
         ("utf8_heavy", "utf8_heavy", default_level),
         ("random_bytes", "random_bytes", default_level),
-        ("ascii_escapes_level_1", "ascii_escapes", 1),
+        ("ascii_escapes_level_3", "ascii_escapes", 3),
         ("ascii_escapes_level_-1", "ascii_escapes", -1),
     ];
     let mut encoded_by_input = std::collections::HashMap::new();
@@ -132,6 +136,56 @@ fn chunk(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+}
+
+/// The collector's compaction of one run: chunks as shipped in, a checked
+/// run out (see `collector/src/store/compact.rs`).
+fn run_compact(c: &mut Criterion) {
+    let (chunk_bytes, level) = recorder();
+    let mut enc = Encoder::new();
+    let mut encoded = Vec::new();
+    let mut t = Duration::ZERO;
+    let mut seed = 40;
+    while encoded.len() < 16 * chunk_bytes {
+        encode_all(&mut enc, &mixed_text(ENCODE_BYTES, seed), &mut encoded, &mut t);
+        seed += 1;
+    }
+    let mut chunker = Chunker::new("00000000-0000-7000-8000-000000000000", level);
+    let chunks: Vec<Vec<u8>> = encoded
+        .chunks(chunk_bytes)
+        .take(16)
+        .map(|p| {
+            chunker.buffer().extend_from_slice(p);
+            chunker.cut(0, 1).expect("a chunk").bytes
+        })
+        .collect();
+    let content: usize = encoded.chunks(chunk_bytes).take(16).map(<[u8]>::len).sum();
+    let shipped: usize = chunks.iter().map(Vec::len).sum();
+    let compact = || {
+        let opened: Vec<_> = chunks
+            .iter()
+            .map(|b| {
+                let (h, raw) = shelltrail_cast::chunk::decompress(b).expect("a chunk");
+                black_box(shelltrail_cast::chunk::link_hash(&h, &raw));
+                (h, raw)
+            })
+            .collect();
+        let parts: Vec<_> = opened.iter().map(|(h, r)| (h.clone(), &r[..])).collect();
+        let run = shelltrail_cast::run::merge(&parts, 3).expect("a run");
+        let back = shelltrail_cast::run::unpack(&run).expect("the run unpacks");
+        (run.len(), back.parts.len())
+    };
+    let (run_len, _) = compact();
+    println!(
+        "run/compact: {} chunks, {content} bytes of asciicast: {shipped} bytes as shipped (level {level}) -> \
+         {run_len} bytes as a run (level 3), {:.1}% of the chunks",
+        chunks.len(),
+        100.0 * run_len as f64 / shipped as f64
+    );
+    let mut g = c.benchmark_group("run");
+    g.throughput(Throughput::Bytes(content as u64));
+    g.bench_function("compact", |b| b.iter(|| black_box(compact())));
     g.finish();
 }
 
@@ -210,6 +264,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = encode, chunk, spool_writes
+    targets = encode, chunk, run_compact, spool_writes
 }
 criterion_main!(benches);

@@ -21,7 +21,7 @@
 //! | 4      | 4    | frame size | size of the payload below: always 64                 |
 //! | 8      | 4    | tag        | `b"STC1"` (shelltrail chunk, layout 1)               |
 //! | 12     | 8    | seq        | chunk number within the session, from 0              |
-//! | 20     | 32   | prev_hash  | SHA-256 of the previous chunk's bytes, or the seed   |
+//! | 20     | 32   | prev_hash  | the previous chunk's [`link_hash`], or the seed      |
 //! | 52     | 8    | start_ms   | session time of the chunk's first event (ms)         |
 //! | 60     | 8    | end_ms     | session time of the chunk's last event (ms)          |
 //! | 68     | 4    | raw_len    | uncompressed length of the zstd frame's content      |

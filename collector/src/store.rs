@@ -2013,7 +2013,7 @@ pub enum Problem {
     OutsideFile { seq: u64, end: u64, file_len: u64 },
     /// Chunks neither stored nor declared lost by the recorder.
     Missing { range: SeqRange },
-    /// A chunk's bytes no longer hash to what was recorded at ingest.
+    /// A chunk no longer hashes (header and content) to what was recorded at ingest.
     Altered { seq: u64 },
     /// The place of chunk `seq` holds a chunk whose header says `found`.
     WrongChunk { seq: u64, found: u64 },

@@ -105,7 +105,7 @@ pub struct OpenRecord {
     pub opened_unix_ms: i64,
     /// Set on a copy of this record carried forward when the segment holding
     /// the session's first records is deleted after shipping: where the
-    /// session continues (next seq, hex SHA-256 of its last chunk).
+    /// session continues (next seq, hex link hash of its last chunk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<(u64, String)>,
 }
