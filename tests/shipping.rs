@@ -429,6 +429,17 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
         (x.agent_log_text().matches("shipping interrupted").count() >= 2).then_some(())
     });
     intact("after the impostor agent");
+    // The collector says so, with where the connection came from.
+    wait_until(
+        "the collector to log the refused handshakes",
+        Duration::from_secs(10),
+        || {
+            let log = w.collector.log_text();
+            log.lines()
+                .any(|l| l.contains("refused a TLS connection") && l.contains("127.0.0.1") && l.contains("certificate"))
+                .then_some(())
+        },
+    );
     drop(x);
 
     // No client certificate at all: neither Ingest nor Query answers.
@@ -464,6 +475,11 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
         }
     }
     intact("after the client without a certificate");
+    let refused = w.collector.log_text().matches("refused a TLS connection").count();
+    assert!(
+        refused >= 3,
+        "the refused handshakes are not all in the collector's log ({refused})"
+    );
 
     // host-a's spool replayed by an agent certified as host-b: refused.
     a.kill_agent();

@@ -116,13 +116,9 @@ pub async fn serve_on(
         .build_v1alpha()
         .context("gRPC reflection")?;
 
-    let mut builder = Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).context("TLS configuration")?;
-    }
-    let router = builder
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(collector.ingest_service())
         .add_service(collector.query_service())
         .add_service(reflection_v1)
@@ -148,7 +144,12 @@ pub async fn serve_on(
         let _ = drain_rx.await;
     };
     let server = async move {
-        if cfg.insecure {
+        if let Some(tls) = tls {
+            tracing::info!(listen = ?local, "collector listening (mutual TLS)");
+            router
+                .serve_with_incoming_shutdown(tls::accept(incoming, tls), drained)
+                .await
+        } else {
             tracing::warn!(
                 listen = ?local,
                 "INSECURE collector: plaintext, no client authentication, agents' hosts are their own claims. \
@@ -160,9 +161,6 @@ pub async fn serve_on(
                 }
                 conn
             });
-            router.serve_with_incoming_shutdown(incoming, drained).await
-        } else {
-            tracing::info!(listen = ?local, "collector listening (mutual TLS)");
             router.serve_with_incoming_shutdown(incoming, drained).await
         }
     };

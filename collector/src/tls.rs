@@ -6,18 +6,29 @@
 //! is spoken. An agent's certificate names its host (first DNS SAN, else the
 //! subject CN): that is the only host it may write sessions for.
 //!
-//! TLS is rustls with the ring provider (through tonic's `tls-ring`): no
-//! OpenSSL. The files are PEM; they are read and parsed up front so that a
-//! wrong path or a key in the certificate's place is reported at start-up,
-//! not at the first handshake.
+//! TLS is rustls with the ring provider: no OpenSSL. The files are PEM;
+//! they are read and parsed up front so that a wrong path or a key in the
+//! certificate's place is reported at start-up, not at the first handshake.
+//!
+//! The collector accepts TLS itself ([`accept`]) rather than through tonic's
+//! `tls_config`, which drops a failed handshake with a debug line: a refused
+//! client (no certificate, one from another CA, an expired one) is a
+//! security event, logged with its address and the reason.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::store::valid_host;
 
@@ -121,17 +132,81 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(pem)
 }
 
-/// The server's TLS configuration: its identity, and client certificates
-/// required and verified against the client CA.
-pub fn server_tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, TlsError> {
-    let cert = read_certs(&files.cert)?;
-    let key = read_key(&files.key)?;
-    let ca = read_certs(&files.client_ca)?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(false)
-        .timeout(HANDSHAKE_TIMEOUT))
+/// The server's TLS configuration: its identity, client certificates
+/// required and verified against the client CA, HTTP/2 by ALPN.
+pub fn server_tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pem_err = |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Pem {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    };
+    let certs = CertificateDer::pem_slice_iter(&read_certs(&files.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(&files.cert, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&read_key(&files.key)?).map_err(|e| pem_err(&files.key, e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read_certs(&files.client_ca)?) {
+        let ca = ca.map_err(|e| pem_err(&files.client_ca, e))?;
+        roots.add(ca).map_err(|e| TlsError::Pem {
+            path: files.client_ca.clone(),
+            why: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", files.client_ca.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Connections from `incoming` that complete a TLS handshake under `config`
+/// within [`HANDSHAKE_TIMEOUT`]; each refused one is logged (peer address
+/// and reason) and dropped. Handshakes run concurrently, so a slow or
+/// silent client holds up nobody. Stops accepting once the returned stream
+/// is dropped.
+pub fn accept(
+    mut incoming: TcpIncoming,
+    config: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                next = incoming.next() => match next {
+                    Some(Ok(tcp)) => tcp,
+                    Some(Err(e)) => {
+                        tracing::warn!("cannot accept a connection: {e}");
+                        continue;
+                    }
+                    None => return,
+                },
+                () = tx.closed() => return,
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let peer = tcp
+                    .peer_addr()
+                    .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, "refused a TLS connection: {e}"),
+                    Err(_) => {
+                        tracing::warn!(%peer, "refused a TLS connection: no handshake within {HANDSHAKE_TIMEOUT:?}")
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// A client's TLS configuration: the collector's CA and the client's identity.
