@@ -54,6 +54,19 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most messages, and bytes, handled as one batch.
 const MAX_BATCH_MESSAGES: usize = 256;
 const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Sessions in one `ListSessions` page, unless the request asks for fewer,
+/// and at most.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
+/// A `ListSessions` page token: the start time and id of the last session
+/// of the previous page, `"<start_unix_ms>:<session id>"`.
+fn parse_page_token(t: &str) -> Option<(i64, String)> {
+    let (start, id) = t.split_once(':')?;
+    let start = start.parse().ok()?;
+    crate::store::valid_session_id(id).then(|| (start, id.to_owned()))
+}
+
 /// Bytes of chunks one `ReadChunks` read fetches from disk.
 const READ_BATCH_BYTES: usize = 4 << 20;
 
@@ -469,8 +482,31 @@ impl Query for Collector {
             until_unix_ms: (r.until_unix_ms != 0).then_some(r.until_unix_ms),
             state,
         };
-        let sessions = self.store.list(&filter).iter().map(|s| s.to_proto()).collect();
-        Ok(Response::new(ListSessionsResponse { sessions }))
+        let size = match r.page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = match r.page_token.as_str() {
+            "" => None,
+            t => Some(parse_page_token(t).ok_or_else(|| {
+                Status::invalid_argument("page_token is not one this collector issued: list again without it")
+            })?),
+        };
+        let all = self.store.list(&filter);
+        // Newest first: (start, id) descending; a page starts after the token's session.
+        let from = after.map_or(0, |(start, id)| {
+            all.partition_point(|s| (s.start_unix_ms(), s.session_id.as_str()) >= (start, id.as_str()))
+        });
+        let page = &all[from.min(all.len())..(from + size).min(all.len())];
+        let next_page_token = match (page.last(), from + size < all.len()) {
+            (Some(last), true) => format!("{}:{}", last.start_unix_ms(), last.session_id),
+            _ => String::new(),
+        };
+        let sessions = page.iter().map(|s| s.to_proto()).collect();
+        Ok(Response::new(ListSessionsResponse {
+            sessions,
+            next_page_token,
+        }))
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {

@@ -856,6 +856,46 @@ async fn many_agents_at_once() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.sessions.len(), STREAMS);
+    assert!(listed.next_page_token.is_empty());
+
+    // In pages of 7: every session once, newest first, then no token.
+    let mut q = query_client(channels[0].clone());
+    let (mut paged, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = q
+            .list_sessions(ListSessionsRequest {
+                page_size: 7,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.sessions.len() <= 7);
+        paged.extend(page.sessions);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, STREAMS.div_ceil(7));
+    let id = |s: &shelltrail_proto::v1::SessionInfo| {
+        let meta = s.start.as_ref().and_then(|st| st.meta.as_ref());
+        meta.map(|m| m.session_id.clone()).unwrap_or_default()
+    };
+    let ids: Vec<String> = paged.iter().map(id).collect();
+    let all: Vec<String> = listed.sessions.iter().map(id).collect();
+    assert_eq!(all.iter().collect::<std::collections::HashSet<_>>().len(), STREAMS);
+    assert_eq!(ids, all, "pages are the one listing, in order");
+    let err = q
+        .list_sessions(ListSessionsRequest {
+            page_token: "../etc/passwd".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     server.stop().await;
 }
 

@@ -90,12 +90,25 @@ impl Source {
                 Ok(index.sessions.values().map(sessions::from_spool).collect())
             }
             Source::Collector { rt, client, url } => {
-                let resp = rt
-                    .block_on(client.list_sessions(ListSessionsRequest::default()))
-                    .map_err(|s| status_failure(url, &s))?
-                    .into_inner();
-                let mut rows: Vec<Row> = resp.sessions.iter().map(sessions::from_collector).collect();
+                let mut rows: Vec<Row> = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let req = ListSessionsRequest {
+                        page_token,
+                        ..Default::default()
+                    };
+                    let resp = rt
+                        .block_on(client.list_sessions(req))
+                        .map_err(|s| status_failure(url, &s))?
+                        .into_inner();
+                    rows.extend(resp.sessions.iter().map(sessions::from_collector));
+                    if resp.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = resp.next_page_token;
+                }
                 rows.sort_by(|a, b| a.id.cmp(&b.id));
+                rows.dedup_by(|a, b| a.id == b.id);
                 Ok(rows)
             }
         }
