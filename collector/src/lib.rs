@@ -65,6 +65,14 @@ pub struct CollectorConfig {
     /// a compromised host must not read the fleet's recordings.
     #[serde(default)]
     pub operators: Vec<String>,
+    /// zstd level at which ended sessions are compacted into runs (see
+    /// [`store::compact`]): 1 to 19; 0 leaves them as their chunks.
+    #[serde(default = "default_compact_level")]
+    pub compact_level: i32,
+}
+
+fn default_compact_level() -> i32 {
+    StoreOptions::default().compact_level
 }
 
 /// Binds `cfg.listen` and runs the collector until `shutdown` completes.
@@ -97,8 +105,19 @@ pub async fn serve_on(
         (Some(files), false) => Some(server_tls_config(files)?),
         (None, true) => None,
     };
+    if !(0..=19).contains(&cfg.compact_level) {
+        anyhow::bail!(
+            "collector: compact_level = {} is not a zstd level from 1 to 19, or 0 for no compaction",
+            cfg.compact_level
+        );
+    }
+    let opts = StoreOptions {
+        compact: cfg.compact_level > 0,
+        compact_level: cfg.compact_level,
+        ..StoreOptions::default()
+    };
     let data_dir = cfg.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&data_dir, opts))
         .await
         .context("opening the store")?
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;

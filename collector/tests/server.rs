@@ -160,6 +160,7 @@ async fn collector_at(tls: Option<&TlsFiles>, dir: tempfile::TempDir, data: Path
         insecure: tls.is_none(),
         // These tests query with host certificates: they are the operators here.
         operators: vec!["host-a".into(), "host-b".into()],
+        compact_level: 3,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(cfg, listener, async move {
@@ -669,6 +670,22 @@ async fn protocol_errors_and_reflection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_level_that_is_not_one_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = CollectorConfig {
+        listen: listener.local_addr().unwrap(),
+        data_dir: dir.path().join("data"),
+        tls: None,
+        insecure: true,
+        operators: vec![],
+        compact_level: 25,
+    };
+    let err = serve_on(cfg, listener, std::future::ready(())).await.unwrap_err();
+    assert!(err.to_string().contains("compact_level = 25"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_mode_takes_the_agents_claim() {
     let server = collector(None).await;
     let url = format!("http://127.0.0.1:{}", server.addr.port());
@@ -912,6 +929,7 @@ async fn only_operators_may_query() {
         tls: Some(pki.server.clone()),
         insecure: false,
         operators: vec!["host-b".into()],
+        compact_level: 3,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve_on(cfg, listener, async move {
