@@ -103,13 +103,22 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Reads a LEB128 varint in its one shortest encoding: stored bytes that
+/// mean the same thing are the same bytes.
 fn get_varint(b: &[u8], pos: &mut usize) -> Result<u64, ChunkError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let byte = *b.get(*pos).ok_or_else(|| bad("parts table cut short"))?;
         *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err(bad("varint longer than 64 bits"));
+        }
+        v |= bits << shift;
         if byte & 0x80 == 0 {
+            if byte == 0 && shift > 0 {
+                return Err(bad("varint not in its shortest form"));
+            }
             return Ok(v);
         }
     }
@@ -411,6 +420,20 @@ mod tests {
         let mut spliced = run[..frame_at].to_vec();
         spliced.extend(zstd::bulk::compress(&all[..all.len() - open[19].1.len()], 3).unwrap());
         assert!(matches!(unpack(&spliced), Err(ChunkError::RunLength { .. })));
+    }
+
+    #[test]
+    fn varints_have_one_encoding() {
+        for v in [0u64, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            let mut pos = 0;
+            assert_eq!(get_varint(&b, &mut pos).unwrap(), v);
+            assert_eq!(pos, b.len());
+        }
+        // 1 written in two bytes, and 2^64 + 1.
+        assert!(get_varint(&[0x81, 0x00], &mut 0).is_err());
+        assert!(get_varint(&[0x81, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02], &mut 0).is_err());
     }
 
     #[test]
