@@ -35,6 +35,9 @@ use crate::store::valid_host;
 /// A TLS handshake that takes longer is dropped (a client that connects and
 /// says nothing must not hold a connection slot).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in progress at once: a flood of silent connections
+/// waits in the listen queue instead of taking every file descriptor.
+const MAX_HANDSHAKES: usize = 256;
 /// How long a client waits for the TCP connection and the handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -176,13 +179,23 @@ pub fn accept(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+                () = tx.closed() => return,
+            };
             let tcp = tokio::select! {
                 next = incoming.next() => match next {
                     Some(Ok(tcp)) => tcp,
                     Some(Err(e)) => {
+                        // Out of file descriptors, typically: do not spin.
                         tracing::warn!("cannot accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                     None => return,
@@ -191,6 +204,7 @@ pub fn accept(
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let peer = tcp
                     .peer_addr()
                     .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
