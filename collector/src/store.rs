@@ -79,8 +79,11 @@
 //! torn append and is cut off. Then it walks the bytes of `chunks.zst` after
 //! the last indexed chunk: each whole chunk that decompresses and continues
 //! the sequence and the chain, as at ingest, gets its index record back (it
-//! may have been acknowledged); from the first one that does not (a torn
-//! append, never acknowledged) the file is cut. A bad record before the last
+//! may have been acknowledged). What follows is cut only if it is what a
+//! torn append leaves (zeros, or a chunk cut short: never acknowledged);
+//! whole chunks that do not check out are kept and the session flagged
+//! damaged. A never-written (zero) index record before written ones, which
+//! lazy write-back can leave, is a torn point like the last record. A bad record before the last
 //! one is damage: the session is kept readable up to it, flagged, and refuses
 //! writes. The last chunk's bytes are re-hashed against its record, since
 //! that hash is what the next chunk must link to.
@@ -1776,10 +1779,11 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
     }
 
     // A compaction commits when runs.zst is in place.
-    let compacted = dir.join(RUNS_FILE).exists();
-    if repair {
-        settle_compaction(dir, compacted)?;
-    }
+    let compacted = if repair {
+        settle_compaction(dir)?
+    } else {
+        dir.join(RUNS_FILE).exists()
+    };
     let (index_path, chunks_path) = if compacted {
         (dir.join(RUNS_INDEX_FILE), dir.join(RUNS_FILE))
     } else {
@@ -1811,7 +1815,10 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
             }
         };
         if let Some(why) = why {
-            if i + 1 == full {
+            // The index is written back lazily: its last record may be torn,
+            // and a crash may leave never-written (zero) records before
+            // others. Either way the chunks still hold the truth.
+            if i + 1 == full || b.iter().all(|&x| x == 0) {
                 torn = true;
             } else {
                 st.damaged = Some(format!("index record {i} {why}"));
@@ -1830,8 +1837,10 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
             tracing::warn!(session = %id, "cutting a torn tail off the index: {} bytes", index.len() as u64 - keep_index);
             truncate(&index_path, keep_index).map_err(|e| e.to_string())?;
         }
+        let mut rest_torn = true;
         if chunks_len > keep_chunks {
-            let found = reindex_tail(&chunks_path, id, good.last(), chunks_len)?;
+            let (found, torn_after) = reindex_tail(&chunks_path, id, good.last(), chunks_len)?;
+            rest_torn = torn_after;
             if !found.is_empty() {
                 tracing::warn!(
                     session = %id,
@@ -1852,9 +1861,17 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
                 keep_chunks = good.last().map_or(0, |r| r.end());
             }
         }
-        if chunks_len > keep_chunks {
+        if chunks_len > keep_chunks && rest_torn {
             tracing::warn!(session = %id, "cutting {} unindexed bytes off chunks.zst", chunks_len - keep_chunks);
             truncate(&chunks_path, keep_chunks).map_err(|e| e.to_string())?;
+        } else if chunks_len > keep_chunks {
+            // A whole chunk that does not check out is not what a crash
+            // leaves: keep it for whoever investigates.
+            st.damaged = Some(format!(
+                "chunks.zst holds {} bytes after byte {keep_chunks} that are whole chunks but do not continue the \
+                 session: kept, not cut",
+                chunks_len - keep_chunks
+            ));
         }
     }
     debug_assert_eq!(keep_index, (good.len() * INDEX_RECORD_LEN) as u64);
@@ -1918,29 +1935,72 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
     Ok((start.start, st))
 }
 
-/// Finishes or undoes a compaction a crash interrupted: once `runs.zst` is
-/// in place (`compacted`) the chunks it replaced go; before that, what the
-/// compaction wrote goes.
-fn settle_compaction(dir: &Path, compacted: bool) -> Result<(), String> {
-    let mut leftovers = vec![RUNS_TMP, RUNS_INDEX_TMP];
-    if compacted {
-        leftovers.extend([CHUNKS_FILE, INDEX_FILE]);
-    } else {
-        leftovers.push(RUNS_INDEX_FILE);
-    }
-    let mut removed = false;
-    for name in leftovers {
-        match fs::remove_file(dir.join(name)) {
-            Ok(()) => removed = true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove {}: {e}", dir.join(name).display())),
+/// Finishes or undoes a compaction a crash interrupted; returns whether
+/// the session is stored as runs.
+///
+/// `runs.zst` in place is the commit point, but the chunks it replaced are
+/// removed only once the runs are seen whole: `runs.index` all readable,
+/// its runs filling `runs.zst` exactly, and the last one ending on the
+/// chunks' last hash. Otherwise, while the chunks are still there, the
+/// runs go instead (the session is compacted again); without them the
+/// runs stay and loading reports what is wrong with them.
+fn settle_compaction(dir: &Path) -> Result<bool, String> {
+    let remove = |names: &[&str]| -> Result<bool, String> {
+        let mut removed = false;
+        for name in names {
+            match fs::remove_file(dir.join(name)) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove {}: {e}", dir.join(name).display())),
+            }
         }
+        if removed {
+            sync_dir(dir).map_err(|e| e.to_string())?;
+        }
+        Ok(removed)
+    };
+    remove(&[RUNS_TMP, RUNS_INDEX_TMP])?;
+    if !dir.join(RUNS_FILE).exists() {
+        if remove(&[RUNS_INDEX_FILE])? {
+            tracing::warn!(dir = %dir.display(), "undid a compaction a crash interrupted before its commit");
+        }
+        return Ok(false);
     }
-    if removed {
-        tracing::warn!(dir = %dir.display(), "settled a compaction interrupted by a crash");
-        sync_dir(dir).map_err(|e| e.to_string())?;
+    if !dir.join(CHUNKS_FILE).exists() {
+        return Ok(true);
     }
-    Ok(())
+    if runs_replace_chunks(dir) {
+        if remove(&[CHUNKS_FILE, INDEX_FILE])? {
+            tracing::warn!(dir = %dir.display(), "finished a compaction a crash interrupted after its commit");
+        }
+        Ok(true)
+    } else {
+        tracing::error!(dir = %dir.display(), "runs.zst is not whole; keeping the chunks and compacting again");
+        remove(&[RUNS_FILE, RUNS_INDEX_FILE])?;
+        Ok(false)
+    }
+}
+
+/// Whether a session's runs hold what its chunks do, as far as the two
+/// indexes tell: see [`settle_compaction`].
+fn runs_replace_chunks(dir: &Path) -> bool {
+    let (Ok(runs_index), Ok(runs_len)) = (
+        fs::read(dir.join(RUNS_INDEX_FILE)),
+        fs::metadata(dir.join(RUNS_FILE)).map(|m| m.len()),
+    ) else {
+        return false;
+    };
+    let runs: Option<Vec<IndexRecord>> = runs_index.chunks(INDEX_RECORD_LEN).map(IndexRecord::decode).collect();
+    let Some(runs) = runs.filter(|r| !r.is_empty() && runs_index.len() % INDEX_RECORD_LEN == 0) else {
+        return false;
+    };
+    let contiguous = runs.windows(2).all(|w| w[0].end() == w[1].offset) && runs[0].offset == 0;
+    let last_chunk = fs::read(dir.join(INDEX_FILE))
+        .ok()
+        .and_then(|i| i.chunks_exact(INDEX_RECORD_LEN).rev().find_map(IndexRecord::decode));
+    contiguous
+        && runs.last().is_some_and(|r| r.end() == runs_len)
+        && last_chunk.is_none_or(|c| Some(c.sha256) == runs.last().map(|r| r.sha256))
 }
 
 /// The chunks in `chunks.zst` after `last` (the last indexed one), up to
@@ -1953,12 +2013,15 @@ fn settle_compaction(dir: &Path, compacted: bool) -> Result<(), String> {
 /// to it by hash; a later seq starts a new chain, as the chunk after a gap
 /// the recorder declared lost does (the gap is then reported as missing
 /// until `end.json` explains it, as ingest leaves it).
+///
+/// Also says whether what follows them is what a torn append leaves (zeros,
+/// or a chunk cut short) rather than whole chunks that do not check out.
 fn reindex_tail(
     chunks_path: &Path,
     id: &str,
     last: Option<&IndexRecord>,
     file_len: u64,
-) -> Result<Vec<IndexRecord>, String> {
+) -> Result<(Vec<IndexRecord>, bool), String> {
     let from = last.map_or(0, IndexRecord::end);
     let f = File::open(chunks_path).map_err(|e| format!("cannot open {}: {e}", chunks_path.display()))?;
     let mut tail = vec![0u8; (file_len - from) as usize];
@@ -1993,7 +2056,9 @@ fn reindex_tail(
         prev_hash = sha256;
         pos += len;
     }
-    Ok(found)
+    let rest = &tail[pos..];
+    let torn = rest.iter().all(|&b| b == 0) || chunk::chunk_len(rest).is_err();
+    Ok((found, torn))
 }
 
 /// A problem [`verify_dir`] found.

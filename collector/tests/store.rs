@@ -465,18 +465,48 @@ fn acknowledged_chunks_whose_index_records_were_lost_are_reindexed() {
     assert_eq!(stored_text(&store, &rec.id), rec.text);
     drop(store);
 
-    // A chunk after the index that does not continue the chain (here: chunk 7
-    // again, where chunk 8 would go) is not taken in.
+    // A whole chunk after the index that does not continue the chain (here:
+    // chunk 7 again, where chunk 8 would go) is not what a crash leaves: it
+    // is neither taken in nor cut, and the session says so.
     let index_before = fs::read(dir.join("index")).unwrap();
     let len_before = fs::metadata(dir.join("chunks.zst")).unwrap().len();
     let mut f = OpenOptions::new().append(true).open(dir.join("chunks.zst")).unwrap();
     f.write_all(&rec.chunks[7].bytes).unwrap();
     drop(f);
     let store = open(tmp.path());
-    assert_eq!(store.info(&rec.id).unwrap().next_seq, 8);
+    let info = store.info(&rec.id).unwrap();
+    assert_eq!(info.next_seq, 8);
+    assert!(
+        info.damaged.as_deref().unwrap_or("").contains("kept, not cut"),
+        "{info:?}"
+    );
     assert_eq!(fs::read(dir.join("index")).unwrap(), index_before);
-    assert_eq!(fs::metadata(dir.join("chunks.zst")).unwrap().len(), len_before);
-    assert!(verify_dir(&dir).unwrap().is_ok());
+    assert_eq!(
+        fs::metadata(dir.join("chunks.zst")).unwrap().len(),
+        len_before + rec.chunks[7].bytes.len() as u64
+    );
+    assert_eq!(stored_text(&store, &rec.id), rec.text);
+    drop(store);
+
+    // Index records a crash never wrote back (zeros) before others that it
+    // did are rebuilt from the chunks too.
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = recording(6);
+    let (dir, full_index) = {
+        let store = open(tmp.path());
+        started(&store, &rec);
+        store.append(HOST, &rec.id, rec.pairs(0..6)).unwrap();
+        let dir = store.session_dir(&rec.id).unwrap();
+        (dir.clone(), fs::read(dir.join("index")).unwrap())
+    };
+    let mut holed = full_index.clone();
+    holed[2 * INDEX_RECORD_LEN..3 * INDEX_RECORD_LEN].fill(0);
+    fs::write(dir.join("index"), &holed).unwrap();
+    let store = open(tmp.path());
+    let info = store.info(&rec.id).unwrap();
+    assert_eq!((info.next_seq, info.damaged.as_deref()), (6, None), "{info:?}");
+    assert_eq!(fs::read(dir.join("index")).unwrap(), full_index);
+    assert!(store.verify(&rec.id).unwrap().is_ok());
 }
 
 #[test]

@@ -29,6 +29,8 @@ use super::*;
 #[derive(Debug)]
 pub(super) struct Compactor {
     tx: Option<mpsc::Sender<Arc<Slot>>>,
+    /// Set when the store closes: the queue is left for the next start.
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -36,8 +38,13 @@ impl Compactor {
     pub(super) fn start(opts: &StoreOptions) -> io::Result<Compactor> {
         let (tx, rx) = mpsc::channel::<Arc<Slot>>();
         let (level, run_raw) = (opts.compact_level, opts.run_raw_bytes);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
         let thread = std::thread::Builder::new().name("compactor".into()).spawn(move || {
             for slot in rx {
+                if stopping.load(Ordering::Acquire) {
+                    return;
+                }
                 match compact(&slot, level, run_raw) {
                     Ok(Some((before, after))) => {
                         tracing::debug!(session = %slot.id, "compacted: {before} bytes of chunks into {after} bytes of runs");
@@ -51,6 +58,7 @@ impl Compactor {
         })?;
         Ok(Compactor {
             tx: Some(tx),
+            stop,
             thread: Some(thread),
         })
     }
@@ -68,6 +76,7 @@ impl Drop for Compactor {
     /// must outlive every write) and drops the rest of the queue: start-up
     /// queues every ended session that is not compacted yet.
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -88,8 +97,19 @@ fn corrupt(path: &Path, why: String) -> StoreError {
 }
 
 /// Compacts one session; returns its bytes before and after, or None when
-/// there was nothing to do.
+/// there was nothing to do. What a failed attempt wrote is removed (a full
+/// disk is the likeliest failure, and live sessions need the room).
 pub(super) fn compact(slot: &Slot, level: i32, run_raw: usize) -> Result<Option<(u64, u64)>, StoreError> {
+    let result = compact_once(slot, level, run_raw);
+    if result.is_err() {
+        for name in [RUNS_TMP, RUNS_INDEX_TMP] {
+            let _ = fs::remove_file(slot.dir.join(name));
+        }
+    }
+    result
+}
+
+fn compact_once(slot: &Slot, level: i32, run_raw: usize) -> Result<Option<(u64, u64)>, StoreError> {
     // Held throughout: nothing else writes an ended session, and a
     // retransmission waits rather than reading files as they change.
     let mut st = lock(&slot.state);
@@ -184,6 +204,8 @@ pub(super) fn compact(slot: &Slot, level: i32, run_raw: usize) -> Result<Option<
 
     let runs_index = dir.join(RUNS_INDEX_FILE);
     fs::rename(&index_tmp, &runs_index).map_err(|e| io_err(&runs_index, e))?;
+    // runs.index must be in place before runs.zst commits.
+    sync_dir(dir)?;
     let runs = dir.join(RUNS_FILE);
     fs::rename(&runs_tmp, &runs).map_err(|e| io_err(&runs, e))?;
     sync_dir(dir)?;
