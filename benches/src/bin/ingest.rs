@@ -948,6 +948,19 @@ async fn send_windowed(
     }
 }
 
+/// Waits for every task; returns the errors, a task's own or its panic.
+async fn join_errors(tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>) -> Vec<String> {
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    errors
+}
+
 /// Ends `sessions` (id, last seq) on a host's stream and waits until the
 /// collector has committed every end.
 async fn end_sessions(mut conn: Conn, sessions: Vec<(String, u64)>) -> Result<(), String> {
@@ -1399,15 +1412,7 @@ fn ingest(
                 tokio::spawn(end_sessions(c, mine))
             })
             .collect();
-        let mut errors = Vec::new();
-        for t in tasks {
-            match t.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => errors.push(e),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        errors
+        join_errors(tasks).await
     });
     if let Some(e) = end_errors.first() {
         progress!("{} host streams could not end their sessions: {e}", end_errors.len());
@@ -1674,15 +1679,7 @@ fn drain(
                 })
             })
             .collect();
-        let mut errors = Vec::new();
-        for h in hs {
-            match h.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => errors.push(e),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        errors
+        join_errors(hs).await
     });
     let feed_secs = t_feed.elapsed().as_secs_f64();
     let spool_before = dir_bytes(&agent.spool, ".seg");
