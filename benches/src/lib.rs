@@ -243,6 +243,61 @@ pub fn cpu_time(pid: i32) -> Option<Duration> {
     Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
+/// The machine's CPU time counters (`/proc/stat`, first line): user, nice,
+/// system, idle, iowait, irq, softirq, steal, in ticks.
+pub fn sys_cpu() -> Option<[u64; 8]> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let mut out = [0u64; 8];
+    for (o, x) in out.iter_mut().zip(v) {
+        *o = x;
+    }
+    Some(out)
+}
+
+/// The machine's CPU time between two [`sys_cpu`] readings.
+#[derive(Default, Clone)]
+pub struct SysWin {
+    /// "user / system / iowait / idle" in % of all CPUs.
+    pub split: String,
+    /// CPU seconds spent running anything (user, nice, system, irq, softirq).
+    pub busy: Option<f64>,
+}
+
+pub fn sys_window(a: Option<[u64; 8]>, b: Option<[u64; 8]>) -> SysWin {
+    let (Some(a), Some(b)) = (a, b) else {
+        return SysWin {
+            split: "-".into(),
+            busy: None,
+        };
+    };
+    let d: Vec<f64> = a
+        .iter()
+        .zip(b.iter())
+        .map(|(x, y)| y.saturating_sub(*x) as f64)
+        .collect();
+    let total: f64 = d.iter().sum();
+    if total <= 0.0 {
+        return SysWin {
+            split: "-".into(),
+            busy: None,
+        };
+    }
+    let pct = |x: f64| 100.0 * x / total;
+    let busy = d[0] + d[1] + d[2] + d[5] + d[6];
+    SysWin {
+        split: format!(
+            "{:.0} / {:.0} / {:.0} / {:.0}",
+            pct(d[0] + d[1]),
+            pct(d[2] + d[5] + d[6]),
+            pct(d[4]),
+            pct(d[3] + d[7])
+        ),
+        busy: Some(busy / clk_tck() as f64),
+    }
+}
+
 /// A `kB` field of `/proc/PID/status` (VmHWM, VmRSS...), in bytes.
 pub fn status_kb(pid: i32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

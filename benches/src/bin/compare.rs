@@ -7,6 +7,10 @@
 //! fast as it can, as a fast terminal emulator would. Peers:
 //!
 //! * `bare`: `peers/bareproxy.c`, a PTY proxy that records nothing: the floor.
+//! * `recording-off`: shelltrail's own PTY proxy (`shelltrail::shell::pty::run`,
+//!   the wrapper's copy loop and hand-off) with the recorder replaced by a sink
+//!   that drops every burst: the wrapper with recording off. This binary runs
+//!   it itself (`compare --recording-off CMD...`).
 //! * `shelltrail`, `shelltrail+input`: `shelltrail-shell -c WORKLOAD` with a
 //!   real agent (fresh spool per run), `record_input` off and on.
 //! * `script`: util-linux `script -qfc WORKLOAD FILE`.
@@ -19,12 +23,12 @@
 //!
 //! Usage: `cargo build --release --bins && cargo run --release -p shelltrail-benches --bin compare -- [--quick]`
 //! Options: `--quick`, `--rounds N`, `--peers a,b`, `--workloads a,b`, `--keep`,
-//! `--level N` (shelltrail's `compression_level`, default: the config default, 3).
+//! `--level N` (shelltrail's `compression_level`, default: the config default, 1).
 
 use nix::pty::{Winsize, openpty};
 use shelltrail_benches::{
     Agent, Sampler, cpu_time, dir_bytes, machine, median, mib, percentile, print_table, print_table_left, status_kb,
-    target_dir, version_of, which,
+    sys_cpu, sys_window, target_dir, version_of, which,
 };
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -43,6 +47,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Bare,
+    RecordingOff,
     Shelltrail { input: bool },
     Script,
     Asciinema,
@@ -92,6 +97,9 @@ struct Run {
     /// Bytes the "terminal" (the harness) read from the outer master.
     out_bytes: u64,
     cpu: Option<Duration>,
+    /// CPU seconds the whole machine was busy (every process, the kernel's
+    /// tty work included) from spawning the recorder until it exited.
+    machine_cpu: Option<f64>,
     hwm: Option<u64>,
     /// The recorder's CPU by thread name (last 10 ms sample before exit).
     threads: BTreeMap<String, Duration>,
@@ -176,6 +184,10 @@ fn parse_args() -> Result<Opts, String> {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--recording-off") {
+        std::process::exit(recording_off(&args[1..]));
+    }
     let opts = match parse_args() {
         Ok(o) => o,
         Err(e) => {
@@ -190,6 +202,39 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// The `recording-off` peer: the wrapper's PTY proxy, as `shelltrail-shell`
+/// runs it (same channels, same buffer recycling), feeding a sink instead of
+/// the recorder thread. What recording costs is shelltrail's time over this.
+fn recording_off(cmd: &[String]) -> i32 {
+    use shelltrail::shell::{pty, record::Event};
+    let Some((program, args)) = cmd.split_first() else {
+        eprintln!("compare --recording-off: no command");
+        return 2;
+    };
+    let (events, received) = mpsc::sync_channel(256);
+    let (recycle, recycled) = mpsc::sync_channel(4);
+    let sink = std::thread::spawn(move || {
+        for ev in received {
+            if let Event::Output(_, buf) = ev {
+                let _ = recycle.try_send(buf);
+            }
+        }
+    });
+    let mut c = Command::new(program);
+    c.args(args);
+    let code = match pty::run(c, events, recycled, false) {
+        Ok(outcome) => outcome.code,
+        Err(e) => {
+            eprintln!("compare --recording-off: {e:#}");
+            1
+        }
+    };
+    // Not joined: a background job may still hold the PTY (and so the copy
+    // loop and the sink) after the drain gave up; exiting ends them.
+    drop(sink);
+    code
 }
 
 /// Everything a run needs.
@@ -249,6 +294,12 @@ fn run(opts: &Opts) -> Result<(), String> {
         ),
     }];
     let st_version = version_of(&cli, &["--version"]).unwrap_or_else(|| "?".into());
+    peers.push(Peer {
+        kind: Kind::RecordingOff,
+        name: "recording-off",
+        program: std::env::current_exe().map_err(|e| format!("this executable: {e}"))?,
+        version: format!("{st_version}: shelltrail::shell::pty::run with the recorder replaced by a sink"),
+    });
     for input in [false, true] {
         peers.push(Peer {
             kind: Kind::Shelltrail { input },
@@ -257,7 +308,13 @@ fn run(opts: &Opts) -> Result<(), String> {
             version: format!(
                 "{st_version} ({}, record_input = {input}, compression_level = {})",
                 shell.display(),
-                opts.level.map_or("3 (default)".to_string(), |l| l.to_string())
+                opts.level.map_or_else(
+                    || format!(
+                        "{} (default)",
+                        shelltrail::config::ShellConfig::default().compression_level
+                    ),
+                    |l| l.to_string()
+                )
             ),
         });
     }
@@ -298,7 +355,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         None => missing.push("tlog: not installed, skipped"),
     }
     if let Some(want) = &opts.peers {
-        peers.retain(|p| p.kind == Kind::Bare || want.iter().any(|w| w == p.name));
+        peers.retain(|p| matches!(p.kind, Kind::Bare | Kind::RecordingOff) || want.iter().any(|w| w == p.name));
     }
 
     // Workloads.
@@ -476,6 +533,9 @@ fn command(peer: &Peer, workload: &str, out: &Path, agent: Option<&Agent>) -> Co
         Kind::Bare => {
             c.args(["/bin/sh", "-c", workload]);
         }
+        Kind::RecordingOff => {
+            c.args(["--recording-off", "/bin/sh", "-c", workload]);
+        }
         Kind::Shelltrail { .. } => {
             c.arg("--config")
                 .arg(&agent.expect("an agent").config)
@@ -602,6 +662,7 @@ fn run_in(env: &Env, peer: &Peer, w: &Workload, dir: &Path, export: bool, run: &
             Ok(())
         });
     }
+    let sys0 = sys_cpu();
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("{}: {e}", peer.program.display()))?;
     drop(cmd);
@@ -623,6 +684,7 @@ fn run_in(env: &Env, peer: &Peer, w: &Workload, dir: &Path, export: bool, run: &
     // Exited, not yet reaped: /proc/PID/stat of the zombie holds the final CPU time.
     wait_exited(pid);
     run.wall = t0.elapsed();
+    run.machine_cpu = sys_window(sys0, sys_cpu()).busy;
     let final_cpu = cpu_time(pid);
     let sample = sampler.finish();
     run.cpu = final_cpu.or(sample.cpu);
@@ -890,6 +952,7 @@ fn report(w: &Workload, peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>)
     let ok = |name: &str| ok_runs(runs, name);
     let bare = ok("bare");
     let bare_wall = med_of(&bare, |r| Some(r.wall.as_secs_f64()));
+    let off_wall = med_of(&ok("recording-off"), |r| Some(r.wall.as_secs_f64()));
     let failures: Vec<String> = peers
         .iter()
         .flat_map(|p| {
@@ -930,6 +993,7 @@ fn report(w: &Workload, peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>)
                 });
                 row.push(fmt(wall.zip(bare_wall).map(|(a, b)| a / b), 3));
                 if output {
+                    row.push(fmt(wall.zip(off_wall).map(|(a, b)| a / b), 3));
                     row.push(fmt(out.zip(wall).map(|(o, t)| o / MIB / t), 1));
                 }
                 // A session of `true` is too short for CPU and RSS samples to mean anything.
@@ -950,6 +1014,7 @@ fn report(w: &Workload, peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>)
                         "time s (median)",
                         "min-max s",
                         "x bare",
+                        "x rec. off",
                         "MiB/s",
                         "recorder CPU s",
                         "CPU s per 200 MiB",
@@ -965,6 +1030,7 @@ fn report(w: &Workload, peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>)
             println!();
             if output {
                 threads(peers, runs);
+                machine_load(peers, runs);
                 storage(peers, runs);
             }
         }
@@ -1021,6 +1087,42 @@ fn report(w: &Workload, peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>)
     }
 }
 
+/// The whole machine during each peer's runs: how much CPU the session cost
+/// in total (the workload, the kernel's tty work, the harness reading the
+/// terminal, the agent), and how busy that kept the CPUs. When `bare` keeps
+/// them nearly saturated, a recorder's time cannot fall below its machine
+/// CPU over bare's, whatever it does with its threads.
+fn machine_load(peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>) {
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bare_cpu = med_of(&ok_runs(runs, "bare"), |r| r.machine_cpu);
+    let mut rows = Vec::new();
+    for p in peers {
+        let rs = ok_runs(runs, p.name);
+        let cpu = med_of(&rs, |r| r.machine_cpu);
+        let busy = med_of(&rs, |r| {
+            r.machine_cpu.map(|c| 100.0 * c / (nproc * r.wall.as_secs_f64()))
+        });
+        rows.push(vec![
+            p.name.to_string(),
+            fmt(cpu, 2),
+            fmt(busy, 0),
+            fmt(cpu.zip(bare_cpu).map(|(c, b)| c - b), 2),
+            fmt(cpu.zip(bare_cpu).map(|(c, b)| c / b), 3),
+        ]);
+    }
+    print_table(
+        &[
+            "peer",
+            "machine CPU s (all processes)",
+            &format!("busy % of {nproc} CPUs"),
+            "more than bare, s",
+            "machine CPU x bare",
+        ],
+        &rows,
+    );
+    println!();
+}
+
 /// Where the multi-threaded recorders spend their CPU: median per thread
 /// name, from the last sample before exit (up to 10 ms of work unseen).
 fn threads(peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>) {
@@ -1072,7 +1174,7 @@ fn storage(peers: &[Peer], runs: &BTreeMap<&'static str, Vec<Run>>) {
         let stored = med_of(&rs, |r| r.stored.map(|s| s as f64));
         let per = stored.zip(out).map(|(s, o)| s / (o / MIB));
         let what = match p.kind {
-            Kind::Bare => "nothing",
+            Kind::Bare | Kind::RecordingOff => "nothing",
             Kind::Shelltrail { .. } => "spool segments (zstd chunks + records)",
             Kind::Script => "typescript (raw bytes)",
             Kind::Asciinema => "asciicast v3 .cast",

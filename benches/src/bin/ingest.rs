@@ -65,8 +65,9 @@
 //! (keep the temporary directory).
 
 use shelltrail_benches::{
-    Agent, Opened, Rng, cpu_time, dir_bytes, machine, mib, mixed_text, next_frame, open_session, percentile,
-    print_table, print_table_left, raise_nofile, status_kb, target_dir, unix_now, version_of, which,
+    Agent, Opened, Rng, SysWin, cpu_time, dir_bytes, machine, mib, mixed_text, next_frame, open_session, percentile,
+    print_table, print_table_left, raise_nofile, status_kb, sys_cpu, sys_window, target_dir, unix_now, version_of,
+    which,
 };
 use shelltrail_cast::{Chunker, Encoder, Header};
 use shelltrail_collector::ClientTlsFiles;
@@ -507,61 +508,6 @@ impl Drop for CollectorProc {
 }
 
 // ----- measuring from outside -----
-
-/// The machine's CPU time counters (`/proc/stat`, first line): user, nice,
-/// system, idle, iowait, irq, softirq, steal, in ticks.
-fn sys_cpu() -> Option<[u64; 8]> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    let mut out = [0u64; 8];
-    for (o, x) in out.iter_mut().zip(v) {
-        *o = x;
-    }
-    Some(out)
-}
-
-/// The machine's CPU time between two [`sys_cpu`] readings.
-#[derive(Default, Clone)]
-struct SysWin {
-    /// "user / system / iowait / idle" in % of all CPUs.
-    split: String,
-    /// CPU seconds spent running anything (user, nice, system, irq, softirq).
-    busy: Option<f64>,
-}
-
-fn sys_window(a: Option<[u64; 8]>, b: Option<[u64; 8]>) -> SysWin {
-    let (Some(a), Some(b)) = (a, b) else {
-        return SysWin {
-            split: "-".into(),
-            busy: None,
-        };
-    };
-    let d: Vec<f64> = a
-        .iter()
-        .zip(b.iter())
-        .map(|(x, y)| y.saturating_sub(*x) as f64)
-        .collect();
-    let total: f64 = d.iter().sum();
-    if total <= 0.0 {
-        return SysWin {
-            split: "-".into(),
-            busy: None,
-        };
-    }
-    let pct = |x: f64| 100.0 * x / total;
-    let busy = d[0] + d[1] + d[2] + d[5] + d[6];
-    SysWin {
-        split: format!(
-            "{:.0} / {:.0} / {:.0} / {:.0}",
-            pct(d[0] + d[1]),
-            pct(d[2] + d[5] + d[6]),
-            pct(d[4]),
-            pct(d[3] + d[7])
-        ),
-        busy: Some(busy / shelltrail_benches::clk_tck() as f64),
-    }
-}
 
 /// CPU seconds the machine spent on other processes than `ours`.
 fn others(sys: &SysWin, ours: &[Option<f64>]) -> Option<f64> {
