@@ -23,7 +23,8 @@
 //!   during an allowed session).
 //! * [`identity`]: who and why: key fingerprints and OpenSSH certificate
 //!   details from ExposeAuthInfo, the reason required by `require_reason`.
-//! * [`security`]: the recorder as login shell and ForceCommand records once;
+//! * [`security`]: the recorder as login shell and ForceCommand records once,
+//!   and what sshd told it (`SSH_ORIGINAL_COMMAND`, `$SHELL`) does not leak to the session;
 //!   the user cannot read the recorder's memory or outlive it by killing it;
 //!   hostile bytes on the agent socket close only that connection.
 //! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through

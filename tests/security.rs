@@ -55,6 +55,48 @@ fn login_shell_and_force_command_record_once() {
     assert!(all.iter().any(|r| r.mode == "transfer"), "{all:#?}");
 }
 
+/// What sshd gave the recorder stays with the recorder: inside a session,
+/// `$SHELL` is the real shell and `SSH_ORIGINAL_COMMAND` is gone, so a
+/// program that starts `$SHELL` (script, an editor's shell escape) gets a
+/// shell, and a shelltrail-shell started by hand does not find the
+/// session's command and run it again (a walkthrough found that loop: each
+/// round a new recorded login, up to `max_sessions_per_uid`).
+#[test]
+fn the_session_command_does_not_leak_into_the_session() {
+    let user = TestUser::with_recorder_as_login_shell("shelltrail-e2e-env");
+    let w = World::builder().user(user).build();
+    let recorder = format!(
+        "{} --config {}",
+        shelltrail_tests::users::RECORDER_LOGIN_SHELL,
+        w.config.display()
+    );
+
+    let out = w
+        .ssh()
+        .command(&format!(
+            "echo top; echo \"echo via-stdin\" | $SHELL; echo \"shell=$SHELL orig=${{SSH_ORIGINAL_COMMAND-unset}}\"; \
+             echo 'echo by-hand' | {recorder}; true"
+        ))
+        .run();
+    out.assert_success();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "top\nvia-stdin\nshell=/bin/bash orig=unset\nby-hand\n",
+        "{out}"
+    );
+    // The login, and the recorder started by hand (a session of its own,
+    // recording what it ran), no more.
+    let all = w.sessions();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    let login = all
+        .iter()
+        .find(|r| r.command.starts_with("echo top"))
+        .expect("the login");
+    let cast = w.export(&login.id);
+    assert_eq!(cast.header["env"]["SHELL"], "/bin/bash");
+    assert!(cast.output().contains("via-stdin"), "{}", cast.output());
+}
+
 /// Waits until `user` has no processes; panics with a `ps` listing if some remain.
 #[track_caller]
 fn assert_no_processes_left(user: &TestUser, timeout: Duration) {

@@ -101,6 +101,10 @@ pub struct Plan {
     pub requested: Option<String>,
     /// A recognised file transfer: summarise instead of recording the payload.
     pub transfer: Option<Transfer>,
+    /// The user's real shell, never shelltrail-shell: the child's `$SHELL`, so
+    /// that programs starting `$SHELL` (script, vim's `:sh`, tmux) run a shell,
+    /// not a second recorder.
+    pub shell: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,10 +161,11 @@ pub fn plan(inv: &Invocation, ctx: &Context<'_>) -> Plan {
                 args: vec![],
                 requested: None,
                 transfer: None,
+                shell: shell.to_path_buf(),
             }
         }
         Some(cmd) => {
-            if let Some(p) = transfer_plan(cmd, ctx.sftp_server) {
+            if let Some(p) = transfer_plan(cmd, ctx.sftp_server, shell) {
                 return p;
             }
             let base = shell
@@ -173,6 +178,7 @@ pub fn plan(inv: &Invocation, ctx: &Context<'_>) -> Plan {
                 args: vec!["-c".into(), cmd.to_string()],
                 requested: Some(cmd.to_string()),
                 transfer: None,
+                shell: shell.to_path_buf(),
             }
         }
     }
@@ -187,7 +193,7 @@ fn plain_word(w: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_./:,=@+%".contains(&b))
 }
 
-fn transfer_plan(cmd: &str, sftp_server: &Path) -> Option<Plan> {
+fn transfer_plan(cmd: &str, sftp_server: &Path, shell: &Path) -> Option<Plan> {
     // Split on single spaces only: tabs, newlines and runs of odd whitespace disqualify.
     if cmd.bytes().any(|b| b.is_ascii_whitespace() && b != b' ') {
         return None;
@@ -226,6 +232,7 @@ fn transfer_plan(cmd: &str, sftp_server: &Path) -> Option<Plan> {
         args: rest.iter().map(|s| s.to_string()).collect(),
         requested: Some(cmd.to_string()),
         transfer: Some(kind),
+        shell: shell.to_path_buf(),
     })
 }
 
@@ -328,6 +335,7 @@ mod tests {
         let p = plan(&inv, &ctx(Some("uptime"), "/usr/bin/shelltrail-shell"));
         assert_eq!(p.args, vec!["-c", "uptime"]);
         assert_eq!(p.program, PathBuf::from("/bin/bash"));
+        assert_eq!(p.shell, PathBuf::from("/bin/bash"), "$SHELL is never the recorder");
     }
 
     #[test]
@@ -389,6 +397,7 @@ mod tests {
         assert_eq!(p.program, PathBuf::from("/usr/lib/openssh/sftp-server"));
         assert_eq!(p.arg0, "sftp-server");
         assert_eq!(p.args, vec!["-l", "INFO"]);
+        assert_eq!(p.shell, PathBuf::from("/bin/bash"));
     }
 
     #[test]

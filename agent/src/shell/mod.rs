@@ -167,7 +167,7 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     let mut header = Header::new(cols, rows);
     header.timestamp = Some((meta.start_unix_ms / 1000) as u64);
     header.command = plan.requested.clone();
-    header.env.insert("SHELL".into(), plan.program.display().to_string());
+    header.env.insert("SHELL".into(), plan.shell.display().to_string());
     if let Ok(term) = std::env::var("TERM") {
         header.env.insert("TERM".into(), term.clone());
         header.term.term_type = Some(term);
@@ -208,6 +208,10 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
 
     let mut cmd = std::process::Command::new(&plan.program);
     cmd.arg0(&plan.arg0).args(&plan.args);
+    // What sshd set for us is not for the user's programs: a shelltrail-shell
+    // started inside the session (as `$SHELL`, say) would otherwise find the
+    // session's command and run it again, login after recorded login.
+    cmd.env_remove("SSH_ORIGINAL_COMMAND").env("SHELL", &plan.shell);
     let outcome = if tty && plan.transfer.is_none() {
         pty::run(cmd, ev_tx.clone(), recycle_rx, record_input)?
     } else {
