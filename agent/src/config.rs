@@ -6,7 +6,7 @@
 //! key, so tests and `shelltrail demo` run unprivileged in a temporary
 //! directory. A missing default file means "all defaults" (production paths).
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -15,8 +15,10 @@ pub const DEFAULT_PATH: &str = "/etc/shelltrail/shelltrail.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // The cause is in the message, so it is not also the `source`: printed
+    // with its chain (`{:#}`), it would appear twice.
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error(
@@ -28,7 +30,7 @@ pub enum ConfigError {
 
 /// The whole configuration file. Unknown keys are errors: a typo must not
 /// silently switch a security setting back to its default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The agent's Unix socket; recorders connect here.
@@ -44,7 +46,7 @@ pub struct Config {
 
 /// What happens when recording cannot be guaranteed at login: the agent is
 /// unreachable, or refuses the session (spool at its cap).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unavailable {
     /// Refuse the login with a message and a log line (default).
@@ -53,7 +55,7 @@ pub enum Unavailable {
     Allow,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShellConfig {
     /// The shell to run when the user's passwd shell is shelltrail-shell itself.
@@ -82,7 +84,7 @@ pub struct ShellConfig {
     pub close_timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// New sessions are refused once the spool holds this much.
@@ -103,7 +105,7 @@ pub struct AgentConfig {
 
 /// Where the agent ships recordings. Mutual TLS: the collector checks the
 /// agent's certificate, whose name is the host's identity.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShipConfig {
     /// Collector URL (`https://collector.example:7443`). Empty: recordings stay on this host.
@@ -186,7 +188,7 @@ impl Config {
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Config::default());
             }
-            Err(source) => return Err(ConfigError::Read { path, source }),
+            Err(error) => return Err(ConfigError::Read { path, error }),
         };
         Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })
     }
@@ -224,7 +226,10 @@ impl Config {
             }
             Err(e) if path.is_none() && e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(ConfigError::Read { path: p.into(), source });
+                return Err(ConfigError::Read {
+                    path: p.into(),
+                    error: source,
+                });
             }
         }
         Self::load(path)

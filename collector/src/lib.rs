@@ -164,19 +164,19 @@ pub async fn serve_on(
     };
     let server = async move {
         if let Some(tls) = tls {
-            tracing::info!(listen = ?local, "collector listening (mutual TLS)");
+            tracing::info!(listen = %server::addr(local), "collector listening (mutual TLS)");
             router
                 .serve_with_incoming_shutdown(tls::accept(incoming, tls), drained)
                 .await
         } else {
             tracing::warn!(
-                listen = ?local,
+                listen = %server::addr(local),
                 "INSECURE collector: plaintext, no client authentication, agents' hosts are their own claims. \
                  For local development only"
             );
             let incoming = incoming.map(|conn| {
                 if let Ok(conn) = &conn {
-                    tracing::warn!(peer = ?conn.peer_addr().ok(), "INSECURE collector: unauthenticated plaintext connection");
+                    tracing::warn!(peer = %server::addr(conn.peer_addr().ok()), "INSECURE collector: unauthenticated plaintext connection");
                 }
                 conn
             });

@@ -126,13 +126,13 @@ impl Collector {
     /// it) whose name is one of the configured operators.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(name) = self.peer_host(req)? else {
-            tracing::warn!(peer = ?req.remote_addr(), "INSECURE collector: unauthenticated query");
+            tracing::warn!(peer = %addr(req.remote_addr()), "INSECURE collector: unauthenticated query");
             return Ok(());
         };
         if self.operators.contains(&name) {
             Ok(())
         } else {
-            tracing::warn!(peer = ?req.remote_addr(), %name, "query refused: not an operator");
+            tracing::warn!(peer = %addr(req.remote_addr()), %name, "query refused: not an operator");
             Err(Status::permission_denied(format!(
                 "certificate {name:?} is not an operator's: list it in [collector] operators to allow queries"
             )))
@@ -417,9 +417,9 @@ impl Ingest for Collector {
             None => insecure_host(&hello)?,
         };
         if self.insecure {
-            tracing::warn!(?peer, %host, "INSECURE collector: unauthenticated agent, host taken from its own claim");
+            tracing::warn!(peer = %addr(peer), %host, "INSECURE collector: unauthenticated agent, host taken from its own claim");
         }
-        tracing::info!(?peer, %host, agent_version = %hello.agent_version, "agent connected");
+        tracing::info!(peer = %addr(peer), %host, agent_version = %hello.agent_version, "agent connected");
 
         let (tx, rx) = mpsc::channel(64);
         let hello = response(ship_response::Body::Hello(CollectorHello { host: host.clone() }));
@@ -612,4 +612,9 @@ impl ChunkReader {
             }
         }
     }
+}
+
+/// A socket address for a log line: `127.0.0.1:39188`, not `Some(127.0.0.1:39188)`.
+pub(crate) fn addr(a: Option<std::net::SocketAddr>) -> String {
+    a.map_or_else(|| "unknown".to_string(), |a| a.to_string())
 }

@@ -157,8 +157,10 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("the store was opened read-only")]
     ReadOnly,
-    #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    // The cause is in the message, so it is not also the `source`: printed
+    // with its chain (`{:#}`), it would appear twice.
+    #[error("I/O error on {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("{path}: {why}")]
     Corrupt { path: PathBuf, why: String },
 }
@@ -175,10 +177,10 @@ impl StoreError {
     }
 }
 
-fn io_err(path: &Path, source: io::Error) -> StoreError {
+fn io_err(path: &Path, error: io::Error) -> StoreError {
     StoreError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -44,19 +44,25 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // The cause is in the message, so it is not also the `source`: printed
+    // with its chain (`{:#}`), it would appear twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}: {why}")]
     Pem { path: PathBuf, why: String },
+    #[error(
+        "{path} is readable by other users (mode {mode:04o}): whoever reads it can pose as its owner. \
+         Make it readable by the user that uses it only, e.g. `chown shelltrail {path} && chmod 0400 {path}` \
+         for the agent or collector, `chmod 0600` for an operator's own key"
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
     #[error("invalid collector URL {url:?}: {why}")]
     Url { url: String, why: String },
     #[error("TLS configuration refused: {0}")]
     Config(String),
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    /// `why` is the transport error with its causes ("transport error" alone says nothing).
+    #[error("cannot connect to {url}: {why}")]
+    Connect { url: String, why: String },
 }
 
 /// Why a client certificate does not name a usable host.
@@ -101,9 +107,9 @@ pub struct ClientTlsFiles {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -128,6 +134,19 @@ fn read_certs(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Reads a PEM file that must hold a private key.
 fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
     let pem = read(path)?;
+    // As sshd does with private keys: one that other users can read is no
+    // longer this machine's secret (an operator in the service's group could
+    // pose as the host and write its sessions), so refuse it.
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(TlsError::KeyExposed {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.to_path_buf(),
         why: format!("holds no usable private key: {e}"),
@@ -277,11 +296,28 @@ pub fn endpoint(url: &str, tls: Option<&ClientTlsFiles>) -> Result<Endpoint, Tls
     Ok(ep)
 }
 
+/// An error and its causes, once each: tonic's say "transport error" and
+/// keep the reason (refused, no route, certificate) in their sources, some
+/// of which repeat their own source in their message.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// Connects to the collector at `url`; see [`endpoint`].
 pub async fn connect(url: &str, tls: Option<&ClientTlsFiles>) -> Result<Channel, TlsError> {
-    endpoint(url, tls)?.connect().await.map_err(|source| TlsError::Connect {
+    endpoint(url, tls)?.connect().await.map_err(|e| TlsError::Connect {
         url: url.to_owned(),
-        source,
+        why: with_causes(&e),
     })
 }
 

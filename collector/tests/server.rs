@@ -70,9 +70,12 @@ struct Pki {
     ca_pem: String,
 }
 
+/// Writes a PEM file readable by its owner only, as keys must be.
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -683,6 +686,32 @@ async fn a_compaction_level_that_is_not_one_is_refused_at_start() {
     };
     let err = serve_on(cfg, listener, std::future::ready(())).await.unwrap_err();
     assert!(err.to_string().contains("compact_level = 25"), "{err:#}");
+}
+
+/// A private key other users can read is refused, on both sides, with what
+/// to do about it: an operator in the service's group could otherwise take
+/// the host's key and write sessions in its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_other_users_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = pki();
+    for key in [&pki.server.key, &pki.host_a.key] {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
+    let err = shelltrail_collector::tls::server_tls_config(&pki.server).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("server.key is readable by other users (mode 0640)"),
+        "{text}"
+    );
+    assert!(text.contains("chmod 0400"), "{text}");
+    let err = shelltrail_collector::tls::connect("https://127.0.0.1:1", Some(&pki.host_a))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("host-a.key is readable by other users"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,17 +10,28 @@ pub use server::{Agent, run};
 /// A channel to the collector named in `[ship]`: mutual TLS, or plaintext in
 /// the explicit development mode (logged loudly every time).
 pub async fn collector_channel(cfg: &crate::config::ShipConfig) -> anyhow::Result<tonic::transport::Channel> {
-    use shelltrail_collector::tls::{ClientTlsFiles, connect};
-    let tls = if cfg.insecure {
+    if cfg.insecure {
         tracing::warn!(collector = %cfg.collector, "INSECURE: shipping recordings in plaintext without certificates ([ship] insecure = true)");
-        None
-    } else {
-        Some(ClientTlsFiles {
-            ca: cfg.ca.clone(),
-            cert: cfg.cert.clone(),
-            key: cfg.key.clone(),
-            domain: None,
-        })
-    };
-    Ok(connect(&cfg.collector, tls.as_ref()).await?)
+    }
+    Ok(shelltrail_collector::tls::connect(&cfg.collector, ship_tls(cfg).as_ref()).await?)
+}
+
+/// Checks `[ship]` as shipping will use it, without connecting: the URL's
+/// form and scheme, and the CA, certificate and key (readable by this user,
+/// well-formed, the key private to its owner). `agent --check-config` runs
+/// it, so a mistake stops the service at start instead of retrying for ever.
+pub fn check_ship(cfg: &crate::config::ShipConfig) -> Result<(), shelltrail_collector::tls::TlsError> {
+    if cfg.collector.is_empty() {
+        return Ok(());
+    }
+    shelltrail_collector::tls::endpoint(&cfg.collector, ship_tls(cfg).as_ref()).map(|_| ())
+}
+
+fn ship_tls(cfg: &crate::config::ShipConfig) -> Option<shelltrail_collector::tls::ClientTlsFiles> {
+    (!cfg.insecure).then(|| shelltrail_collector::tls::ClientTlsFiles {
+        ca: cfg.ca.clone(),
+        cert: cfg.cert.clone(),
+        key: cfg.key.clone(),
+        domain: None,
+    })
 }

@@ -243,7 +243,11 @@ impl Shipper {
         loop {
             let mut established = false;
             let Err(e) = self.clone().stream_once(&mut established).await;
-            tracing::warn!(collector = %self.cfg.collector, "shipping interrupted: {e:#}");
+            tracing::warn!(
+                collector = %self.cfg.collector,
+                "shipping interrupted: {}",
+                shelltrail_collector::tls::with_causes(e.as_ref())
+            );
             if established {
                 backoff = MIN_BACKOFF;
             }

@@ -69,8 +69,10 @@ pub const KIND_CLOSE: u8 = 3;
 pub enum SpoolError {
     #[error("cannot read the spool at {path}: permission denied. Run as root or as a member of the shelltrail group")]
     Permission { path: PathBuf },
-    #[error("spool I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // The cause is in the message, so it is not also the `source`: printed
+    // with its chain (`{:#}`), it would appear twice.
+    #[error("spool I/O error on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path} is not a shelltrail spool segment (bad magic)")]
     BadMagic { path: PathBuf },
     #[error("corrupt record in {path} at byte {offset}: {why}")]
@@ -85,7 +87,7 @@ fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
     } else {
         SpoolError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     }
 }

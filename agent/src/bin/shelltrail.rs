@@ -139,8 +139,9 @@ fn run(args: Args) -> Result<i32> {
         Cmd::Agent { check_config } => {
             let cfg = cli::load_config(config)?;
             if check_config {
-                println!("configuration OK");
-                println!("{cfg:#?}");
+                shelltrail::agent::check_ship(&cfg.ship).context("[ship]")?;
+                let effective = toml::to_string(&cfg).context("printing the configuration")?;
+                println!("# configuration OK; in effect, defaults included:\n{effective}");
                 return Ok(0);
             }
             init_logging();
@@ -220,6 +221,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // journald (or a file) gets plain text; colours only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

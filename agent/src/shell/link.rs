@@ -28,8 +28,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("the shelltrail agent is not reachable at {path}: {source}")]
-    Unreachable { path: PathBuf, source: std::io::Error },
+    // The cause is in the message, so it is not also the `source`: printed
+    // with its chain (`{:#}`), it would appear twice.
+    #[error("the shelltrail agent is not reachable at {path}: {error}")]
+    Unreachable { path: PathBuf, error: std::io::Error },
     #[error("the shelltrail agent refused the session: {0}")]
     Refused(String),
     #[error("the shelltrail agent answered unexpectedly: {0}")]
@@ -45,9 +47,9 @@ pub struct Connection {
 
 /// Connects and opens (or resumes) the session.
 pub fn open(socket: &Path, meta: &SessionMeta, resume: bool) -> Result<Connection, ConnectError> {
-    let unreachable = |source| ConnectError::Unreachable {
+    let unreachable = |error| ConnectError::Unreachable {
         path: socket.to_path_buf(),
-        source,
+        error,
     };
     let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
