@@ -158,8 +158,17 @@ fn run(args: Args) -> Result<i32> {
             Ok(0)
         }
         Cmd::Sessions { json } => {
-            let rows = source()?.list()?;
+            let mut src = source()?;
+            let rows = src.list()?;
             cli::sessions::run(&rows, json, &mut std::io::stdout().lock())?;
+            if let Some(url) = src.ships_to()
+                && !json
+            {
+                eprintln!(
+                    "(this host ships to {url}: the sessions it has shipped are kept there only; \
+                     list them with `shelltrail --collector {url} sessions`)"
+                );
+            }
             Ok(0)
         }
         Cmd::Export {
@@ -204,7 +213,13 @@ fn run(args: Args) -> Result<i32> {
             match cmd {
                 PkiCmd::Init { dir, name } => {
                     let ca = shelltrail::pki::Ca::create(&dir, &name)?;
-                    println!("created {}", ca.cert_path().display());
+                    println!(
+                        "created {} (give it to every host, the collector and operators) and {} (the CA's \
+                         private key: whoever holds it can issue certificates for any host or operator; \
+                         keep it off the collector and the hosts)",
+                        ca.cert_path().display(),
+                        dir.join("ca.key").display()
+                    );
                 }
                 PkiCmd::Issue { dir, name, sans } => {
                     let sans = if sans.is_empty() { vec![name.clone()] } else { sans };

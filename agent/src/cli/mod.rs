@@ -20,6 +20,28 @@ use std::error::Error;
 use std::io::Read;
 use std::path::PathBuf;
 
+/// The fewest characters of an id that `find` takes: fewer would match by accident.
+const MIN_ID_PART: usize = 4;
+
+/// What the user typed for a session, checked and lowercased.
+fn id_part(id: &str) -> Result<String> {
+    if !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        bail!("{id:?} is not a session id: ids are hexadecimal with dashes (see `shelltrail sessions`)");
+    }
+    if id.len() < MIN_ID_PART {
+        bail!(
+            "{id:?} is too short to name a session: give at least {MIN_ID_PART} characters of its id, \
+             from its beginning or its end"
+        );
+    }
+    Ok(id.to_ascii_lowercase())
+}
+
+/// Whether `part` (from [`id_part`]) names the session `id`: its beginning or its end.
+fn names(id: &str, part: &str) -> bool {
+    id.starts_with(part) || id.ends_with(part)
+}
+
 /// How to reach a collector from the CLI.
 #[derive(Debug, Clone, Default)]
 pub struct CollectorArgs {
@@ -32,8 +54,13 @@ pub struct CollectorArgs {
 
 /// Where recordings are read from.
 pub enum Source {
-    /// This host's spool.
-    Spool { dir: PathBuf, index: Index },
+    /// This host's spool, and the collector it ships to (`[ship] collector`),
+    /// where the sessions it has shipped (and deleted) now are.
+    Spool {
+        dir: PathBuf,
+        index: Index,
+        ships_to: Option<String>,
+    },
     /// A collector's Query service.
     Collector {
         rt: tokio::runtime::Runtime,
@@ -54,6 +81,7 @@ impl Source {
             return Ok(Source::Spool {
                 dir: cfg.spool_dir.clone(),
                 index,
+                ships_to: Some(cfg.ship.collector.clone()).filter(|u| !u.is_empty()),
             });
         };
         let mut ship = cfg.ship.clone();
@@ -114,11 +142,20 @@ impl Source {
         }
     }
 
-    /// A session by id, or by a unique prefix of it (ids are long).
-    pub fn find(&mut self, id: &str) -> Result<Row> {
-        if id.len() < 4 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
-            bail!("{id:?} is not a session id (see `shelltrail sessions`)");
+    /// The collector this host ships to, when reading its spool: sessions
+    /// already shipped are no longer here but there.
+    pub fn ships_to(&self) -> Option<&str> {
+        match self {
+            Source::Spool { ships_to, .. } => ships_to.as_deref(),
+            Source::Collector { .. } => None,
         }
+    }
+
+    /// A session by id, or by a unique part of it at either end: ids are
+    /// UUIDv7, whose beginning is the start time, shared by the sessions of
+    /// the same minutes, so the random end is often the shorter handle.
+    pub fn find(&mut self, id: &str) -> Result<Row> {
+        let id = id_part(id)?;
         if let Source::Collector { rt, client, url } = self
             && id.len() == 36
         {
@@ -132,11 +169,25 @@ impl Source {
             return Ok(sessions::from_collector(&info));
         }
         let rows = self.list()?;
-        let mut hits = rows.into_iter().filter(|r| r.id.starts_with(id));
-        match (hits.next(), hits.next()) {
-            (Some(r), None) => Ok(r),
-            (None, _) => bail!("no session {id} in {}", self.describe()),
-            (Some(_), Some(_)) => bail!("{id} matches several sessions; give more of the id"),
+        let mut hits: Vec<Row> = rows.into_iter().filter(|r| names(&r.id, &id)).collect();
+        match hits.len() {
+            1 => Ok(hits.remove(0)),
+            0 => match self.ships_to() {
+                Some(url) => bail!(
+                    "no session {id} in {}. This host ships to {url}, and a session it has shipped is kept \
+                     there only: shelltrail --collector {url} ...",
+                    self.describe()
+                ),
+                None => bail!("no session {id} in {}", self.describe()),
+            },
+            n => {
+                let shown: Vec<&str> = hits.iter().take(5).map(|r| r.id.as_str()).collect();
+                bail!(
+                    "{id} matches {n} sessions ({}{}); give more of the id",
+                    shown.join(", "),
+                    if n > shown.len() { ", ..." } else { "" }
+                )
+            }
         }
     }
 
@@ -150,7 +201,7 @@ impl Source {
     /// The session's chunks in order.
     pub fn chunks(&mut self, row: &Row) -> Result<Vec<ChunkBytes>> {
         match self {
-            Source::Spool { dir, index } => {
+            Source::Spool { dir, index, .. } => {
                 let s = index.sessions.get(&row.id).context("session vanished from the spool")?;
                 s.chunks
                     .iter()
@@ -386,6 +437,26 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_session_is_named_by_either_end_of_its_id() {
+        let id = "019ac2f1-5b3e-7c41-9a2d-3e5f60718293";
+        assert!(super::names(id, &super::id_part("019a").unwrap()));
+        assert!(super::names(id, &super::id_part("18293").unwrap()));
+        assert!(super::names(id, &super::id_part("60718293").unwrap()));
+        assert!(
+            super::names(id, &super::id_part("3E5F60718293").unwrap()),
+            "case does not matter"
+        );
+        assert!(
+            !super::names(id, &super::id_part("5b3e").unwrap()),
+            "not from the middle"
+        );
+        let short = super::id_part("019").unwrap_err().to_string();
+        assert!(short.contains("too short") && short.contains("at least 4"), "{short}");
+        let bad = super::id_part("../etc").unwrap_err().to_string();
+        assert!(bad.contains("not a session id"), "{bad}");
+    }
+
     #[test]
     fn a_refused_certificate_is_explained_not_taken_for_a_closed_stdout() {
         use std::error::Error;

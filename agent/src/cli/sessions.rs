@@ -172,7 +172,10 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
             (false, Some(c)) => format!("exit {c}"),
             (false, None) => "ended".to_string(),
         };
-        let mut cmd: String = r.command.chars().filter(|c| !c.is_control()).take(60).collect();
+        let mut cmd: String = r.command.chars().filter(|c| !c.is_control()).collect();
+        if cmd.chars().count() > 60 {
+            cmd = cmd.chars().take(59).chain(std::iter::once('…')).collect();
+        }
         if r.lost_chunks > 0 {
             cmd.push_str(&format!("  [gap: {} chunks lost]", r.lost_chunks));
         }
