@@ -17,20 +17,38 @@ struct Args {
     /// Configuration file [default: /etc/shelltrail/shelltrail.toml]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Read from this collector (https://HOST:PORT) instead of this host's spool.
-    #[arg(long, global = true, value_name = "URL")]
+    // Before the subcommand (`shelltrail --collector URL sessions`), and only
+    // in the top-level help: they mean nothing to agent, collector, pki, demo.
+    /// Read from this collector (https://HOST:PORT) instead of this host's spool
+    #[arg(
+        long,
+        value_name = "URL",
+        help_heading = "Reading from a collector (sessions, export, play, verify)"
+    )]
     collector: Option<String>,
     /// CA certificate of the collector [default: [ship] ca]
-    #[arg(long, global = true, value_name = "PEM")]
+    #[arg(
+        long,
+        value_name = "PEM",
+        help_heading = "Reading from a collector (sessions, export, play, verify)"
+    )]
     ca: Option<PathBuf>,
-    /// Client certificate [default: [ship] cert]
-    #[arg(long, global = true, value_name = "PEM")]
+    /// Your operator certificate [default: [ship] cert]
+    #[arg(
+        long,
+        value_name = "PEM",
+        help_heading = "Reading from a collector (sessions, export, play, verify)"
+    )]
     cert: Option<PathBuf>,
-    /// Client key [default: [ship] key]
-    #[arg(long, global = true, value_name = "PEM")]
+    /// Its private key [default: [ship] key]
+    #[arg(
+        long,
+        value_name = "PEM",
+        help_heading = "Reading from a collector (sessions, export, play, verify)"
+    )]
     key: Option<PathBuf>,
-    /// Plaintext to a collector in its insecure development mode (http://).
-    #[arg(long, global = true)]
+    /// Plaintext, to a collector in its insecure development mode (http://)
+    #[arg(long, help_heading = "Reading from a collector (sessions, export, play, verify)")]
     insecure: bool,
     #[command(subcommand)]
     cmd: Cmd,
@@ -46,16 +64,18 @@ enum Cmd {
     },
     /// List recorded sessions.
     Sessions {
+        /// One JSON array of every field, for scripts
         #[arg(long)]
         json: bool,
     },
     /// Write a session's recording out.
     Export {
-        /// Session id (or a unique prefix)
+        /// Session id (or four or more characters from either end of it)
         id: String,
         /// Output file [default: stdout]
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// asciicast version: v2 for asciinema 2.x and older players
         #[arg(long, value_enum, default_value = "v3")]
         format: Format,
         /// Exactly the bytes the program wrote, nothing else.
@@ -64,7 +84,9 @@ enum Cmd {
     },
     /// Replay a session in this terminal.
     Play {
+        /// Session id (or four or more characters from either end of it)
         id: String,
+        /// Playback speed: 2 plays twice as fast
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
         /// Cap pauses at this many seconds.
@@ -79,7 +101,10 @@ enum Cmd {
         cmd: PkiCmd,
     },
     /// Check a stored session: every chunk present, in order, unaltered.
-    Verify { id: String },
+    Verify {
+        /// Session id (or four or more characters from either end of it)
+        id: String,
+    },
     /// Try shelltrail here: a temporary agent and a recorded shell, no root or sshd needed.
     Demo,
 }
@@ -88,7 +113,9 @@ enum Cmd {
 enum PkiCmd {
     /// Create a CA (ca.pem, ca.key) in DIR.
     Init {
+        /// Directory for ca.pem and ca.key (created; must not hold a CA already)
         dir: PathBuf,
+        /// The CA certificate's common name
         #[arg(long, default_value = "shelltrail CA")]
         name: String,
     },
@@ -96,6 +123,7 @@ enum PkiCmd {
     /// host, its name is the host's identity at the collector; for the
     /// collector, list every name and address agents use to reach it.
     Issue {
+        /// The CA's directory (from `pki init`)
         dir: PathBuf,
         /// File name of the certificate and key.
         name: String,
@@ -165,7 +193,7 @@ fn run(args: Args) -> Result<i32> {
                 && !json
             {
                 eprintln!(
-                    "(this host ships to {url}: the sessions it has shipped are kept there only; \
+                    "(this host ships to {url}: sessions already shipped may be kept there only; \
                      list them with `shelltrail --collector {url} sessions`)"
                 );
             }

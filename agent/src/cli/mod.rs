@@ -232,7 +232,7 @@ impl Source {
         let chunks = self.chunks(row)?;
         if row.first_chunk_missing(&chunks) {
             bail!(
-                "session {}: its first chunks are no longer in {} (shipped to the collector?): use --collector",
+                "session {}: its first chunks are no longer in {} (shipped to the collector?): read it there with `shelltrail --collector URL ...`",
                 row.id,
                 self.describe()
             );
