@@ -60,8 +60,20 @@ impl Ca {
     /// is also the common name) as `<file>.pem` and `<file>.key` in the CA's
     /// directory. Returns the two paths.
     pub fn issue(&self, file: &str, names: &[String]) -> Result<(PathBuf, PathBuf)> {
+        self.issue_for(file, names, None)
+    }
+
+    /// [`issue`](Self::issue), valid for `days` from now when given (else
+    /// without a practical end): short-lived certificates are how a fleet
+    /// without a revocation list limits what a leaked key is worth.
+    pub fn issue_for(&self, file: &str, names: &[String], days: Option<u32>) -> Result<(PathBuf, PathBuf)> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
+        if let Some(days) = days {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::minutes(5);
+            params.not_after = now + time::Duration::days(i64::from(days));
+        }
         if let Some(first) = names.first() {
             params.distinguished_name.push(DnType::CommonName, first.as_str());
         }
@@ -108,6 +120,20 @@ mod tests {
         again
             .issue("collector", &["localhost".into(), "127.0.0.1".into()])
             .unwrap();
+    }
+
+    #[test]
+    fn a_certificate_can_be_short_lived() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::create(dir.path(), "test CA").unwrap();
+        let (cert, _) = ca.issue_for("host-a", &["host-a".into()], Some(30)).unwrap();
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let der = rustls_pemfile_der(&std::fs::read(&cert).unwrap());
+        let (_, x) = X509Certificate::from_der(&der).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let end = x.validity().not_after.timestamp();
+        assert!((end - now - 30 * 86_400).abs() < 120, "not_after {end}, now {now}");
+        assert!(x.validity().not_before.timestamp() <= now);
     }
 
     fn rustls_pemfile_der(pem: &[u8]) -> Vec<u8> {

@@ -130,6 +130,9 @@ enum PkiCmd {
         /// DNS names or IP addresses [default: NAME]
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Valid for this many days from now [default: no expiry]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
     },
 }
 
@@ -249,9 +252,9 @@ fn run(args: Args) -> Result<i32> {
                         dir.join("ca.key").display()
                     );
                 }
-                PkiCmd::Issue { dir, name, sans } => {
+                PkiCmd::Issue { dir, name, sans, days } => {
                     let sans = if sans.is_empty() { vec![name.clone()] } else { sans };
-                    let (c, k) = shelltrail::pki::Ca::open(&dir)?.issue(&name, &sans)?;
+                    let (c, k) = shelltrail::pki::Ca::open(&dir)?.issue_for(&name, &sans, days)?;
                     println!("issued {} and {}", c.display(), k.display());
                 }
             }
