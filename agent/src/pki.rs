@@ -72,7 +72,9 @@ impl Ca {
         if let Some(days) = days {
             let now = time::OffsetDateTime::now_utc();
             params.not_before = now - time::Duration::minutes(5);
-            params.not_after = now + time::Duration::days(i64::from(days));
+            params.not_after = now
+                .checked_add(time::Duration::days(i64::from(days)))
+                .with_context(|| format!("{days} days from now is past the last date a certificate can hold"))?;
         }
         if let Some(first) = names.first() {
             params.distinguished_name.push(DnType::CommonName, first.as_str());

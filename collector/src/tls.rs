@@ -51,18 +51,24 @@ pub enum TlsError {
     #[error("{path}: {why}")]
     Pem { path: PathBuf, why: String },
     #[error(
-        "{path} is readable by other users (mode {mode:04o}): whoever reads it can pose as its owner. \
-         Make it readable by the user that uses it only, e.g. `chown shelltrail {path} && chmod 0400 {path}` \
-         for the agent or collector, `chmod 0600` for an operator's own key"
+        "{path} is open to other users (mode {mode:04o}, owner uid {owner}): whoever can read it can pose as \
+         its owner. Make it owned and readable by the user that uses it only, e.g. `chown shelltrail {path} && \
+         chmod 0400 {path}` for the agent or collector, `chmod 0600` for an operator's own key (an ACL also \
+         shows in the group bits)"
     )]
-    KeyExposed { path: PathBuf, mode: u32 },
+    KeyExposed { path: PathBuf, mode: u32, owner: u32 },
     #[error("invalid collector URL {url:?}: {why}")]
     Url { url: String, why: String },
     #[error("TLS configuration refused: {0}")]
     Config(String),
-    /// `why` is the transport error with its causes ("transport error" alone says nothing).
-    #[error("cannot connect to {url}: {why}")]
-    Connect { url: String, why: String },
+    /// The causes (refused, no route, a TLS alert) are in `source`'s chain:
+    /// print it with [`with_causes`]. Kept as errors, not text, so callers can
+    /// tell a closed connection from a refused certificate.
+    #[error("cannot connect to {url}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
 }
 
 /// Why a client certificate does not name a usable host.
@@ -133,20 +139,29 @@ fn read_certs(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Reads a PEM file that must hold a private key.
 fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let pem = read(path)?;
-    // As sshd does with private keys: one that other users can read is no
-    // longer this machine's secret (an operator in the service's group could
-    // pose as the host and write its sessions), so refuse it.
-    if let Ok(meta) = std::fs::metadata(path) {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(TlsError::KeyExposed {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let read_err = |error| TlsError::Read {
+        path: path.to_path_buf(),
+        error,
+    };
+    // One open: the mode checked is that of the bytes read.
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    // As sshd does with private keys: one that other users can read (or
+    // replace) is no longer this machine's secret (an operator in the
+    // service's group could pose as the host and write its sessions).
+    let mode = meta.mode() & 0o777;
+    let me = nix::unistd::geteuid().as_raw();
+    if mode & 0o077 != 0 || (meta.uid() != me && meta.uid() != 0) {
+        return Err(TlsError::KeyExposed {
+            path: path.to_path_buf(),
+            mode,
+            owner: meta.uid(),
+        });
     }
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(read_err)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.to_path_buf(),
         why: format!("holds no usable private key: {e}"),
@@ -315,9 +330,9 @@ pub fn with_causes(e: &dyn std::error::Error) -> String {
 
 /// Connects to the collector at `url`; see [`endpoint`].
 pub async fn connect(url: &str, tls: Option<&ClientTlsFiles>) -> Result<Channel, TlsError> {
-    endpoint(url, tls)?.connect().await.map_err(|e| TlsError::Connect {
+    endpoint(url, tls)?.connect().await.map_err(|source| TlsError::Connect {
         url: url.to_owned(),
-        why: with_causes(&e),
+        source,
     })
 }
 

@@ -18,8 +18,8 @@ pub async fn collector_channel(cfg: &crate::config::ShipConfig) -> anyhow::Resul
 
 /// Checks `[ship]` as shipping will use it, without connecting: the URL's
 /// form and scheme, and the CA, certificate and key (readable by this user,
-/// well-formed, the key private to its owner). `agent --check-config` runs
-/// it, so a mistake stops the service at start instead of retrying for ever.
+/// well-formed, the key private to its owner). `agent --check-config` warns
+/// with it, so a mistake shows at start rather than only in retries.
 pub fn check_ship(cfg: &crate::config::ShipConfig) -> Result<(), shelltrail_collector::tls::TlsError> {
     if cfg.collector.is_empty() {
         return Ok(());

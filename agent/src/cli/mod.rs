@@ -169,7 +169,15 @@ impl Source {
             return Ok(sessions::from_collector(&info));
         }
         let rows = self.list()?;
-        let mut hits: Vec<Row> = rows.into_iter().filter(|r| names(&r.id, &id)).collect();
+        // The beginning first: a prefix that matches is what was meant, even
+        // if the same characters end another id.
+        let (mut hits, ends): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .filter(|r| names(&r.id, &id))
+            .partition(|r| r.id.starts_with(&id));
+        if hits.is_empty() {
+            hits = ends;
+        }
         match hits.len() {
             1 => Ok(hits.remove(0)),
             0 => match self.ships_to() {

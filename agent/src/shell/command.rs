@@ -105,6 +105,12 @@ pub struct Plan {
     /// that programs starting `$SHELL` (script, vim's `:sh`, tmux) run a shell,
     /// not a second recorder.
     pub shell: PathBuf,
+    /// The command came from `SSH_ORIGINAL_COMMAND` (we are the ForceCommand):
+    /// it is consumed, and the child does not see the variable, as it would
+    /// not had sshd run the command itself. A command from `-c` (we are the
+    /// login shell, maybe under a `command="..."` key) leaves it for the
+    /// program that reads it (rrsync, gitolite).
+    pub consumes_original: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +155,8 @@ pub fn plan(inv: &Invocation, ctx: &Context<'_>) -> Plan {
     // Login-shell exec request: -c CMD (not our own ForceCommand, handled in parse_args).
     // Otherwise the ForceCommand case: SSH_ORIGINAL_COMMAND, when sshd set it.
     let requested = inv.command.as_deref().or(ctx.original_command);
-    match requested {
+    let consumes_original = inv.command.is_none() && ctx.original_command.is_some();
+    let mut plan = match requested {
         None => {
             let base = shell
                 .file_name()
@@ -162,26 +169,31 @@ pub fn plan(inv: &Invocation, ctx: &Context<'_>) -> Plan {
                 requested: None,
                 transfer: None,
                 shell: shell.to_path_buf(),
+                consumes_original: false,
             }
         }
         Some(cmd) => {
             if let Some(p) = transfer_plan(cmd, ctx.sftp_server, shell) {
-                return p;
-            }
-            let base = shell
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Plan {
-                program: shell.to_path_buf(),
-                arg0: base,
-                args: vec!["-c".into(), cmd.to_string()],
-                requested: Some(cmd.to_string()),
-                transfer: None,
-                shell: shell.to_path_buf(),
+                p
+            } else {
+                let base = shell
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Plan {
+                    program: shell.to_path_buf(),
+                    arg0: base,
+                    args: vec!["-c".into(), cmd.to_string()],
+                    requested: Some(cmd.to_string()),
+                    transfer: None,
+                    shell: shell.to_path_buf(),
+                    consumes_original: false,
+                }
             }
         }
-    }
+    };
+    plan.consumes_original = consumes_original;
+    plan
 }
 
 /// Characters a transfer command line may contain. No quotes, no `$`, `;`,
@@ -233,6 +245,7 @@ fn transfer_plan(cmd: &str, sftp_server: &Path, shell: &Path) -> Option<Plan> {
         requested: Some(cmd.to_string()),
         transfer: Some(kind),
         shell: shell.to_path_buf(),
+        consumes_original: false,
     })
 }
 
@@ -336,6 +349,23 @@ mod tests {
         assert_eq!(p.args, vec!["-c", "uptime"]);
         assert_eq!(p.program, PathBuf::from("/bin/bash"));
         assert_eq!(p.shell, PathBuf::from("/bin/bash"), "$SHELL is never the recorder");
+        assert!(p.consumes_original, "the ForceCommand consumes SSH_ORIGINAL_COMMAND");
+    }
+
+    #[test]
+    fn a_login_shell_command_leaves_ssh_original_command_to_its_program() {
+        // No ForceCommand, a `command="rrsync /backup"` key: sshd runs
+        // `shelltrail-shell -c 'rrsync /backup'` with the client's request in
+        // SSH_ORIGINAL_COMMAND, which rrsync reads.
+        let inv = parse_args(&args(&["shelltrail-shell", "-c", "rrsync /backup"])).unwrap();
+        let p = plan(
+            &inv,
+            &ctx(Some("rsync --server -e.LsfxC . x"), "/usr/bin/shelltrail-shell"),
+        );
+        assert_eq!(p.args, vec!["-c", "rrsync /backup"]);
+        assert!(!p.consumes_original);
+        let p = plan(&inv, &ctx(None, "/usr/bin/shelltrail-shell"));
+        assert!(!p.consumes_original);
     }
 
     #[test]

@@ -208,10 +208,15 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
 
     let mut cmd = std::process::Command::new(&plan.program);
     cmd.arg0(&plan.arg0).args(&plan.args);
-    // What sshd set for us is not for the user's programs: a shelltrail-shell
-    // started inside the session (as `$SHELL`, say) would otherwise find the
-    // session's command and run it again, login after recorded login.
-    cmd.env_remove("SSH_ORIGINAL_COMMAND").env("SHELL", &plan.shell);
+    // `$SHELL` is the real shell: programs that start it (script, an
+    // editor's shell escape) get a shell, not a second recorder.
+    cmd.env("SHELL", &plan.shell);
+    // A consumed command (see `Plan::consumes_original`) is gone for the
+    // session too: a recorder started inside cannot find it and run the
+    // login's command again.
+    if plan.consumes_original {
+        cmd.env_remove("SSH_ORIGINAL_COMMAND");
+    }
     let outcome = if tty && plan.transfer.is_none() {
         pty::run(cmd, ev_tx.clone(), recycle_rx, record_input)?
     } else {

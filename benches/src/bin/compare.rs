@@ -10,7 +10,8 @@
 //! * `recording-off`: shelltrail's own PTY proxy (`shelltrail::shell::pty::run`,
 //!   the wrapper's copy loop and hand-off) with the recorder replaced by a sink
 //!   that drops every burst: the wrapper with recording off. This binary runs
-//!   it itself (`compare --recording-off CMD...`).
+//!   it itself (`compare --recording-off SHELL -c WORKLOAD`), with the login
+//!   shell shelltrail-shell would run.
 //! * `shelltrail`, `shelltrail+input`: `shelltrail-shell -c WORKLOAD` with a
 //!   real agent (fresh spool per run), `record_input` off and on.
 //! * `script`: util-linux `script -qfc WORKLOAD FILE`.
@@ -534,7 +535,12 @@ fn command(peer: &Peer, workload: &str, out: &Path, agent: Option<&Agent>) -> Co
             c.args(["/bin/sh", "-c", workload]);
         }
         Kind::RecordingOff => {
-            c.args(["--recording-off", "/bin/sh", "-c", workload]);
+            // The shell shelltrail-shell runs: this user's login shell.
+            let shell = nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map_or_else(|| PathBuf::from("/bin/sh"), |u| u.shell);
+            c.arg("--recording-off").arg(shell).args(["-c", workload]);
         }
         Kind::Shelltrail { .. } => {
             c.arg("--config")
