@@ -156,44 +156,28 @@ pub fn plan(inv: &Invocation, ctx: &Context<'_>) -> Plan {
     // Otherwise the ForceCommand case: SSH_ORIGINAL_COMMAND, when sshd set it.
     let requested = inv.command.as_deref().or(ctx.original_command);
     let consumes_original = inv.command.is_none() && ctx.original_command.is_some();
-    let mut plan = match requested {
-        None => {
-            let base = shell
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Plan {
-                program: shell.to_path_buf(),
-                arg0: format!("-{base}"),
-                args: vec![],
-                requested: None,
-                transfer: None,
-                shell: shell.to_path_buf(),
-                consumes_original: false,
-            }
-        }
-        Some(cmd) => {
-            if let Some(p) = transfer_plan(cmd, ctx.sftp_server, shell) {
-                p
-            } else {
-                let base = shell
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                Plan {
-                    program: shell.to_path_buf(),
-                    arg0: base,
-                    args: vec!["-c".into(), cmd.to_string()],
-                    requested: Some(cmd.to_string()),
-                    transfer: None,
-                    shell: shell.to_path_buf(),
-                    consumes_original: false,
-                }
-            }
-        }
+    if let Some(mut p) = requested.and_then(|cmd| transfer_plan(cmd, ctx.sftp_server, shell)) {
+        p.consumes_original = consumes_original;
+        return p;
+    }
+    let base = shell
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (arg0, args) = match requested {
+        // A shell request: the shell as a login shell ("-bash").
+        None => (format!("-{base}"), vec![]),
+        Some(cmd) => (base, vec!["-c".into(), cmd.to_string()]),
     };
-    plan.consumes_original = consumes_original;
-    plan
+    Plan {
+        program: shell.to_path_buf(),
+        arg0,
+        args,
+        requested: requested.map(str::to_string),
+        transfer: None,
+        shell: shell.to_path_buf(),
+        consumes_original,
+    }
 }
 
 /// Characters a transfer command line may contain. No quotes, no `$`, `;`,
