@@ -59,7 +59,15 @@ fn collector_down_for_whole_sessions_then_back() {
     for (s, id) in scripts.iter().zip(&ids) {
         w.assert_shipped(&h, id, &s.expected(), SHIP_TIMEOUT);
     }
-    assert_eq!(w.remote_sessions().len(), 3);
+    let listed = w.remote_sessions();
+    assert_eq!(listed.len(), 3);
+    // The collector options may follow the subcommand too.
+    let out = shelltrail_tests::proc::run_ok(w.remote_after(&["sessions", "--json"]), TIMEOUT);
+    let after: Vec<shelltrail_tests::SessionRow> = serde_json::from_slice(&out.stdout).expect("sessions --json");
+    assert_eq!(
+        after.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        listed.iter().map(|r| &r.id).collect::<Vec<_>>()
+    );
     w.assert_spool_shipped(&h);
     assert!(
         h.agent_log_text().contains("shipping interrupted"),

@@ -335,6 +335,24 @@ impl ShipWorld {
         c
     }
 
+    /// `shelltrail ARGS... --collector URL --ca --cert --key`: the options
+    /// after the subcommand, as a user may also write them.
+    pub fn remote_after(&self, args: &[&str]) -> Command {
+        let mut c = shelltrail();
+        c.arg("--config")
+            .arg(&self.collector.config)
+            .args(args)
+            .arg("--collector")
+            .arg(self.collector.url())
+            .arg("--ca")
+            .arg(self.pki.ca())
+            .arg("--cert")
+            .arg(&self.operator.0)
+            .arg("--key")
+            .arg(&self.operator.1);
+        c
+    }
+
     /// `sessions --json` at the collector.
     pub fn remote_sessions(&self) -> Vec<SessionRow> {
         let out = run_ok(self.remote(&["sessions", "--json"]), TIMEOUT);

@@ -17,41 +17,63 @@ struct Args {
     /// Configuration file [default: /etc/shelltrail/shelltrail.toml]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    // Before the subcommand (`shelltrail --collector URL sessions`), and only
-    // in the top-level help: they mean nothing to agent, collector, pki, demo.
-    /// Read from this collector (https://HOST:PORT) instead of this host's spool
-    #[arg(
-        long,
-        value_name = "URL",
-        help_heading = "Reading from a collector (sessions, export, play, verify)"
-    )]
-    collector: Option<String>,
-    /// CA certificate of the collector [default: [ship] ca]
-    #[arg(
-        long,
-        value_name = "PEM",
-        help_heading = "Reading from a collector (sessions, export, play, verify)"
-    )]
-    ca: Option<PathBuf>,
-    /// Your operator certificate [default: [ship] cert]
-    #[arg(
-        long,
-        value_name = "PEM",
-        help_heading = "Reading from a collector (sessions, export, play, verify)"
-    )]
-    cert: Option<PathBuf>,
-    /// Its private key [default: [ship] key]
-    #[arg(
-        long,
-        value_name = "PEM",
-        help_heading = "Reading from a collector (sessions, export, play, verify)"
-    )]
-    key: Option<PathBuf>,
-    /// Plaintext, to a collector in its insecure development mode (http://)
-    #[arg(long, help_heading = "Reading from a collector (sessions, export, play, verify)")]
-    insecure: bool,
+    #[command(flatten)]
+    remote: Remote,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Where `sessions`, `export`, `play` and `verify` read from. Accepted before
+/// the subcommand (`shelltrail --collector URL sessions`) and after it; the
+/// other subcommands do not take them, so their help does not show them.
+#[derive(clap::Args, Clone, Default)]
+#[command(next_help_heading = "Reading from a collector (sessions, export, play, verify)")]
+struct Remote {
+    /// Read from this collector (https://HOST:PORT) instead of this host's spool
+    #[arg(long, value_name = "URL")]
+    collector: Option<String>,
+    /// CA certificate of the collector [default: [ship] ca]
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Your operator certificate [default: [ship] cert]
+    #[arg(long, value_name = "PEM")]
+    cert: Option<PathBuf>,
+    /// Its private key [default: [ship] key]
+    #[arg(long, value_name = "PEM")]
+    key: Option<PathBuf>,
+    /// Plaintext, to a collector in its insecure development mode (http://)
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl Remote {
+    /// These options, each completed from `outer` (those before the subcommand).
+    fn or(self, outer: &Remote) -> Remote {
+        Remote {
+            collector: self.collector.or_else(|| outer.collector.clone()),
+            ca: self.ca.or_else(|| outer.ca.clone()),
+            cert: self.cert.or_else(|| outer.cert.clone()),
+            key: self.key.or_else(|| outer.key.clone()),
+            insecure: self.insecure || outer.insecure,
+        }
+    }
+
+    fn collector(self) -> Option<CollectorArgs> {
+        let Remote {
+            collector,
+            ca,
+            cert,
+            key,
+            insecure,
+        } = self;
+        collector.map(|url| CollectorArgs {
+            url,
+            ca,
+            cert,
+            key,
+            insecure,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -67,6 +89,8 @@ enum Cmd {
         /// One JSON array of every field, for scripts
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Write a session's recording out.
     Export {
@@ -81,6 +105,8 @@ enum Cmd {
         /// Exactly the bytes the program wrote, nothing else.
         #[arg(long)]
         raw: bool,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Replay a session in this terminal.
     Play {
@@ -92,6 +118,8 @@ enum Cmd {
         /// Cap pauses at this many seconds.
         #[arg(long)]
         idle_limit: Option<f64>,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Run the collector (the `[collector]` table of the config file).
     Collector,
@@ -104,6 +132,8 @@ enum Cmd {
     Verify {
         /// Session id (or four or more characters from either end of it)
         id: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Try shelltrail here: a temporary agent and a recorded shell, no root or sshd needed.
     Demo,
@@ -158,14 +188,10 @@ fn main() {
 
 fn run(args: Args) -> Result<i32> {
     let config = args.config.as_deref();
-    let collector = args.collector.clone().map(|url| CollectorArgs {
-        url,
-        ca: args.ca.clone(),
-        cert: args.cert.clone(),
-        key: args.key.clone(),
-        insecure: args.insecure,
-    });
-    let source = || -> Result<Source> { Source::open(&cli::load_config(config)?, collector.as_ref()) };
+    let outer = args.remote.clone();
+    let source = |remote: Remote| -> Result<Source> {
+        Source::open(&cli::load_config(config)?, remote.or(&outer).collector().as_ref())
+    };
     match args.cmd {
         Cmd::Agent { check_config } => {
             let cfg = cli::load_config(config)?;
@@ -196,8 +222,8 @@ fn run(args: Args) -> Result<i32> {
             })?;
             Ok(0)
         }
-        Cmd::Sessions { json } => {
-            let mut src = source()?;
+        Cmd::Sessions { json, remote } => {
+            let mut src = source(remote)?;
             let rows = src.list()?;
             cli::sessions::run(&rows, json, &mut std::io::stdout().lock())?;
             if let Some(url) = src.ships_to()
@@ -215,8 +241,9 @@ fn run(args: Args) -> Result<i32> {
             output,
             format,
             raw,
+            remote,
         } => {
-            let mut src = source()?;
+            let mut src = source(remote)?;
             match output {
                 Some(p) => {
                     let mut f = std::io::BufWriter::new(
@@ -229,12 +256,23 @@ fn run(args: Args) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Play { id, speed, idle_limit } => {
-            cli::play::run(&mut source()?, &id, speed, idle_limit, &mut std::io::stdout().lock())?;
+        Cmd::Play {
+            id,
+            speed,
+            idle_limit,
+            remote,
+        } => {
+            cli::play::run(
+                &mut source(remote)?,
+                &id,
+                speed,
+                idle_limit,
+                &mut std::io::stdout().lock(),
+            )?;
             Ok(0)
         }
-        Cmd::Verify { id } => {
-            let ok = cli::verify::run(&mut source()?, &id, &mut std::io::stdout().lock())?;
+        Cmd::Verify { id, remote } => {
+            let ok = cli::verify::run(&mut source(remote)?, &id, &mut std::io::stdout().lock())?;
             Ok(if ok { 0 } else { 1 })
         }
         Cmd::Demo => cli::demo::run(None),
