@@ -68,7 +68,12 @@ fn maintainer_scripts_parse() {
     assert!(all.len() >= 4, "{all:?}");
     for s in all {
         let out = Command::new("sh").arg("-n").arg(&s).output().unwrap();
-        assert!(out.status.success(), "{}: {}", s.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            s.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
