@@ -151,9 +151,12 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
     // As sshd does with private keys: one that other users can read (or
     // replace) is no longer this machine's secret (an operator in the
     // service's group could pose as the host and write its sessions).
+    // Root may read a key that is the service user's own (`agent
+    // --check-config` run by an admin); anyone else reads only their own or
+    // root's.
     let mode = meta.mode() & 0o777;
     let me = nix::unistd::geteuid().as_raw();
-    if mode & 0o077 != 0 || (meta.uid() != me && meta.uid() != 0) {
+    if mode & 0o077 != 0 || (me != 0 && meta.uid() != me && meta.uid() != 0) {
         return Err(TlsError::KeyExposed {
             path: path.to_path_buf(),
             mode,

@@ -708,6 +708,20 @@ async fn a_key_other_users_can_read_is_refused() {
     assert!(err.to_string().contains("host-a.key is open to other users"), "{err}");
 }
 
+/// The documented layout, the key the service user's own at mode 0400, passes
+/// for that user, and for root, who checks it with `agent --check-config`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_key_of_the_service_user_is_accepted() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = pki();
+    if nix::unistd::geteuid().is_root() {
+        let service_user = nix::unistd::Uid::from_raw(65534);
+        nix::unistd::chown(&pki.server.key, Some(service_user), None).unwrap();
+    }
+    std::fs::set_permissions(&pki.server.key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    shelltrail_collector::tls::server_tls_config(&pki.server).expect("the key's owner, or root, may use it");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_mode_takes_the_agents_claim() {
     let server = collector(None).await;
