@@ -37,6 +37,12 @@ pub struct Config {
     pub socket: PathBuf,
     /// The durable spool (agent-owned, mode 0750).
     pub spool_dir: PathBuf,
+    /// The system user `shelltrail-shell` is installed set-uid to. The
+    /// recorder runs as it once the session's child is started, so the
+    /// recorded user can neither signal nor trace it; the agent believes the
+    /// user a connection names only when the connection comes from this
+    /// user (every other peer is the user SO_PEERCRED says it is).
+    pub recorder_user: String,
     pub shell: ShellConfig,
     pub agent: AgentConfig,
     pub ship: ShipConfig,
@@ -137,6 +143,7 @@ impl Default for Config {
         Config {
             socket: "/run/shelltrail/agent.sock".into(),
             spool_dir: "/var/lib/shelltrail/spool".into(),
+            recorder_user: "shelltrail-rec".into(),
             shell: ShellConfig::default(),
             agent: AgentConfig::default(),
             ship: ShipConfig::default(),

@@ -57,6 +57,8 @@ pub struct Agent {
     disk: Mutex<(Instant, u64)>,
     /// Ships durable records to the collector, when one is configured.
     pub shipper: Option<Arc<Shipper>>,
+    /// The uid of `recorder_user`: its connections name the user they record.
+    recorder_uid: Option<u32>,
 }
 
 impl Agent {
@@ -125,7 +127,19 @@ impl Agent {
                 tx.clone(),
             )
         });
+        let recorder_uid = match nix::unistd::User::from_name(&cfg.recorder_user) {
+            Ok(Some(u)) => Some(u.uid.as_raw()),
+            _ => {
+                tracing::warn!(
+                    user = %cfg.recorder_user,
+                    "recorder_user does not exist: no connection may name the user it records, so set-uid \
+                     recorders cannot record (install the package, or fix recorder_user)"
+                );
+                None
+            }
+        };
         Ok(Arc::new(Agent {
+            recorder_uid,
             cfg,
             sessions: Mutex::new(sessions),
             per_uid: Mutex::new(HashMap::new()),
@@ -396,7 +410,12 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
     else {
         return Err(ConnError::Protocol("the first frame must be Open".into()));
     };
-    let meta = open.meta.unwrap_or_default();
+    let mut meta = open.meta.unwrap_or_default();
+    // Who the session records: the set-uid recorder names the user (it ran
+    // as them until it started their program); anyone else is who the kernel
+    // says. A claim from anyone else is overwritten, never believed.
+    let uid = if Some(uid) == agent.recorder_uid { meta.uid } else { uid };
+    meta.uid = uid;
     let id = match uuid::Uuid::parse_str(&meta.session_id) {
         // Only the canonical form: the id names files and URLs later on.
         Ok(u) if u.to_string() == meta.session_id => u,
