@@ -25,8 +25,12 @@
 //!   details from ExposeAuthInfo, the reason required by `require_reason`.
 //! * [`security`]: the recorder as login shell and ForceCommand records once,
 //!   and what sshd told it (`SSH_ORIGINAL_COMMAND`, `$SHELL`) does not leak to the session;
-//!   the user cannot read the recorder's memory or outlive it by killing it;
+//!   the user cannot read the recorder's memory, stop it or kill it;
 //!   hostile bytes on the agent socket close only that connection.
+//! * [`privsep`]: the recorded user against the privilege separation: a
+//!   login script that stops the recorder and runs a shell on `$SSH_TTY`, a
+//!   process holding sshd's terminal from before the recorder started,
+//!   another session of the user reaching for the terminal or the recorder.
 //! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through
 //!   a fault-injecting proxy: collector refused, killed and restarted, agent
 //!   killed, link cut a hundred times, stalled and black-holed, the spool
@@ -37,6 +41,7 @@ mod durability;
 mod exec;
 mod identity;
 mod interactive;
+mod privsep;
 mod security;
 mod shipping;
 mod transfer;

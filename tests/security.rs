@@ -4,7 +4,7 @@
 
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{AgentFrame, Chunk, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
-use shelltrail_tests::{Running, TIMEOUT, TestUser, World, poll_until, wait_until};
+use shelltrail_tests::{Running, TIMEOUT, TestUser, World, poll_until};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -125,38 +125,42 @@ fn started_pty_session(w: &World) -> (shelltrail_tests::Term, String) {
 }
 
 /// From inside the session, the user can neither read the recorder's
-/// memory or environment (it is non-dumpable) nor escape the recording by
-/// killing it: the session ends, nothing of the user's is left running, and
-/// the agent marks the session ended.
+/// memory or environment (it is non-dumpable from exec: set-uid) nor stop or
+/// kill it (it runs as its own user): the session goes on being recorded.
 #[test]
 fn recorder_resists_its_user() {
     let user = TestUser::dedicated("shelltrail-e2e-kill");
     assert_no_processes_left(&user, Duration::from_secs(10));
     let w = World::builder().user(user.clone()).build();
 
-    // Exec: bash -c runs cat in place, so $PPID is the recorder.
-    let out = w.ssh().command("cat /proc/$PPID/environ").run();
-    assert_ne!(out.code(), 0, "{out}");
+    // Exec: bash -c runs the command in place, so $PPID is the recorder.
+    let out = w
+        .ssh()
+        .command("cat /proc/$PPID/environ; kill -STOP $PPID; echo stop-rc=$?")
+        .run();
     assert!(out.stderr_str().contains("Permission denied"), "{out}");
+    assert!(out.stderr_str().contains("Operation not permitted"), "{out}");
+    assert!(out.stdout_str().contains("stop-rc=1"), "{out}");
     assert!(!out.stdout_str().contains("SSH_CONNECTION"), "{out}");
 
     let (mut t, id) = started_pty_session(&w);
     t.line("cat /proc/$PPID/environ; echo rc=$?");
     let seen = t.expect("rc=1");
     assert!(seen.contains("Permission denied"), "{seen:?}");
-    // Wait until the recording has this, so that the kill below cannot be
-    // what decides whether it was stored.
-    wait_until("the live recording to show rc=1", Duration::from_secs(20), || {
-        w.export(&id).output().contains("rc=1").then_some(())
-    });
-    t.line("kill -9 $PPID");
-    t.wait_exit(Duration::from_secs(30));
+    t.line("kill -9 $PPID; kill -STOP $PPID; echo kill-rc=$?");
+    let seen = t.expect("kill-rc=1");
+    assert!(seen.contains("Operation not permitted"), "{seen:?}");
+    t.line("echo still-recorded-$((40+2))");
+    t.expect("still-recorded-42");
+    t.line("exit 3");
+    assert_eq!(t.wait_exit(Duration::from_secs(30)), 3, "{}", t.transcript());
     assert_no_processes_left(&user, Duration::from_secs(15));
 
-    // The agent notices that the recorder is gone and ends the session.
     let s = w.wait_closed(&id, Duration::from_secs(30));
-    assert_eq!(s.end_cause.as_deref(), Some("recorder vanished"), "{s:#?}");
-    assert!(w.export(&id).output().contains("rc=1"));
+    assert_eq!(s.end_cause.as_deref(), Some("recorder"), "{s:#?}");
+    assert_eq!(s.exit_status, Some(3), "{s:#?}");
+    let out = w.export(&id).output();
+    assert!(out.contains("kill-rc=1") && out.contains("still-recorded-42"), "{out}");
 }
 
 // ----- hostile bytes on the agent socket -----

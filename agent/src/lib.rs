@@ -1,7 +1,7 @@
 //! shelltrail: records every SSH session on a host.
 //!
 //! ```text
-//! sshd --ForceCommand--> shelltrail-shell      [shell]   runs as the user; PTY or pipes
+//! sshd --ForceCommand--> shelltrail-shell      [shell]   set-uid to its own user; PTY or pipes
 //!        | asciicast v3 events, zstd chunks     [shelltrail_cast]
 //!        v Unix socket, acked                   [shelltrail_proto::framing]
 //! shelltrail agent                              [agent]   durable spool, group commit

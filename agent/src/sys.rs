@@ -55,6 +55,10 @@ pub fn pts_name(master: BorrowedFd<'_>) -> io::Result<PathBuf> {
 pub struct ChildSetup {
     /// Make stdin (the PTY slave) the controlling terminal of the new session.
     pub controlling_tty: bool,
+    /// Become this uid and gid (all three of each) before exec: the set-uid
+    /// recorder starts the session's program as the user it records.
+    /// Supplementary groups stay those of the login.
+    pub credentials: Option<(u32, u32)>,
 }
 
 /// Spawns `cmd` so that the recording cannot be escaped by killing the
@@ -66,7 +70,8 @@ pub fn spawn(cmd: &mut Command, setup: ChildSetup) -> io::Result<Child> {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (signal, sigprocmask, setsid, ioctl,
-    // prctl, getppid, syscall); it allocates nothing and takes no locks.
+    // setresgid, setresuid, prctl, getppid, syscall); it allocates nothing
+    // and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
             for sig in [
@@ -93,6 +98,13 @@ pub fn spawn(cmd: &mut Command, setup: ChildSetup) -> io::Result<Child> {
             if setup.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
+            if let Some((uid, gid)) = setup.credentials {
+                // Groups first: once the uids are the user's, they cannot change.
+                if libc::setresgid(gid, gid, gid) == -1 || libc::setresuid(uid, uid, uid) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // After the credentials: changing them clears the parent-death signal.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
@@ -111,4 +123,124 @@ pub fn spawn(cmd: &mut Command, setup: ChildSetup) -> io::Result<Child> {
 /// then neither ptrace the recorder nor read its memory through /proc.
 pub fn set_non_dumpable() -> io::Result<()> {
     nix::sys::prctl::set_dumpable(false).map_err(io::Error::from)
+}
+
+/// Hangs up this process's controlling terminal (vhangup(2), needs
+/// CAP_SYS_TTY_CONFIG): every descriptor anyone holds on it, ours included,
+/// stops working (reads end, writes fail), and its session loses it as
+/// controlling terminal. What login(1) does to give a user a clean terminal.
+pub fn vhangup() -> io::Result<()> {
+    // SAFETY: vhangup takes no arguments and touches no memory of ours.
+    if unsafe { libc::vhangup() } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Empties this process's permitted, effective and inheritable capability
+/// sets for good (the set-uid recorder's file capabilities are needed only to
+/// take the terminal).
+pub fn drop_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two Data words (capabilities 0-31, 32-63).
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads one header and two data words, both ours and live
+    // for the call, in the layout of <linux/capability.h>.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What the forked signaller process does (see `shell::privsep`): becomes
+/// `uid`/`gid` and serves `serve` until its pipe closes, then exits.
+/// Returns the child's pid in the parent.
+///
+/// Must be called while the process has a single thread: the child runs
+/// ordinary Rust code, which after a fork is sound only then.
+pub fn fork_signaller(keep: RawFd, serve: impl FnOnce() -> i32) -> io::Result<libc::pid_t> {
+    // SAFETY: the caller guarantees a single-threaded process, so the child
+    // inherits no lock held by another thread and may allocate.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // SAFETY: closes descriptors of this (child) process only; `keep`
+            // is the one the child goes on using.
+            unsafe {
+                if keep > 0 {
+                    libc::close_range(0, keep as u32 - 1, 0);
+                }
+                libc::close_range(keep as u32 + 1, u32::MAX, 0);
+            }
+            let code = serve();
+            // SAFETY: ends the child without running the parent's atexit
+            // handlers or flushing its copies of the parent's buffers.
+            unsafe { libc::_exit(code) }
+        }
+        pid => Ok(pid),
+    }
+}
+
+/// Takes ownership of `fd`, which the caller knows to be open and unowned
+/// (the descriptor `fork_signaller` kept for its child).
+pub fn adopt(fd: RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: per the contract above, nothing else owns or closes `fd`.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Sets a signal's disposition to `action` (SIG_IGN or SIG_DFL, or one saved
+/// from an earlier call), returning the one it replaces.
+pub fn set_sigaction(
+    sig: nix::sys::signal::Signal,
+    action: &nix::sys::signal::SigAction,
+) -> nix::Result<nix::sys::signal::SigAction> {
+    // SAFETY: the callers pass dispositions without handler functions
+    // (ignore, default) or ones they saved from this function; no Rust code
+    // runs in signal context.
+    unsafe { nix::sys::signal::sigaction(sig, action) }
+}
+
+/// Sets the terminal size of `fd` (TIOCSWINSZ).
+pub fn set_window_size(fd: BorrowedFd<'_>, cols: u16, rows: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointed-to struct, which lives on our stack.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) };
+}
+
+/// Makes descriptor `target` (0-2) a duplicate of `fd` (dup2).
+pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 replaces `target` atomically; the standard descriptors it
+    // is used on are owned by the process, not by any Rust object that would
+    // close them.
+    if unsafe { libc::dup2(fd.as_raw_fd(), target) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -72,6 +72,45 @@ impl TestUser {
     }
 }
 
+/// The system user the tests' recorders are set-uid to (`recorder_user`).
+pub const RECORDER_USER: &str = "shelltrail-e2e-rec";
+
+/// The recorder's own system user (no login, no home), created on first use.
+pub fn recorder_user() -> u32 {
+    crate::require_root();
+    let _lock = lock();
+    if let Some(u) = nix::unistd::User::from_name(RECORDER_USER).expect("reading the passwd database") {
+        return u.uid.as_raw();
+    }
+    let mut c = Command::new("useradd");
+    c.args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        RECORDER_USER,
+    ]);
+    must(c);
+    nix::unistd::User::from_name(RECORDER_USER)
+        .expect("reading the passwd database")
+        .unwrap_or_else(|| panic!("user {RECORDER_USER} missing right after useradd"))
+        .uid
+        .as_raw()
+}
+
+/// Installs the recorder at `to` as the packages do: owned by the recorder
+/// user, set-uid, with the capabilities to take the terminal.
+pub fn install_setuid_recorder(to: &Path) {
+    let uid = recorder_user();
+    nix::unistd::chown(to, Some(nix::unistd::Uid::from_raw(uid)), None::<nix::unistd::Gid>)
+        .unwrap_or_else(|e| panic!("chown {}: {e}", to.display()));
+    // After chown, which clears the set-uid bit and capabilities.
+    crate::world::set_mode(to, 0o4755);
+    let mut c = Command::new("setcap");
+    c.arg("cap_chown,cap_sys_tty_config+ep").arg(to);
+    must(c);
+}
+
 /// Where [`TestUser::with_recorder_as_login_shell`] installs the recorder.
 pub const RECORDER_LOGIN_SHELL: &str = "/usr/local/libexec/shelltrail-e2e/shelltrail-shell";
 
@@ -83,7 +122,7 @@ fn install_recorder() -> PathBuf {
     // Copy, then rename over: a login starting meanwhile never sees half a binary.
     let tmp = dir.join(format!(".shelltrail-shell.{}", std::process::id()));
     std::fs::copy(crate::bin_dir().join("shelltrail-shell"), &tmp).expect("copying the recorder");
-    crate::world::set_mode(&tmp, 0o755);
+    install_setuid_recorder(&tmp);
     std::fs::rename(&tmp, &target).expect("installing the recorder");
     target
 }

@@ -158,6 +158,7 @@ impl World {
             std::fs::copy(bins.join(name), &to).unwrap_or_else(|e| panic!("copying {name} into the world: {e}"));
             set_mode(&to, 0o755);
         }
+        crate::users::install_setuid_recorder(&bin.join("shelltrail-shell"));
 
         let files = path.join("files");
         std::fs::create_dir(&files).expect("mkdir files");
@@ -175,7 +176,9 @@ impl World {
         let mut text = format!(
             "# Written by the shelltrail end-to-end tests.\n\
              socket = {socket:?}\n\
-             spool_dir = {spool:?}\n\n[shell]\n"
+             spool_dir = {spool:?}\n\
+             recorder_user = {:?}\n\n[shell]\n",
+            crate::users::RECORDER_USER
         );
         for l in &b.shell {
             text.push_str(l);
@@ -301,6 +304,24 @@ impl World {
         let mut child = slot.take().expect("the agent is not running");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Freezes the agent (SIGSTOP) for `pause`, from a thread: it neither
+    /// reads nor acknowledges meanwhile, as an agent stuck on a slow disk.
+    pub fn pause_agent(&self, pause: Duration) -> std::thread::JoinHandle<()> {
+        let pid = self
+            .agent
+            .lock()
+            .expect("agent lock")
+            .as_ref()
+            .expect("the agent is not running")
+            .id();
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the agent");
+        std::thread::spawn(move || {
+            std::thread::sleep(pause);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        })
     }
 
     /// A crash and a restart: SIGKILL, then a new agent on the same spool.

@@ -9,6 +9,7 @@ pub mod command;
 pub mod link;
 pub mod meta;
 pub mod pipes;
+pub mod privsep;
 pub mod pty;
 pub mod record;
 pub mod syslog;
@@ -24,6 +25,10 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::ExitStatus;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A terminal taken this long after exec is marked in the recording: the
+/// recorder was stopped (SIGSTOP by the user) or starved before it took it.
+const TAKEOVER_SLOW: Duration = Duration::from_millis(500);
 
 /// Environment variable a client can send (Debian's sshd accepts `LC_*`) to give the reason up front.
 pub const REASON_VAR: &str = "LC_SHELLTRAIL_REASON";
@@ -57,28 +62,44 @@ fn refuse(msg: &str) -> i32 {
 
 /// Entry point of the `shelltrail-shell` binary; returns the process exit code.
 pub fn main() -> i32 {
-    let args: Vec<OsString> = std::env::args_os().collect();
-    let inv = match command::parse_args(&args) {
-        Ok(i) => i,
-        Err(e) => return refuse(&e.to_string()),
-    };
     // sshd always sets SSH_CONNECTION; without it nobody else's session is at stake.
     let local_use = std::env::var_os("SSH_CONNECTION").is_none();
-    let cfg = match Config::load_trusted(inv.config.as_deref(), local_use) {
-        Ok(c) => c,
+    // First, while this process has one thread and before it reads anything
+    // the user controls: take the terminal and fork the signaller.
+    let mut sep = match privsep::start(local_use) {
+        Ok(s) => s,
         Err(e) => return refuse(&format!("{e}; login refused")),
     };
     if let Err(e) = sys::set_non_dumpable() {
         return refuse(&format!("cannot protect the recorder from tracing: {e}; login refused"));
     }
-    match session(&inv, &cfg) {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let inv = match command::parse_args(&args) {
+        Ok(i) => i,
+        Err(e) => return refuse(&e.to_string()),
+    };
+    let cfg = match Config::load_trusted(inv.config.as_deref(), local_use) {
+        Ok(c) => c,
+        Err(e) => return refuse(&format!("{e}; login refused")),
+    };
+    if let Some(rec) = sep.recorder_uid() {
+        let configured = nix::unistd::User::from_name(&cfg.recorder_user).ok().flatten();
+        if configured.as_ref().map(|u| u.uid) != Some(rec) {
+            return refuse(&format!(
+                "shelltrail-shell is set-uid to uid {rec}, but recorder_user is {:?}{}; login refused",
+                cfg.recorder_user,
+                configured.map_or(" (no such user)".to_string(), |u| format!(" (uid {})", u.uid))
+            ));
+        }
+    }
+    match session(&inv, &cfg, &mut sep) {
         Ok(code) => code,
         Err(e) => refuse(&format!("{e:#}")),
     }
 }
 
-fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
-    let uid = nix::unistd::getuid();
+fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separation) -> anyhow::Result<i32> {
+    let uid = sep.user;
     let user = nix::unistd::User::from_uid(uid)
         .ok()
         .flatten()
@@ -125,9 +146,10 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     if let Ok(c) = std::env::var("SSH_CONNECTION") {
         meta::apply_ssh_connection(&mut meta, &c);
     }
+    // sshd's file is the user's (0600): read it as them. It is a claim anyway.
     if let Some(auth) = std::env::var("SSH_USER_AUTH")
         .ok()
-        .and_then(|p| meta::read_auth_file(&p))
+        .and_then(|p| sep.as_user_fs(|| meta::read_auth_file(&p)))
     {
         meta.auth = Some(auth);
     }
@@ -160,6 +182,9 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
             }
         },
     };
+
+    // Out of the user's reach from here (the agent saw our own uid).
+    sep.shield()?;
 
     // The recording pipeline: copy loops -> recorder -> link -> agent.
     let start = Instant::now();
@@ -217,10 +242,19 @@ fn session(inv: &command::Invocation, cfg: &Config) -> anyhow::Result<i32> {
     if plan.consumes_original {
         cmd.env_remove("SSH_ORIGINAL_COMMAND");
     }
+    if let Some(delay) = sep.takeover_delay().filter(|d| *d >= TAKEOVER_SLOW) {
+        let line = format!(
+            "shelltrail: the recorder took the terminal {:.1} s after it started (stopped or starved meanwhile): \
+             the terminal may have been used unrecorded before this point",
+            delay.as_secs_f64()
+        );
+        syslog::warning(&format!("session {}: {line}", meta.session_id));
+        let _ = ev_tx.send(record::Event::Marker(Instant::now(), line));
+    }
     let outcome = if tty && plan.transfer.is_none() {
-        pty::run(cmd, ev_tx.clone(), recycle_rx, record_input)?
+        pty::run(cmd, ev_tx.clone(), recycle_rx, record_input, sep)?
     } else {
-        pipes::run(cmd, ev_tx.clone(), record_input, summarise.map(|t| t.name()))?
+        pipes::run(cmd, ev_tx.clone(), record_input, summarise.map(|t| t.name()), sep)?
     };
 
     // From here on, a full buffer (agent away) drops and records the gap

@@ -6,11 +6,12 @@
 //! config asks): the copy loops count and hash each direction instead, so a
 //! 1 GiB upload costs the spool a few hundred bytes.
 
+use crate::shell::privsep::Separation;
 use crate::shell::record::Event;
 use crate::shell::{Outcome, exit_code};
 use crate::sys;
 use anyhow::{Context, Result};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 use shelltrail_proto::v1::TransferSummary;
@@ -80,12 +81,17 @@ pub fn run(
     events: SyncSender<Event>,
     record_input: bool,
     transfer: Option<&'static str>,
+    sep: &mut Separation,
 ) -> Result<Outcome> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT])?;
-    let mut child = sys::spawn(&mut cmd, sys::ChildSetup { controlling_tty: false })
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let setup = sys::ChildSetup {
+        controlling_tty: false,
+        credentials: sep.credentials(),
+    };
+    let mut child = sys::spawn(&mut cmd, setup).with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     let pgid = Pid::from_raw(child.id() as i32);
+    let session_signals = sep.become_recorder(pgid)?;
 
     let (out_keep, in_keep) = match (transfer.is_some(), record_input) {
         (true, _) => (Keep::Summary, Keep::Summary),
@@ -100,19 +106,19 @@ pub fn run(
     let stdout = dup(std::io::stdout().as_fd())?;
     let stderr = dup(std::io::stderr().as_fd())?;
     let (in_tally, out_tally, err_tally) = (Tally::new(in_keep), Tally::new(out_keep), Tally::new(Keep::Output));
-    let (ev, tally) = (events.clone(), in_tally.clone());
-    std::thread::spawn(move || copy(stdin, child_in, in_keep, &ev, &tally));
-    let (ev, tally) = (events.clone(), out_tally.clone());
-    let output = std::thread::spawn(move || copy(child_out, stdout, out_keep, &ev, &tally));
-    let (ev, tally) = (events.clone(), err_tally);
+    let ended = Arc::new(Mutex::new(false));
+    let (ev, tally, end) = (events.clone(), in_tally.clone(), ended.clone());
+    std::thread::spawn(move || copy(stdin, child_in, in_keep, &ev, &tally, &end));
+    let (ev, tally, end) = (events.clone(), out_tally.clone(), ended.clone());
+    let output = std::thread::spawn(move || copy(child_out, stdout, out_keep, &ev, &tally, &end));
+    let (ev, tally, end) = (events.clone(), err_tally, ended.clone());
     // stderr is always recorded: for a transfer it carries only error messages.
-    let errors = std::thread::spawn(move || copy(child_err, stderr, Keep::Output, &ev, &tally));
+    let errors = std::thread::spawn(move || copy(child_err, stderr, Keep::Output, &ev, &tally, &end));
 
     let handle = signals.handle();
     std::thread::spawn(move || {
         for sig in signals.forever() {
-            let s = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
-            let _ = killpg(pgid, s);
+            session_signals.send(Signal::try_from(sig).unwrap_or(Signal::SIGHUP));
         }
     });
     let status = child.wait()?;
@@ -123,6 +129,9 @@ pub fn run(
     let deadline = Instant::now() + LINGER;
     join_by(output, deadline);
     join_by(errors, deadline);
+    // The recording ends here: loops still running (a background job holds
+    // the pipes) pass nothing more on, either way.
+    *ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
     // The child is gone, so nothing more reaches it: the input tally is final
     // even though its loop may still be blocked reading the client.
     let inp = Tally::snapshot(&in_tally);
@@ -153,10 +162,22 @@ fn join_by(t: std::thread::JoinHandle<()>, deadline: Instant) {
     let _ = t.join();
 }
 
-/// Copies until EOF, writing first, then counting (and hashing) into
-/// `tally`, then recording. Closing `to` at the end (drop) passes EOF on,
-/// which is what makes `ssh -n` work.
-fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender<Event>, tally: &Mutex<Tally>) {
+/// Copies until EOF: each read is first counted (and hashed) into `tally`
+/// and recorded, then written on. Closing `to` at the end (drop) passes EOF
+/// on, which is what makes `ssh -n` work.
+///
+/// Recording comes first, under the `ended` gate: once the session owner
+/// has closed it (the recording is about to end), nothing more is passed on
+/// in either direction, so no byte crosses between a background job and the
+/// client without being in the recording.
+fn copy(
+    mut from: impl Read,
+    mut to: impl Write,
+    keep: Keep,
+    events: &SyncSender<Event>,
+    tally: &Mutex<Tally>,
+    ended: &Mutex<bool>,
+) {
     let mut buf = vec![0u8; 64 << 10];
     let mut recording = true;
     loop {
@@ -167,25 +188,30 @@ fn copy(mut from: impl Read, mut to: impl Write, keep: Keep, events: &SyncSender
             Err(_) => break,
         };
         let now = Instant::now();
-        if to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
-            break;
-        }
         {
+            let ended = ended.lock().unwrap_or_else(|e| e.into_inner());
+            if *ended {
+                break;
+            }
             let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
             t.bytes += n as u64;
             if let Some(h) = t.hash.as_mut() {
                 h.update(&buf[..n]);
             }
-        }
-        if recording {
-            let ev = match keep {
-                Keep::Output => Some(Event::Output(now, buf[..n].to_vec())),
-                Keep::Input => Some(Event::Input(now, buf[..n].to_vec())),
-                Keep::Summary | Keep::Nothing => None,
-            };
-            if let Some(ev) = ev {
-                recording = events.send(ev).is_ok();
+            drop(t);
+            if recording {
+                let ev = match keep {
+                    Keep::Output => Some(Event::Output(now, buf[..n].to_vec())),
+                    Keep::Input => Some(Event::Input(now, buf[..n].to_vec())),
+                    Keep::Summary | Keep::Nothing => None,
+                };
+                if let Some(ev) = ev {
+                    recording = events.send(ev).is_ok();
+                }
             }
+        }
+        if to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
+            break;
         }
     }
 }

@@ -5,12 +5,13 @@
 //! user's terminal first, then hands the same bytes to the recorder thread;
 //! encoding and compression never delay an echo.
 
+use crate::shell::privsep::Separation;
 use crate::shell::record::Event;
 use crate::shell::{Outcome, exit_code};
 use crate::sys;
 use anyhow::{Context, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use nix::unistd::Pid;
 use portable_pty::{PtySize, native_pty_system};
@@ -67,17 +68,21 @@ pub fn run(
     events: SyncSender<Event>,
     recycled: Receiver<Vec<u8>>,
     record_input: bool,
+    sep: &mut Separation,
 ) -> Result<Outcome> {
     let stdin = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let stdout = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
     let (cols, rows) = outer_size();
 
-    let pair = native_pty_system()
-        .openpty(PtySize {
-            rows,
-            cols,
-            pixel_width: 0,
-            pixel_height: 0,
+    // Opened with the user's filesystem identity: the slave is theirs.
+    let pair = sep
+        .as_user_fs(|| {
+            native_pty_system().openpty(PtySize {
+                rows,
+                cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
         })
         .map_err(|e| anyhow::anyhow!("cannot open a PTY: {e}"))?;
     let master = sys::dup_master(pair.master.as_ref())?;
@@ -89,12 +94,17 @@ pub fn run(
     }
 
     let slave_path = sys::pts_name(master.as_fd())?;
-    let slave = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(&slave_path)
+    let slave = sep
+        .as_user_fs(|| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(&slave_path)
+        })
         .with_context(|| format!("opening {}", slave_path.display()))?;
+    // The session's terminal is the inner one; the outer one is the recorder's.
+    cmd.env("SSH_TTY", &slave_path);
     cmd.stdin(Stdio::from(slave.try_clone()?))
         .stdout(Stdio::from(slave.try_clone()?))
         .stderr(Stdio::from(slave));
@@ -102,19 +112,30 @@ pub fn run(
     // Signals are registered before the child exists, so its exit cannot be missed.
     let mut signals = Signals::new([SIGCHLD, SIGWINCH, SIGHUP, SIGTERM, SIGINT, SIGQUIT])?;
     let raw = RawMode::enter(&stdin).ok();
-    let mut child = sys::spawn(&mut cmd, sys::ChildSetup { controlling_tty: true })
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let setup = sys::ChildSetup {
+        controlling_tty: true,
+        credentials: sep.credentials(),
+    };
+    let mut child = sys::spawn(&mut cmd, setup).with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     // Our copies of the slave are in `cmd`; drop them so EOF can come.
     drop(cmd);
     drop(pair.slave);
     let pgid = Pid::from_raw(child.id() as i32);
+    let session_signals = sep.become_recorder(pgid)?;
 
     let progress = Arc::new(Progress::default());
+    let typeahead = sep.take_typeahead();
     let io = {
         let (events, progress) = (events.clone(), progress.clone());
-        std::thread::Builder::new()
-            .name("pty-io".into())
-            .spawn(move || proxy(stdin, stdout, master, events, recycled, record_input, &progress))?
+        std::thread::Builder::new().name("pty-io".into()).spawn(move || {
+            let io = Io {
+                stdin,
+                out: stdout,
+                master,
+                typeahead,
+            };
+            proxy(io, events, recycled, record_input, &progress)
+        })?
     };
     let mut size = (cols, rows);
     let status = 'session: loop {
@@ -138,9 +159,9 @@ pub fn run(
                     // The client went away (or we are being stopped): pass it on
                     // to the whole session so nothing outlives the recording.
                     let s = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
-                    let _ = killpg(pgid, s);
+                    session_signals.send(s);
                     if s != Signal::SIGHUP {
-                        let _ = killpg(pgid, Signal::SIGHUP);
+                        session_signals.send(Signal::SIGHUP);
                     }
                 }
                 _ => {}
@@ -224,6 +245,15 @@ fn burst_buffer(recycled: &Receiver<Vec<u8>>) -> Vec<u8> {
     b
 }
 
+/// The copy loop's descriptors: the user's terminal (read and write side),
+/// the PTY master, and input typed before the session started.
+struct Io {
+    stdin: File,
+    out: File,
+    master: File,
+    typeahead: Vec<u8>,
+}
+
 /// The copy loop, both directions in one thread, as a bare proxy does it:
 /// one wake-up per keystroke echo, not one per thread.
 ///
@@ -232,22 +262,26 @@ fn burst_buffer(recycled: &Receiver<Vec<u8>>) -> Vec<u8> {
 /// and busy output costs the recorder one event per burst. Input goes into
 /// the non-blocking master as it can; while some waits for room, no more is
 /// read from the user (flow control, not loss).
-fn proxy(
-    mut stdin: File,
-    mut out: File,
-    master: File,
-    events: SyncSender<Event>,
-    recycled: Receiver<Vec<u8>>,
-    record_input: bool,
-    progress: &Progress,
-) {
+fn proxy(io: Io, events: SyncSender<Event>, recycled: Receiver<Vec<u8>>, record_input: bool, progress: &Progress) {
+    let Io {
+        mut stdin,
+        mut out,
+        master,
+        typeahead,
+    } = io;
     let _ = nix::fcntl::fcntl(
         master.as_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     );
     let mut buf = vec![0u8; 16 << 10];
     let mut burst = burst_buffer(&recycled);
-    let mut pending_in: Vec<u8> = Vec::new();
+    // Typed ahead before the terminal was taken: goes in first (and, like
+    // all input, is recorded only as the program echoes it, or as `i`
+    // events when input is recorded).
+    if record_input && !typeahead.is_empty() {
+        let _ = events.send(Event::Input(Instant::now(), typeahead.clone()));
+    }
+    let mut pending_in: Vec<u8> = typeahead;
     let mut stdin_open = true;
     // Writes burst[written..filled] to the terminal, then, when `hand_on`,
     // sends burst[..filled] to the recorder and starts a fresh buffer.

@@ -225,7 +225,8 @@ fn recording_off(cmd: &[String]) -> i32 {
     });
     let mut c = Command::new(program);
     c.args(args);
-    let code = match pty::run(c, events, recycled, false) {
+    let mut sep = shelltrail::shell::privsep::Separation::unseparated();
+    let code = match pty::run(c, events, recycled, false, &mut sep) {
         Ok(outcome) => outcome.code,
         Err(e) => {
             eprintln!("compare --recording-off: {e:#}");

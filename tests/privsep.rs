@@ -1,0 +1,229 @@
+//! The recorded user attacks the separation between them and their recorder
+//! (docs/design.md, "Security"): stopping it and talking to sshd's terminal
+//! directly, holding that terminal open from before the recorder started,
+//! reaching it from another session, tracing a recorder as it starts. Each
+//! attack worked when the recorder ran as the user.
+
+use shelltrail_tests::{TestUser, World, wait_until};
+use std::time::Duration;
+
+/// Writes `text` as `name` in the user's home, owned by the user.
+fn dotfile(user: &TestUser, name: &str, text: &str) {
+    let path = user.home.join(name);
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    nix::unistd::chown(
+        &path,
+        Some(nix::unistd::Uid::from_raw(user.uid)),
+        None::<nix::unistd::Gid>,
+    )
+    .expect("chown dotfile");
+}
+
+fn remove_dotfiles(user: &TestUser, names: &[&str]) {
+    for n in names {
+        let _ = std::fs::remove_file(user.home.join(n));
+    }
+}
+
+/// The attack from the issue: a login script stops the recorder and runs a
+/// shell on `$SSH_TTY`, or on the recorder's own terminal found with `ps`.
+/// The recorder cannot be stopped, `$SSH_TTY` is the recorded inner
+/// terminal, and the outer one is not the user's: what is typed is recorded.
+#[test]
+fn stopped_recorder_and_direct_terminal_shell_are_refused() {
+    let user = TestUser::dedicated("shelltrail-e2e-stop");
+    dotfile(
+        &user,
+        ".bash_profile",
+        "kill -STOP $PPID; echo stop-rc=$?\n\
+         T=/dev/$(ps -o tty= -p $PPID | tr -d ' ')\n\
+         if ( exec 3<>\"$T\" ) 2>/dev/null; then echo outer-OPENED; else echo outer-denied; fi\n\
+         exec bash -i <\"$SSH_TTY\" >\"$SSH_TTY\" 2>&1\n",
+    );
+    let w = World::builder().user(user.clone()).build();
+    let mut t = w.ssh().term(80, 24);
+    t.expect("stop-rc=1");
+    t.expect("outer-denied");
+    t.line("echo typed-$((6*7))");
+    t.expect("typed-42");
+    t.line("exit");
+    t.wait_exit(Duration::from_secs(30));
+    remove_dotfiles(&user, &[".bash_profile"]);
+    assert!(!t.transcript().contains("outer-OPENED"), "{}", t.transcript());
+
+    let id = w.only_session().id;
+    let s = w.wait_closed(&id, Duration::from_secs(30));
+    assert_eq!(s.end_cause.as_deref(), Some("recorder"), "{s:#?}");
+    let out = w.export(&id).output();
+    assert!(out.contains("stop-rc=1"), "{out}");
+    assert!(
+        out.contains("typed-42"),
+        "the shell on $SSH_TTY was not recorded: {out}"
+    );
+}
+
+/// A process started before the recorder (sshd runs `bash -c ForceCommand`,
+/// and Debian's bash reads ~/.bashrc first) opens sshd's terminal and keeps
+/// it. Once the recorder has taken the terminal that descriptor is dead: it
+/// can neither write to the client nor read what the client types.
+#[test]
+fn terminal_opened_before_the_recorder_is_hung_up() {
+    let user = TestUser::dedicated("shelltrail-e2e-early");
+    let stolen = user.home.join("stolen");
+    let _ = std::fs::remove_file(&stolen);
+    dotfile(
+        &user,
+        ".bashrc",
+        "if [ -n \"$SSH_TTY\" ] && [ -z \"$EARLY_DONE\" ]; then\n\
+           export EARLY_DONE=1\n\
+           touch ~/bashrc-ran\n\
+           setsid bash -c 'exec 3<>\"$0\"; echo holding >~/holding; sleep 2; \
+             for i in 1 2 3 4 5; do echo LEAKED-$i >&3 || echo write-failed >>~/holding; sleep 0.2; done; \
+             timeout 3 cat <&3 >~/stolen; echo read-ended >>~/holding' \"$SSH_TTY\" </dev/null >/dev/null 2>&1 &\n\
+           sleep 0.3\n\
+         fi\n",
+    );
+    // A login shell reads ~/.bash_profile, not ~/.bashrc: only the early bash does the above.
+    dotfile(&user, ".bash_profile", "PS1='$ '\n");
+    let w = World::builder().user(user.clone()).build();
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo up-$((1+1))");
+    t.expect("up-2");
+    assert!(
+        user.home.join("bashrc-ran").exists(),
+        "~/.bashrc did not run before the recorder"
+    );
+    assert!(
+        user.home.join("holding").exists(),
+        "the early process did not open the terminal"
+    );
+    // While the early process tries to write and read, type into the session.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    while std::time::Instant::now() < deadline {
+        n += 1;
+        t.line(&format!("echo typed-{n}"));
+        t.expect(&format!("typed-{n}"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_until("the early process to give up", Duration::from_secs(15), || {
+        std::fs::read_to_string(user.home.join("holding"))
+            .ok()
+            .filter(|h| h.contains("read-ended"))
+    });
+    t.line("exit");
+    t.wait_exit(Duration::from_secs(30));
+    let holding = std::fs::read_to_string(user.home.join("holding")).unwrap_or_default();
+    let stolen_text = std::fs::read_to_string(&stolen).unwrap_or_default();
+    remove_dotfiles(&user, &[".bashrc", ".bash_profile", "bashrc-ran", "holding", "stolen"]);
+    assert!(!t.transcript().contains("LEAKED"), "{}", t.transcript());
+    assert!(holding.contains("write-failed"), "{holding}");
+    assert!(
+        !stolen_text.contains("typed"),
+        "the early process read keystrokes: {stolen_text:?}"
+    );
+}
+
+/// From a second session of the same user: the first session's terminal
+/// belongs to the recorder (0600), and its recorder cannot be stopped,
+/// killed, or read through /proc.
+#[test]
+fn other_sessions_of_the_user_cannot_reach_a_session() {
+    let user = TestUser::dedicated("shelltrail-e2e-other");
+    let w = World::builder().user(user.clone()).build();
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo up-$((1+1))");
+    t.expect("up-2");
+    let recorder = wait_until("the first session's recorder", Duration::from_secs(10), || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-x", "shelltrail-shel"])
+            .output()
+            .ok()?;
+        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        pids.into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.contains(&*w.path.to_string_lossy()))
+        })
+    });
+    let script = format!(
+        "T=/dev/$(ps -o tty= -p {recorder} | tr -d ' '); echo tty=$T owner=$(stat -c %U:%a $T); \
+         (echo INJECTED > $T) 2>/dev/null && echo write-OK || echo write-denied; \
+         kill -STOP {recorder} 2>/dev/null && echo stop-OK || echo stop-denied; \
+         kill -KILL {recorder} 2>/dev/null && echo kill-OK || echo kill-denied; \
+         head -c 16 /proc/{recorder}/environ >/dev/null 2>&1 && echo environ-OK || echo environ-denied; \
+         head -c 16 /proc/{recorder}/mem >/dev/null 2>&1 && echo mem-OK || echo mem-denied"
+    );
+    let out = w.ssh().command(&script).run();
+    let text = out.stdout_str();
+    for denied in [
+        "write-denied",
+        "stop-denied",
+        "kill-denied",
+        "environ-denied",
+        "mem-denied",
+    ] {
+        assert!(text.contains(denied), "{denied} missing: {out}");
+    }
+    assert!(text.contains("owner=shelltrail-e2e-rec:600"), "{out}");
+    t.line("echo after-$((2+2))");
+    t.expect("after-4");
+    assert!(!t.transcript().contains("INJECTED"), "{}", t.transcript());
+    t.line("exit");
+    t.wait_exit(Duration::from_secs(30));
+}
+
+/// Exec sessions get the same separation: the program runs as the user, the
+/// recorder as its own user, and the command cannot stop or kill it.
+#[test]
+fn exec_session_runs_as_the_user_and_cannot_stop_its_recorder() {
+    let w = World::new();
+    let out = w
+        .ssh()
+        .command("id -u; ps -o user:32= -p $PPID; kill -STOP $PPID; echo stop-rc=$?; echo done")
+        .run();
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(w.user.uid.to_string().as_str()), "{out}");
+    assert_eq!(lines.next().map(str::trim), Some("shelltrail-e2e-rec"), "{out}");
+    assert!(text.contains("stop-rc=1") && text.contains("done"), "{out}");
+    let s = w.only_session();
+    assert_eq!(s.user, w.user.name, "{s:#?}");
+}
+
+/// An exec session whose command leaves a background job printing, and an
+/// agent slow to acknowledge the end: once the recording has its exit event,
+/// nothing more passes between the job and the client. Every line the
+/// client received is in the recording.
+#[test]
+fn nothing_reaches_an_exec_client_after_the_recording_ends() {
+    let w = World::builder().shell("close_timeout_secs = 20").build();
+    let run = w
+        .ssh()
+        .command("echo start; (for i in $(seq 1 60); do echo bg-$i; sleep 0.1; done) & sleep 0.2; echo fg-done")
+        .spawn();
+    let id = wait_until("the exec session", Duration::from_secs(20), || {
+        w.sessions().into_iter().find(|s| s.mode == "exec").map(|s| s.id)
+    });
+    // The job prints for 6 s; the agent stays frozen for 4 of them, so the
+    // recorder waits for its Close to be acknowledged while the job goes on.
+    let resume = w.pause_agent(Duration::from_secs(4));
+    let out = run.wait(Duration::from_secs(60));
+    resume.join().expect("SIGCONT thread");
+    let s = w.wait_closed(&id, Duration::from_secs(30));
+    let recorded = w.export(&id).output();
+    let stdout = out.stdout_str();
+    let seen: Vec<&str> = stdout.lines().filter(|l| l.starts_with("bg-")).map(str::trim).collect();
+    assert!(!seen.is_empty(), "{out}");
+    assert!(
+        seen.len() < 60,
+        "the client saw the whole job, after the recording ended: {out}"
+    );
+    for l in &seen {
+        assert!(
+            recorded.lines().any(|r| r.trim() == *l),
+            "{l} reached the client but is not recorded ({s:?}):\n{recorded}"
+        );
+    }
+}
