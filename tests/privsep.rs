@@ -227,3 +227,43 @@ fn nothing_reaches_an_exec_client_after_the_recording_ends() {
         );
     }
 }
+
+/// A recorder that cannot separate itself from the user under sshd refuses
+/// the session, and says why: installed without its set-uid bit, or started
+/// with no_new_privs (exec then ignores set-uid and capabilities).
+#[test]
+fn recorder_that_cannot_separate_fails_closed() {
+    let w = World::builder().no_sshd().build();
+    let plain = w.path.join("bin/shelltrail-shell-plain");
+    std::fs::copy(&w.shell_bin, &plain).expect("copy the recorder");
+    shelltrail_tests::world::set_mode(&plain, 0o755);
+    let as_user = |program: &std::path::Path, no_new_privs: bool| {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", &w.user.name, "--"]);
+        if no_new_privs {
+            c.args(["setpriv", "--no-new-privs"]);
+        }
+        c.arg("env")
+            .arg("SSH_CONNECTION=127.0.0.1 50000 127.0.0.1 22")
+            .arg(program)
+            .arg("--config")
+            .arg(&w.config)
+            .args(["-c", "echo RAN-UNRECORDED"]);
+        shelltrail_tests::proc::run(c, Duration::from_secs(20))
+    };
+    let out = as_user(&plain, false);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr_str().contains("not installed set-uid"), "{out}");
+    assert!(!out.stdout_str().contains("RAN-UNRECORDED"), "{out}");
+
+    let out = as_user(&w.shell_bin, true);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr_str().contains("no_new_privs"), "{out}");
+    assert!(!out.stdout_str().contains("RAN-UNRECORDED"), "{out}");
+
+    // The same set-uid recorder without no_new_privs runs and records.
+    let out = as_user(&w.shell_bin, false);
+    assert_eq!(out.status.code(), Some(0), "{out}");
+    assert!(out.stdout_str().contains("RAN-UNRECORDED"), "{out}");
+    assert_eq!(w.only_session().user, w.user.name);
+}

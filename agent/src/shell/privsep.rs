@@ -50,6 +50,11 @@ pub enum PrivsepError {
          chmod 4755 /usr/bin/shelltrail-shell; setcap cap_chown,cap_sys_tty_config+ep /usr/bin/shelltrail-shell)"
     )]
     NotSetuid,
+    #[error(
+        "sshd started the session with no_new_privs set (NoNewPrivileges= in its systemd unit?), so the \
+         set-uid recorder cannot run as its own user and the user could stop the recording"
+    )]
+    NoNewPrivs,
     #[error("shelltrail-shell runs set-uid root; it must be set-uid to its own unprivileged user (recorder_user)")]
     SetuidRoot,
     #[error(
@@ -91,7 +96,11 @@ pub fn start(local_use: bool) -> Result<Separation, PrivsepError> {
     let (user, group) = (ids.real, nix::unistd::getgid());
     if ids.effective == ids.real {
         if !local_use {
-            return Err(PrivsepError::NotSetuid);
+            return Err(if no_new_privs() {
+                PrivsepError::NoNewPrivs
+            } else {
+                PrivsepError::NotSetuid
+            });
         }
         return Ok(Separation {
             user,
@@ -250,6 +259,13 @@ fn message(tag: u8, value: i32) -> [u8; 5] {
     let mut msg = [tag, 0, 0, 0, 0];
     msg[1..].copy_from_slice(&value.to_le_bytes());
     msg
+}
+
+/// Whether this process runs with no_new_privs, which makes exec ignore the
+/// set-uid bit and file capabilities.
+fn no_new_privs() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])))
 }
 
 /// Time since this process was exec'd, from /proc/self/stat's start time.
