@@ -267,3 +267,39 @@ fn recorder_that_cannot_separate_fails_closed() {
     assert!(out.stdout_str().contains("RAN-UNRECORDED"), "{out}");
     assert_eq!(w.only_session().user, w.user.name);
 }
+
+/// A process of the user races every new recorder for its /proc entries
+/// (tests/attackers/proc_race.c polls the newest pids and opens
+/// /proc/PID/environ the moment one is named shelltrail-shel, and again for
+/// as long as it lives): a set-uid recorder is not dumpable from its first
+/// instruction to its last, so not one open succeeds. The issue reported an
+/// unseparated recorder (non-dumpable only after reading its arguments and
+/// configuration) attached in 3 of 20 starts; this attacker caught none of
+/// 20 such starts here, so the test guards the property over the recorder's
+/// whole life rather than reproducing that narrow race.
+#[test]
+fn recorder_cannot_be_traced_even_as_it_starts() {
+    let w = World::new();
+    let attacker = w.path.join("bin/proc_race");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("attackers/proc_race.c");
+    let mut cc = std::process::Command::new("cc");
+    cc.args(["-O2", "-o"]).arg(&attacker).arg(&src);
+    shelltrail_tests::proc::run_ok(cc, Duration::from_secs(60));
+    shelltrail_tests::world::set_mode(&attacker, 0o755);
+
+    let race = w.ssh().command(&format!("{} 12", attacker.display())).spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..20 {
+        let out = w.ssh().command("true").run();
+        assert_eq!(out.code(), 0, "{out}");
+    }
+    let out = race.wait(Duration::from_secs(60));
+    let text = out.stdout_str();
+    let field = |name: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the attacker's output: {out}"))
+    };
+    assert!(field("seen=") >= 10, "the attacker saw too few recorders start to mean anything: {out}");
+    assert_eq!(field("readable="), 0, "a recorder was readable by its user: {out}");
+}
