@@ -118,8 +118,16 @@ pub fn start(local_use: bool) -> Result<Separation, PrivsepError> {
     let mut takeover_delay = None;
     let mut typeahead = Vec::new();
     if std::io::stdin().is_terminal() {
-        typeahead = take_terminal(recorder)?;
-        takeover_delay = since_exec();
+        match take_terminal(recorder) {
+            Ok(t) => {
+                typeahead = t;
+                takeover_delay = since_exec();
+            }
+            // A console login with the recorder as login shell: recorded,
+            // but its terminal is login(1)'s to protect, not ours.
+            Err(PrivsepError::NotPts(_)) if local_use => {}
+            Err(e) => return Err(e),
+        }
     }
     sys::drop_capabilities().map_err(|e| PrivsepError::Os("drop the recorder's capabilities", e))?;
     let signaller = Signaller::fork(user, group)?;
