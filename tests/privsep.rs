@@ -279,7 +279,10 @@ fn recorder_that_cannot_separate_fails_closed() {
 /// whole life rather than reproducing that narrow race.
 #[test]
 fn recorder_cannot_be_traced_even_as_it_starts() {
-    let w = World::new();
+    // A user of its own: other tests run unseparated copies of the recorder
+    // (readable by their user, by design) under the shared user.
+    let user = TestUser::dedicated("shelltrail-e2e-race");
+    let w = World::builder().user(user).build();
     let attacker = w.path.join("bin/proc_race");
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("attackers/proc_race.c");
     let mut cc = std::process::Command::new("cc");
@@ -300,6 +303,9 @@ fn recorder_cannot_be_traced_even_as_it_starts() {
             .find_map(|f| f.strip_prefix(name)?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in the attacker's output: {out}"))
     };
-    assert!(field("seen=") >= 10, "the attacker saw too few recorders start to mean anything: {out}");
+    assert!(
+        field("seen=") >= 10,
+        "the attacker saw too few recorders start to mean anything: {out}"
+    );
     assert_eq!(field("readable="), 0, "a recorder was readable by its user: {out}");
 }
