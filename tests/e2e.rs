@@ -35,7 +35,9 @@
 //!   a fault-injecting proxy: collector refused, killed and restarted, agent
 //!   killed, link cut a hundred times, stalled and black-holed, the spool
 //!   cap reached while the collector is away, and who may ship or read
-//!   (other CAs, no certificate, another host's sessions). No sshd.
+//!   (other CAs, no certificate, another host's sessions, certificate roles:
+//!   an operator's certificate cannot ship, a host's cannot read, one
+//!   without a role does neither). No sshd.
 
 mod durability;
 mod exec;

@@ -429,7 +429,7 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
 
     // An agent whose certificate (naming host-a, even) comes from another CA.
     let evil = Pki::init(&w.path.join("evil-pki"), "another CA");
-    let (ec, ek) = evil.issue("host-a", &["host-a"]);
+    let (ec, ek) = evil.issue("host-a", "host", &["host-a"]);
     let x = w.host("impostor").identity(&ec, &ek).build();
     let sx = Script::new("sec-x", 20);
     x.run(&sx);
@@ -537,7 +537,7 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
     assert!(out.stderr_str().contains("operator"), "{out}");
 
     // The CLI with an operator certificate from another CA.
-    let (oc, ok) = evil.issue("operator", &["operator"]);
+    let (oc, ok) = evil.issue("operator", "operator", &["operator"]);
     let out = run(w.remote_as(&oc, &ok, &["sessions"]), TIMEOUT);
     out.assert_code(1);
     let err = out.stderr_str();
@@ -552,4 +552,115 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
         &sa.expected(),
         "host-a's session at the end",
     );
+}
+
+/// A client certificate made with openssl from the world's CA, as a fleet's
+/// certificates were before they had roles: the name, nothing else.
+fn certificate_without_role(w: &ShipWorld, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        w.path.join(format!("{name}-old.pem")),
+        w.path.join(format!("{name}-old.key")),
+    );
+    let csr = w.path.join(format!("{name}-old.csr"));
+    let mut req = std::process::Command::new("openssl");
+    req.args([
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ])
+    .arg("-keyout")
+    .arg(&key)
+    .args([
+        "-subj",
+        &format!("/CN={name}"),
+        "-addext",
+        &format!("subjectAltName=DNS:{name}"),
+    ])
+    .arg("-out")
+    .arg(&csr);
+    shelltrail_tests::proc::run_ok(req, TIMEOUT);
+    let mut sign = std::process::Command::new("openssl");
+    sign.args(["x509", "-req", "-days", "1", "-copy_extensions", "copy", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(w.pki.ca())
+        .arg("-CAkey")
+        .arg(w.pki.dir.join("ca.key"))
+        .arg("-out")
+        .arg(&cert);
+    shelltrail_tests::proc::run_ok(sign, TIMEOUT);
+    shelltrail_tests::world::set_mode(&key, 0o600);
+    (cert, key)
+}
+
+/// (h) Roles: every certificate comes from the one CA, and its role, not its
+/// name, decides what it may do. An agent shipping with the operator's
+/// certificate is refused (its session stays in its spool), and so is one
+/// with a certificate from before roles, told to reissue with --role; a
+/// host certificate named like the listed operator cannot read. Reissued
+/// with `--role host`, the old host ships what it kept.
+#[test]
+fn hosts_ship_and_operators_read_never_the_other_way_round() {
+    let w = ShipWorld::new(0xa);
+
+    // The operator's certificate in an agent's [ship] table.
+    let x = w
+        .host("op-agent")
+        .identity(&w.operator.0, &w.operator.1)
+        .direct()
+        .build();
+    let sx = Script::new("role-x", 10);
+    let id_x = x.run(&sx);
+    wait_until(
+        "the agent with an operator's certificate to be refused twice",
+        Duration::from_secs(30),
+        || (x.agent_log_text().matches("has the operator role").count() >= 2).then_some(()),
+    );
+    assert!(
+        w.collector
+            .log_text()
+            .contains("Ingest (shipping sessions) takes host certificates only"),
+        "{}",
+        w.collector.log_text()
+    );
+    assert!(w.remote_sessions().is_empty(), "{:#?}", w.remote_sessions());
+    assert!(
+        x.sessions().iter().any(|r| r.id == id_x),
+        "the refused session left the spool"
+    );
+    drop(x);
+
+    // A host certificate whose name is the listed operator's.
+    let (hc, hk) = w.pki.issue("host-named-operator", "host", &["operator"]);
+    let out = run(w.remote_as(&hc, &hk, &["sessions"]), TIMEOUT);
+    out.assert_code(1);
+    assert!(out.stdout.is_empty(), "a host certificate read the collector: {out}");
+    assert!(out.stderr_str().contains("has the host role"), "{out}");
+
+    // A certificate from before roles: neither ships nor reads, and says how to fix it.
+    let (oc, ok) = certificate_without_role(&w, "old-host");
+    let out = run(w.remote_as(&oc, &ok, &["sessions"]), TIMEOUT);
+    out.assert_code(1);
+    assert!(out.stderr_str().contains("--role operator"), "{out}");
+    let old = w.host("old-host").identity(&oc, &ok).direct().build();
+    let so = Script::new("role-old", 10);
+    let id_old = old.run(&so);
+    wait_until(
+        "the agent with a certificate without role to be refused",
+        Duration::from_secs(30),
+        || old.agent_log_text().contains("--role host").then_some(()),
+    );
+    assert!(w.remote_sessions().is_empty(), "{:#?}", w.remote_sessions());
+
+    // The migration: the same files, reissued with a role; the agent restarted.
+    old.kill_agent();
+    let (nc, nk) = w.pki.issue("old-host-reissued", "host", &["old-host"]);
+    std::fs::copy(&nc, &oc).expect("replacing the certificate");
+    std::fs::copy(&nk, &ok).expect("replacing the key");
+    old.start_agent();
+    w.assert_shipped(&old, &id_old, &so.expected(), SHIP_TIMEOUT);
 }

@@ -3,11 +3,32 @@
 //! tool. One CA signs the collector's server certificate, one client
 //! certificate per host (its name is the host's identity at the collector)
 //! and one per operator. `shelltrail demo` and the tests use it too.
+//!
+//! Every certificate says what it is for ([`CertRole`]): a client
+//! certificate carries its role (host or operator) as the URI the collector
+//! checks (see `shelltrail_collector::identity`), and the extended key usage
+//! keeps each certificate to its side of a connection: client certificates
+//! cannot serve as the collector, the collector's cannot be a client.
 
 use anyhow::{Context, Result};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use shelltrail_collector::Role;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// What a certificate is for (`pki issue --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CertRole {
+    /// An agent: ships its host's sessions, never reads any.
+    Host,
+    /// A person: lists and reads sessions, never ships.
+    Operator,
+    /// The collector's server certificate.
+    Collector,
+}
 
 /// A CA on disk: `ca.pem` and `ca.key` in a directory.
 pub struct Ca {
@@ -59,16 +80,34 @@ impl Ca {
     /// Issues a certificate for `names` (DNS names or IP addresses; the first
     /// is also the common name) as `<file>.pem` and `<file>.key` in the CA's
     /// directory. Returns the two paths.
-    pub fn issue(&self, file: &str, names: &[String]) -> Result<(PathBuf, PathBuf)> {
-        self.issue_for(file, names, None)
+    pub fn issue(&self, file: &str, names: &[String], role: CertRole) -> Result<(PathBuf, PathBuf)> {
+        self.issue_for(file, names, role, None)
     }
 
     /// [`issue`](Self::issue), valid for `days` from now when given (else
     /// without a practical end): short-lived certificates are how a fleet
     /// without a revocation list limits what a leaked key is worth.
-    pub fn issue_for(&self, file: &str, names: &[String], days: Option<u32>) -> Result<(PathBuf, PathBuf)> {
+    pub fn issue_for(
+        &self,
+        file: &str,
+        names: &[String],
+        role: CertRole,
+        days: Option<u32>,
+    ) -> Result<(PathBuf, PathBuf)> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
+        let client_role = match role {
+            CertRole::Host => Some(Role::Host),
+            CertRole::Operator => Some(Role::Operator),
+            CertRole::Collector => None,
+        };
+        params.extended_key_usages = vec![match client_role {
+            Some(_) => ExtendedKeyUsagePurpose::ClientAuth,
+            None => ExtendedKeyUsagePurpose::ServerAuth,
+        }];
+        if let Some(r) = client_role {
+            params.subject_alt_names.push(SanType::URI(r.uri().try_into()?));
+        }
         if let Some(days) = days {
             let now = time::OffsetDateTime::now_utc();
             params.not_before = now - time::Duration::minutes(5);
@@ -108,27 +147,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn issues_certificates_that_name_the_host() {
+    fn issues_certificates_that_name_the_host_and_carry_their_role() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::create(dir.path(), "test CA").unwrap();
-        let (cert, key) = ca.issue("host-a", &["host-a".into()]).unwrap();
-        let pem = std::fs::read(&cert).unwrap();
-        let der = rustls_pemfile_der(&pem);
-        assert_eq!(shelltrail_collector::host_from_certificate(&der).unwrap(), "host-a");
+        let (cert, key) = ca.issue("host-a", &["host-a".into()], CertRole::Host).unwrap();
+        let der = rustls_pemfile_der(&std::fs::read(&cert).unwrap());
+        let peer = shelltrail_collector::peer_from_certificate(&der).unwrap();
+        assert_eq!((peer.name.as_str(), peer.role), ("host-a", Role::Host));
+        let eku = |der: &[u8]| {
+            use x509_parser::prelude::{FromDer, X509Certificate};
+            let (_, x) = X509Certificate::from_der(der).unwrap();
+            let e = x.extended_key_usage().unwrap().unwrap().value;
+            (e.client_auth, e.server_auth)
+        };
+        assert_eq!(eku(&der), (true, false), "a host's certificate is a client's only");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
-        // Reopened, it still signs.
+        let (cert, _) = ca.issue("alice", &["alice".into()], CertRole::Operator).unwrap();
+        let der = rustls_pemfile_der(&std::fs::read(&cert).unwrap());
+        let peer = shelltrail_collector::peer_from_certificate(&der).unwrap();
+        assert_eq!((peer.name.as_str(), peer.role), ("alice", Role::Operator));
+        // Reopened, it still signs; the collector's certificate is no client.
         let again = Ca::open(dir.path()).unwrap();
-        again
-            .issue("collector", &["localhost".into(), "127.0.0.1".into()])
+        let (cert, _) = again
+            .issue(
+                "collector",
+                &["localhost".into(), "127.0.0.1".into()],
+                CertRole::Collector,
+            )
             .unwrap();
+        let der = rustls_pemfile_der(&std::fs::read(&cert).unwrap());
+        assert!(matches!(
+            shelltrail_collector::peer_from_certificate(&der),
+            Err(shelltrail_collector::IdentityError::NoRole { .. })
+        ));
+        assert_eq!(
+            eku(&der),
+            (false, true),
+            "the collector's certificate is a server's only"
+        );
     }
 
     #[test]
     fn a_certificate_can_be_short_lived() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::create(dir.path(), "test CA").unwrap();
-        let (cert, _) = ca.issue_for("host-a", &["host-a".into()], Some(30)).unwrap();
+        let (cert, _) = ca
+            .issue_for("host-a", &["host-a".into()], CertRole::Host, Some(30))
+            .unwrap();
         use x509_parser::prelude::{FromDer, X509Certificate};
         let der = rustls_pemfile_der(&std::fs::read(&cert).unwrap());
         let (_, x) = X509Certificate::from_der(&der).unwrap();

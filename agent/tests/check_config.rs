@@ -29,7 +29,9 @@ fn text(o: &Output) -> String {
 /// A config in `dir` shipping to `url` with a host certificate from a fresh CA.
 fn setup(dir: &Path, url: &str) -> PathBuf {
     let ca = shelltrail::pki::Ca::create(&dir.join("pki"), "test CA").expect("a CA");
-    let (cert, key) = ca.issue("web-01", &["web-01".to_string()]).expect("a host certificate");
+    let (cert, key) = ca
+        .issue("web-01", &["web-01".to_string()], shelltrail::pki::CertRole::Host)
+        .expect("a host certificate");
     let config = dir.join("shelltrail.toml");
     std::fs::write(
         &config,

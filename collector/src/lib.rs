@@ -7,11 +7,13 @@
 //!   (`proto/shelltrail/v1/collector.proto`).
 //! * [`tls`]: the server's TLS configuration and the clients' connection
 //!   helper (agents and the CLI use [`tls::connect`]).
+//! * [`identity`]: a client certificate's name and role (host or operator).
 //!
 //! [`serve`] runs it all from a [`CollectorConfig`], with gRPC server
 //! reflection so generic tools can explore the API.
 #![forbid(unsafe_code)]
 
+pub mod identity;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -31,15 +33,13 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 
+pub use identity::{IdentityError, Peer, ROLE_URI_PREFIX, Role, host_from_certificate, peer_from_certificate};
 pub use server::{Collector, MAX_MESSAGE_BYTES};
 pub use store::{
     AppendOutcome, ListFilter, Position, Problem, Report, SeqRange, SessionSummary, StateFilter, Store, StoreError,
     StoreOptions, StoredChunk, valid_host, valid_session_id, verify_dir,
 };
-pub use tls::{
-    ClientTlsFiles, IdentityError, TlsError, TlsFiles, client_tls_config, connect, endpoint, host_from_certificate,
-    server_tls_config,
-};
+pub use tls::{ClientTlsFiles, TlsError, TlsFiles, client_tls_config, connect, endpoint, server_tls_config};
 
 /// How long, after the shutdown signal, open connections get to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -60,9 +60,12 @@ pub struct CollectorConfig {
     /// and on every connection.
     #[serde(default)]
     pub insecure: bool,
-    /// Names (from their client certificates) allowed to use the Query
-    /// service: operators. Agents' host certificates can ship, never read:
-    /// a compromised host must not read the fleet's recordings.
+    /// Names of the operator certificates allowed to use the Query service.
+    /// A certificate needs both: the operator role (see [`identity`]) and
+    /// its name here. Host certificates can ship, never read, whatever
+    /// their name: a compromised host must not read the fleet's
+    /// recordings. Without a revocation list, taking a name off this list
+    /// is how an operator's certificate is shut out before it expires.
     #[serde(default)]
     pub operators: Vec<String>,
     /// zstd level at which ended sessions are compacted into runs (see

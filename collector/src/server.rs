@@ -3,11 +3,11 @@
 //!
 //! # Ingest
 //!
-//! One `Ship` stream per agent connection, one task per stream. The host the
-//! stream writes for is the one named by the agent's client certificate
-//! ([`host_from_certificate`]); in insecure mode, the hostname the agent
-//! claims in its `AgentHello`. Every store call carries that host, and the
-//! store refuses a session that belongs to another host.
+//! One `Ship` stream per agent connection, one task per stream. Only a
+//! certificate with the host role may ship ([`crate::identity`]); the host
+//! the stream writes for is the one it names; in insecure mode, the
+//! hostname the agent claims in its `AgentHello`. Every store call carries
+//! that host, and the store refuses a session that belongs to another host.
 //!
 //! The task reads the messages that are already there (up to 256 or 16 MiB),
 //! groups them by session, and runs each session's operations in order on
@@ -22,8 +22,9 @@
 //!
 //! Reads the catalogue and the committed chunks; `ReadChunks` with `follow`
 //! waits on the session's summary channel for new commits (live tail).
-//! Every call needs a client certificate (the TLS layer already refuses
-//! connections without one); any certificate of the client CA may read.
+//! Every call needs a client certificate with the operator role whose name
+//! is listed in `[collector] operators` (the TLS layer already refuses
+//! connections without a certificate of the client CA).
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -43,8 +44,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::identity::{Peer, Role, peer_from_certificate};
 use crate::store::{AppendOutcome, ListFilter, Position, StateFilter, Store, StoreError, valid_host, valid_session_id};
-use crate::tls::host_from_certificate;
 
 /// Largest message the collector decodes: a bigger one ends its stream with
 /// `RESOURCE_EXHAUSTED`. Chunks are cut at 512 KiB by default.
@@ -105,27 +106,41 @@ impl Collector {
         QueryServer::new(self.clone()).max_decoding_message_size(64 << 10)
     }
 
-    /// The name in the caller's client certificate (for an agent, its
-    /// host); `None` in insecure mode.
-    fn peer_host<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+    /// The caller's verified name and role, if it may act as `role`:
+    /// Ingest takes host certificates only, Query operator certificates
+    /// only, whatever their names. `None` in insecure mode.
+    fn peer<T>(&self, req: &Request<T>, role: Role) -> Result<Option<Peer>, Status> {
         if self.insecure {
             return Ok(None);
         }
-        let certs = req
+        let leaf = req
             .peer_certs()
+            .and_then(|certs| certs.first().cloned())
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        host_from_certificate(leaf.as_ref())
-            .map(Some)
-            .map_err(|e| Status::permission_denied(e.to_string()))
+        let peer = peer_from_certificate(leaf.as_ref()).map_err(|e| {
+            tracing::warn!(peer = %addr(req.remote_addr()), "refused a client certificate: {e}");
+            Status::permission_denied(e.to_string())
+        })?;
+        if peer.role != role {
+            let service = match role {
+                Role::Host => "Ingest (shipping sessions) takes host certificates only",
+                Role::Operator => "Query (reading sessions) takes operator certificates only",
+            };
+            let name = &peer.name;
+            tracing::warn!(peer = %addr(req.remote_addr()), %name, role = %peer.role, "refused: {service}");
+            return Err(Status::permission_denied(format!(
+                "certificate {name:?} has the {} role, and {service}: use a certificate issued with \
+                 `shelltrail pki issue --role {role}`",
+                peer.role
+            )));
+        }
+        Ok(Some(peer))
     }
 
-    /// Query calls: a certificate of the client CA (the TLS layer verified
-    /// it) whose name is one of the configured operators.
+    /// Query calls: an operator certificate (see [`Self::peer`]) whose name
+    /// is one of the configured operators.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(name) = self.peer_host(req)? else {
+        let Some(Peer { name, .. }) = self.peer(req, Role::Operator)? else {
             tracing::warn!(peer = %addr(req.remote_addr()), "INSECURE collector: unauthenticated query");
             return Ok(());
         };
@@ -401,7 +416,7 @@ impl Ingest for Collector {
 
     async fn ship(&self, req: Request<Streaming<ShipRequest>>) -> Result<Response<Self::ShipStream>, Status> {
         let peer = req.remote_addr();
-        let cert_host = self.peer_host(&req)?;
+        let cert_host = self.peer(&req, Role::Host)?.map(|p| p.name);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

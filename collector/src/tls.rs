@@ -3,8 +3,8 @@
 //! The collector proves itself with a server certificate; every client
 //! proves itself with a client certificate signed by the collector's client
 //! CA, and the TLS layer refuses a connection without one before any gRPC
-//! is spoken. An agent's certificate names its host (first DNS SAN, else the
-//! subject CN): that is the only host it may write sessions for.
+//! is spoken. What a verified certificate may do (its name and role) is
+//! [`crate::identity`]'s business.
 //!
 //! TLS is rustls with the ring provider: no OpenSSL. The files are PEM;
 //! they are read and parsed up front so that a wrong path or a key in the
@@ -29,8 +29,6 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-use crate::store::valid_host;
 
 /// A TLS handshake that takes longer is dropped (a client that connects and
 /// says nothing must not hold a connection slot).
@@ -69,17 +67,6 @@ pub enum TlsError {
         url: String,
         source: tonic::transport::Error,
     },
-}
-
-/// Why a client certificate does not name a usable host.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum IdentityError {
-    #[error("the client certificate does not parse: {0}")]
-    Parse(String),
-    #[error("the client certificate names no host: no DNS subjectAltName and no subject CN")]
-    NoName,
-    #[error("the client certificate's host name {0:?} is not a valid host name")]
-    InvalidName(String),
 }
 
 /// The collector's side: its certificate and key, and the CA that signs
@@ -337,38 +324,4 @@ pub async fn connect(url: &str, tls: Option<&ClientTlsFiles>) -> Result<Channel,
         url: url.to_owned(),
         source,
     })
-}
-
-/// The host a client certificate (DER) names: its first DNS
-/// subjectAltName, else its subject common name, lowercased (host names are
-/// case-insensitive, and each host must map to one directory).
-pub fn host_from_certificate(der: &[u8]) -> Result<String, IdentityError> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| IdentityError::Parse(e.to_string()))?;
-    let dns = san.and_then(|ext| {
-        ext.value.general_names.iter().find_map(|n| match n {
-            GeneralName::DNSName(name) => Some(name.to_string()),
-            _ => None,
-        })
-    });
-    let name = match dns {
-        Some(n) => n,
-        None => cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .map(|cn| cn.as_str().map(str::to_owned))
-            .transpose()
-            .map_err(|e| IdentityError::Parse(e.to_string()))?
-            .ok_or(IdentityError::NoName)?,
-    };
-    let name = name.to_ascii_lowercase();
-    if valid_host(&name) {
-        Ok(name)
-    } else {
-        Err(IdentityError::InvalidName(name.chars().take(64).collect()))
-    }
 }

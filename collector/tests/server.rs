@@ -1,6 +1,7 @@
 //! The collector over real mutual TLS on loopback, with certificates made
 //! here: a CA, a server certificate for localhost/127.0.0.1, client
-//! certificates for host-a and host-b, and one from another CA.
+//! certificates with the host role for host-a and host-b, one with the
+//! operator role, and one from another CA.
 
 mod common;
 
@@ -11,10 +12,10 @@ use std::time::Duration;
 use common::{Recording, end_msg, recording, start_msg};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use shelltrail_collector::{
-    ClientTlsFiles, CollectorConfig, IdentityError, MAX_MESSAGE_BYTES, TlsFiles, connect, host_from_certificate,
+    ClientTlsFiles, CollectorConfig, IdentityError, MAX_MESSAGE_BYTES, Role, TlsFiles, connect, host_from_certificate,
     ingest_client, query_client, serve_on,
 };
 use shelltrail_proto::v1::ingest_client::IngestClient;
@@ -42,14 +43,20 @@ fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
 }
 
-/// A certificate signed by `ca`: (certificate PEM, key PEM, DER).
+/// A certificate signed by `ca`: (certificate PEM, key PEM, DER). `roles`
+/// go in as `shelltrail:role:` URIs, as `shelltrail pki issue --role` puts them.
 fn leaf(
     ca: &CertifiedIssuer<'static, KeyPair>,
     sans: &[&str],
     cn: &str,
     eku: ExtendedKeyUsagePurpose,
+    roles: &[&str],
 ) -> (String, String, Vec<u8>) {
     let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    for r in roles {
+        let uri = format!("{}{r}", shelltrail_collector::ROLE_URI_PREFIX);
+        p.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
+    }
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.extended_key_usages = vec![eku];
@@ -65,9 +72,13 @@ struct Pki {
     server: TlsFiles,
     host_a: ClientTlsFiles,
     host_b: ClientTlsFiles,
+    /// The operator role, named "operator" (listed in `operators`).
+    operator: ClientTlsFiles,
     /// Names host-a, but signed by another CA.
     rogue: ClientTlsFiles,
     ca_pem: String,
+    /// The CA, to issue more.
+    ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// Writes a PEM file readable by its owner only, as keys must be.
@@ -90,28 +101,40 @@ fn pki() -> Pki {
         &["localhost", "127.0.0.1"],
         "collector",
         ExtendedKeyUsagePurpose::ServerAuth,
+        &[],
     );
     let server = TlsFiles {
         cert: write(d, "server.pem", &cert),
         key: write(d, "server.key", &key),
-        client_ca: ca_path.clone(),
-    };
-    let client = |name: &str, issuer: &CertifiedIssuer<'static, KeyPair>, file: &str| {
-        let (cert, key, _) = leaf(issuer, &[name], name, ExtendedKeyUsagePurpose::ClientAuth);
-        ClientTlsFiles {
-            ca: ca_path.clone(),
-            cert: write(d, &format!("{file}.pem"), &cert),
-            key: write(d, &format!("{file}.key"), &key),
-            domain: Some("localhost".into()),
-        }
+        client_ca: ca_path,
     };
     Pki {
-        host_a: client("host-a", &ca, "host-a"),
-        host_b: client("host-b", &ca, "host-b"),
-        rogue: client("host-a", &other_ca, "rogue"),
+        host_a: client(d, "host-a", &ca, "host-a", &["host"]),
+        host_b: client(d, "host-b", &ca, "host-b", &["host"]),
+        operator: client(d, "operator", &ca, "operator", &["operator"]),
+        rogue: client(d, "host-a", &other_ca, "rogue", &["host"]),
         server,
         ca_pem: ca.pem(),
+        ca,
         dir,
+    }
+}
+
+/// A client certificate named `name` with `roles`, signed by `issuer`, as
+/// `<file>.pem` and `<file>.key` in `dir`.
+fn client(
+    dir: &Path,
+    name: &str,
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    file: &str,
+    roles: &[&str],
+) -> ClientTlsFiles {
+    let (cert, key, _) = leaf(issuer, &[name], name, ExtendedKeyUsagePurpose::ClientAuth, roles);
+    ClientTlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: write(dir, &format!("{file}.pem"), &cert),
+        key: write(dir, &format!("{file}.key"), &key),
+        domain: Some("localhost".into()),
     }
 }
 
@@ -161,8 +184,7 @@ async fn collector_at(tls: Option<&TlsFiles>, dir: tempfile::TempDir, data: Path
         data_dir: data.clone(),
         tls: tls.cloned(),
         insecure: tls.is_none(),
-        // These tests query with host certificates: they are the operators here.
-        operators: vec!["host-a".into(), "host-b".into()],
+        operators: vec!["operator".into()],
         compact_level: 3,
     };
     let (stop, stopped) = oneshot::channel::<()>();
@@ -319,8 +341,8 @@ async fn ships_resumes_deduplicates_and_reads_back() {
     let report = shelltrail_collector::verify_dir(&dir).unwrap();
     assert!(report.is_ok(), "{report}");
 
-    // Query it back.
-    let mut q = query_client(ch.clone());
+    // Query it back, as an operator.
+    let mut q = query_client(channel(&server, &pki.operator).await);
     let info = q
         .get_session(GetSessionRequest {
             session_id: rec.id.clone(),
@@ -510,7 +532,7 @@ async fn tls_refuses_unknown_and_missing_client_certificates() {
 
     // Nothing was stored, and a good client still gets in.
     assert_eq!(std::fs::read_dir(server.data.join("sessions")).unwrap().count(), 0);
-    let good = shelltrail_collector::endpoint(&server.url(), Some(&pki.host_a)).unwrap();
+    let good = shelltrail_collector::endpoint(&server.url(), Some(&pki.operator)).unwrap();
     try_list(good).await.unwrap();
 
     // The client helper refuses to mix TLS files with a plaintext URL.
@@ -577,7 +599,7 @@ async fn read_chunks_follows_a_live_session() {
     agent.committed(&rec.id, 1, false).await;
 
     // The CLI's side, with its own certificate (host-b's will do).
-    let mut q = query_client(channel(&server, &pki.host_b).await);
+    let mut q = query_client(channel(&server, &pki.operator).await);
     let mut tail = q
         .read_chunks(ReadChunksRequest {
             session_id: rec.id.clone(),
@@ -744,7 +766,7 @@ async fn shutdown_ends_open_streams() {
     let mut agent = Agent::open(ingest_client(ch.clone()), "host-a").await.unwrap();
     agent.start(&rec, "alice").await;
     agent.position(&rec.id).await;
-    let mut tail = query_client(ch)
+    let mut tail = query_client(channel(&server, &pki.operator).await)
         .read_chunks(ReadChunksRequest {
             session_id: rec.id.clone(),
             from_seq: 0,
@@ -768,21 +790,50 @@ fn host_identity_comes_from_the_certificate() {
         &["Web01.Example.com", "other"],
         "ignored",
         ExtendedKeyUsagePurpose::ClientAuth,
+        &[],
     );
     assert_eq!(host_from_certificate(&der).unwrap(), "web01.example.com");
-    let (_, _, der) = leaf(&ca, &[], "Host-C", ExtendedKeyUsagePurpose::ClientAuth);
+    let (_, _, der) = leaf(&ca, &[], "Host-C", ExtendedKeyUsagePurpose::ClientAuth, &[]);
     assert_eq!(host_from_certificate(&der).unwrap(), "host-c");
-    let (_, _, der) = leaf(&ca, &["*.example.com"], "x", ExtendedKeyUsagePurpose::ClientAuth);
+    let (_, _, der) = leaf(&ca, &["*.example.com"], "x", ExtendedKeyUsagePurpose::ClientAuth, &[]);
     assert!(matches!(
         host_from_certificate(&der),
         Err(IdentityError::InvalidName(_))
     ));
-    let (_, _, der) = leaf(&ca, &["10.0.0.1"], "../../x", ExtendedKeyUsagePurpose::ClientAuth);
+    let (_, _, der) = leaf(&ca, &["10.0.0.1"], "../../x", ExtendedKeyUsagePurpose::ClientAuth, &[]);
     assert!(matches!(
         host_from_certificate(&der),
         Err(IdentityError::InvalidName(_))
     ));
     assert!(matches!(host_from_certificate(b"junk"), Err(IdentityError::Parse(_))));
+}
+
+#[test]
+fn a_certificate_has_exactly_one_role() {
+    use shelltrail_collector::peer_from_certificate;
+    let ca = new_ca("ca");
+    let cert = |roles: &[&str]| leaf(&ca, &["web01"], "web01", ExtendedKeyUsagePurpose::ClientAuth, roles).2;
+    let peer = peer_from_certificate(&cert(&["host"])).unwrap();
+    assert_eq!((peer.name.as_str(), peer.role), ("web01", Role::Host));
+    assert_eq!(
+        peer_from_certificate(&cert(&["operator"])).unwrap().role,
+        Role::Operator
+    );
+    assert_eq!(
+        peer_from_certificate(&cert(&["host", "host"])).unwrap().role,
+        Role::Host
+    );
+    let none = peer_from_certificate(&cert(&[])).unwrap_err();
+    assert!(matches!(none, IdentityError::NoRole { .. }), "{none}");
+    assert!(none.to_string().contains("--role host"), "{none}");
+    assert!(matches!(
+        peer_from_certificate(&cert(&["host", "operator"])),
+        Err(IdentityError::TwoRoles { .. })
+    ));
+    assert!(matches!(
+        peer_from_certificate(&cert(&["admin"])),
+        Err(IdentityError::UnknownRole { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -824,7 +875,7 @@ async fn gaps_are_reported_and_lost_chunks_end_the_session() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let info = query_client(channel(&server, &pki.host_a).await)
+    let info = query_client(channel(&server, &pki.operator).await)
         .get_session(GetSessionRequest {
             session_id: rec.id.clone(),
         })
@@ -904,7 +955,8 @@ async fn many_agents_at_once() {
         let file = common::stored_file(&server.session_dir(host, &rec.id));
         assert_eq!(&zstd::stream::decode_all(&file[..]).unwrap(), &rec.text);
     }
-    let listed = query_client(channels[0].clone())
+    let operator = channel(&server, &pki.operator).await;
+    let listed = query_client(operator.clone())
         .list_sessions(ListSessionsRequest::default())
         .await
         .unwrap()
@@ -913,7 +965,7 @@ async fn many_agents_at_once() {
     assert!(listed.next_page_token.is_empty());
 
     // In pages of 7: every session once, newest first, then no token.
-    let mut q = query_client(channels[0].clone());
+    let mut q = query_client(operator);
     let (mut paged, mut token, mut pages) = (Vec::new(), String::new(), 0);
     loop {
         let page = q
@@ -953,39 +1005,108 @@ async fn many_agents_at_once() {
     server.stop().await;
 }
 
+/// A host's certificate (clientAuth only, as `pki issue --role host` makes
+/// it) cannot pose as the collector, even for the collector's own names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_operators_may_query() {
+async fn a_client_certificate_cannot_serve_as_the_collector() {
     let pki = pki();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cfg = CollectorConfig {
-        listen: addr,
-        data_dir: data,
-        tls: Some(pki.server.clone()),
-        insecure: false,
-        operators: vec!["host-b".into()],
-        compact_level: 3,
+    let (cert, key, _) = leaf(
+        &pki.ca,
+        &["localhost", "127.0.0.1"],
+        "localhost",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &["host"],
+    );
+    let d = pki.dir.path();
+    let impostor = TlsFiles {
+        cert: write(d, "impostor.pem", &cert),
+        key: write(d, "impostor.key", &key),
+        client_ca: pki.server.client_ca.clone(),
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_on(cfg, listener, async move {
-        let _ = stopped.await;
-    }));
-    let url = format!("https://{addr}");
-    // host-a is an agent, not an operator: it may ship, but not read.
-    let ch = connect(&url, Some(&pki.host_a)).await.unwrap();
-    let err = query_client(ch)
-        .list_sessions(ListSessionsRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    assert!(err.message().contains("not an operator"), "{err}");
-    let ch = connect(&url, Some(&pki.host_b)).await.unwrap();
-    query_client(ch)
-        .list_sessions(ListSessionsRequest::default())
-        .await
-        .unwrap();
-    let _ = stop.send(());
-    let _ = task.await;
+    let server = collector(Some(&impostor)).await;
+    let err = match connect(&server.url(), Some(&pki.operator)).await {
+        Err(e) => shelltrail_collector::tls::with_causes(&e),
+        Ok(ch) => {
+            let listed = query_client(ch).list_sessions(ListSessionsRequest::default()).await;
+            format!(
+                "{:?}",
+                listed.expect_err("a host's certificate served as the collector")
+            )
+        }
+    };
+    assert!(err.contains("certificate"), "{err}");
+    server.stop().await;
+}
+
+/// Ingest takes host certificates only and Query operator certificates
+/// only, whatever their names; a certificate without a role gets neither,
+/// and is told to reissue with --role; an operator certificate must also
+/// be listed in `operators`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_decide_what_a_certificate_may_do() {
+    let pki = pki();
+    let (d, ca) = (pki.dir.path(), &pki.ca);
+    // A host named like the listed operator, an operator named like a host
+    // (and listed), one without a role, and an operator nobody listed.
+    let host_named_operator = client(d, "operator", ca, "host-named-operator", &["host"]);
+    let operator_named_host = client(d, "host-a", ca, "operator-named-host", &["operator"]);
+    let no_role = client(d, "operator", ca, "no-role", &[]);
+    let unlisted = client(d, "bob", ca, "bob", &["operator"]);
+    let server = collector(Some(&pki.server)).await;
+    let list = |files: ClientTlsFiles| {
+        let url = server.url();
+        async move {
+            let ch = connect(&url, Some(&files)).await.unwrap();
+            query_client(ch).list_sessions(ListSessionsRequest::default()).await
+        }
+    };
+
+    let err = list(host_named_operator.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("has the host role"), "{err}");
+    let err = list(pki.host_a.clone()).await.unwrap_err();
+    assert!(
+        err.message()
+            .contains("Query (reading sessions) takes operator certificates only"),
+        "{err}"
+    );
+    let err = list(no_role.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("--role"), "{err}");
+    let err = list(unlisted).await.unwrap_err();
+    assert!(err.message().contains("not an operator's"), "{err}");
+    // The operator reads.
+    list(pki.operator.clone()).await.unwrap();
+
+    // Shipping: the operator's certificate, even one naming a real host, and
+    // one without a role are refused before any message is read.
+    let rec = recording(2);
+    for (files, want) in [
+        (&operator_named_host, "has the operator role"),
+        (&pki.operator, "Ingest (shipping sessions) takes host certificates only"),
+        (&no_role, "--role"),
+    ] {
+        let ch = connect(&server.url(), Some(files)).await.unwrap();
+        let err = match Agent::open(ingest_client(ch), "host-a").await {
+            Err(e) => e,
+            Ok(mut agent) => {
+                agent.start(&rec, "alice").await;
+                agent
+                    .next()
+                    .await
+                    .expect_err("the collector took a Ship stream from a non-host")
+            }
+        };
+        assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+        assert!(err.message().contains(want), "{want:?} not in {err}");
+    }
+    assert_eq!(std::fs::read_dir(server.data.join("sessions")).unwrap().count(), 0);
+    // A host ships.
+    let ch = connect(&server.url(), Some(&host_named_operator)).await.unwrap();
+    let mut agent = Agent::open(ingest_client(ch), "x").await.unwrap();
+    assert_eq!(agent.host, "operator");
+    agent.start(&rec, "alice").await;
+    assert_eq!(agent.position(&rec.id).await, (0, false));
+    drop(agent);
+    server.stop().await;
 }

@@ -6,8 +6,8 @@
 //! ```text
 //! pki/ca.pem, ca.key                      the fleet's CA (`shelltrail pki init`)
 //! pki/collector.pem, .key                 the collector's certificate: 127.0.0.1 and localhost
-//! pki/operator.pem, .key                  the operator's client certificate (the CLI)
-//! pki/<host>.pem, .key                    one client certificate per host, naming it
+//! pki/operator.pem, .key                  the operator's client certificate (the CLI), role operator
+//! pki/<host>.pem, .key                    one client certificate per host, naming it, role host
 //! collector.toml, collector/, collector.log   the collector's config, data directory and log
 //! hosts/<host>/shelltrail.toml, agent.sock, spool/, agent.log   one directory per host
 //! ```
@@ -69,13 +69,14 @@ impl Pki {
         Pki { dir: dir.to_path_buf() }
     }
 
-    /// `shelltrail pki issue DIR NAME --san ...` (once; later calls reuse it).
-    /// Returns the certificate and key paths.
-    pub fn issue(&self, name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
+    /// `shelltrail pki issue DIR NAME --role ROLE --san ...` (once; later
+    /// calls reuse it). `role`: host, operator or collector. Returns the
+    /// certificate and key paths.
+    pub fn issue(&self, name: &str, role: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
         let (cert, key) = self.files(name);
         if !cert.exists() {
             let mut c = shelltrail();
-            c.args(["pki", "issue"]).arg(&self.dir).arg(name);
+            c.args(["pki", "issue"]).arg(&self.dir).arg(name).args(["--role", role]);
             for s in sans {
                 c.args(["--san", s]);
             }
@@ -257,8 +258,8 @@ impl ShipWorld {
         let path = tempdir.path().to_path_buf();
         set_mode(&path, 0o755);
         let pki = Pki::init(&path.join("pki"), "shelltrail test CA");
-        let (ccert, ckey) = pki.issue("collector", &["127.0.0.1", "localhost"]);
-        let operator = pki.issue("operator", &["operator"]);
+        let (ccert, ckey) = pki.issue("collector", "collector", &["127.0.0.1", "localhost"]);
+        let operator = pki.issue("operator", "operator", &["operator"]);
 
         let port = free_port();
         let data_dir = path.join("collector");
@@ -555,7 +556,7 @@ impl HostBuilder<'_> {
         let (cert, key) = self
             .identity
             .clone()
-            .unwrap_or_else(|| w.pki.issue(&self.name, &[&self.name]));
+            .unwrap_or_else(|| w.pki.issue(&self.name, "host", &[&self.name]));
         let socket = dir.join("agent.sock");
         let spool = dir.join("spool");
         if let Some(from) = &self.spool_from {

@@ -157,6 +157,12 @@ enum PkiCmd {
         dir: PathBuf,
         /// File name of the certificate and key.
         name: String,
+        /// What it is for: host (an agent ships its sessions), operator (a
+        /// person reads sessions), collector (the collector's server
+        /// certificate). The collector refuses a client certificate used for
+        /// the other role, or without one.
+        #[arg(long, value_enum)]
+        role: shelltrail::pki::CertRole,
         /// DNS names or IP addresses [default: NAME]
         #[arg(long = "san")]
         sans: Vec<String>,
@@ -298,9 +304,15 @@ fn run(args: Args) -> Result<i32> {
                         dir.join("ca.key").display()
                     );
                 }
-                PkiCmd::Issue { dir, name, sans, days } => {
+                PkiCmd::Issue {
+                    dir,
+                    name,
+                    role,
+                    sans,
+                    days,
+                } => {
                     let sans = if sans.is_empty() { vec![name.clone()] } else { sans };
-                    let (c, k) = shelltrail::pki::Ca::open(&dir)?.issue_for(&name, &sans, days)?;
+                    let (c, k) = shelltrail::pki::Ca::open(&dir)?.issue_for(&name, &sans, role, days)?;
                     println!("issued {} and {}", c.display(), k.display());
                 }
             }

@@ -8,7 +8,7 @@
 
 use crate::cli::{CollectorArgs, Source};
 use crate::config::Config;
-use crate::pki::Ca;
+use crate::pki::{Ca, CertRole};
 use anyhow::{Context, Result, bail};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -26,7 +26,11 @@ pub fn run(shell_bin: Option<PathBuf>) -> Result<i32> {
     // Mutual TLS for real, with throwaway certificates.
     let pki = dir.join("pki");
     let ca = Ca::create(&pki, "shelltrail demo CA")?;
-    ca.issue("collector", &["localhost".into(), "127.0.0.1".into()])?;
+    ca.issue(
+        "collector",
+        &["localhost".into(), "127.0.0.1".into()],
+        CertRole::Collector,
+    )?;
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "demo-host".into());
@@ -35,8 +39,8 @@ pub fn run(shell_bin: Option<PathBuf>) -> Result<i32> {
     } else {
         "demo-host".into()
     };
-    let (host_cert, host_key) = ca.issue("host", std::slice::from_ref(&host))?;
-    let (op_cert, op_key) = ca.issue("operator", &["operator".into()])?;
+    let (host_cert, host_key) = ca.issue("host", std::slice::from_ref(&host), CertRole::Host)?;
+    let (op_cert, op_key) = ca.issue("operator", &["operator".into()], CertRole::Operator)?;
     let port = free_port()?;
     let url = format!("https://127.0.0.1:{port}");
 

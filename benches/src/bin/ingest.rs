@@ -373,10 +373,15 @@ struct Pki {
 impl Pki {
     fn create(dir: &Path, hosts: usize) -> Result<Pki, String> {
         let ca = shelltrail::pki::Ca::create(dir, "shelltrail ingest benchmark CA").map_err(|e| format!("{e:#}"))?;
-        let issue = |file: &str, names: &[String]| ca.issue(file, names).map_err(|e| format!("{e:#}"));
-        let collector = issue("collector", &["localhost".into(), "127.0.0.1".into()])?;
-        let ident = |name: &str| -> Result<Identity, String> {
-            let (cert, key) = issue(name, &[name.to_string()])?;
+        use shelltrail::pki::CertRole;
+        let issue = |file: &str, names: &[String], role| ca.issue(file, names, role).map_err(|e| format!("{e:#}"));
+        let collector = issue(
+            "collector",
+            &["localhost".into(), "127.0.0.1".into()],
+            CertRole::Collector,
+        )?;
+        let ident = |name: &str, role| -> Result<Identity, String> {
+            let (cert, key) = issue(name, &[name.to_string()], role)?;
             Ok(Identity {
                 name: name.to_string(),
                 cert,
@@ -386,11 +391,11 @@ impl Pki {
         Ok(Pki {
             ca: ca.cert_path(),
             collector,
-            operator: ident("operator")?,
+            operator: ident("operator", CertRole::Operator)?,
             hosts: (0..hosts)
-                .map(|i| ident(&format!("bench-host-{i:04}")))
+                .map(|i| ident(&format!("bench-host-{i:04}"), CertRole::Host))
                 .collect::<Result<_, _>>()?,
-            drain: ident(DRAIN_HOST)?,
+            drain: ident(DRAIN_HOST, CertRole::Host)?,
         })
     }
 
