@@ -1,12 +1,17 @@
 //! Attempts to escape or confuse the recording: the recorder as both login
-//! shell and ForceCommand, a user attacking their own recorder, and hostile
-//! bytes on the agent's socket.
+//! shell and ForceCommand, a user attacking their own recorder, a config
+//! swapped under the recorder, and hostile bytes on the agent's socket.
 
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{AgentFrame, Chunk, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
 use shelltrail_tests::{Running, TIMEOUT, TestUser, World, poll_until};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The recorder is the user's login shell and sshd's ForceCommand (the
@@ -161,6 +166,120 @@ fn recorder_resists_its_user() {
     assert_eq!(s.exit_status, Some(3), "{s:#?}");
     let out = w.export(&id).output();
     assert!(out.contains("kill-rc=1") && out.contains("still-recorded-42"), "{out}");
+}
+
+// ----- the config swap -----
+
+/// Removes a file or directory tree when dropped (one a test made outside its world).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if std::fs::remove_file(&self.0).is_err() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Flips `link` between `a` and `b` (a new link renamed over it, so it
+/// always exists) until the returned flag is set.
+fn flip_link(
+    link: std::path::PathBuf,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let tmp = link.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut flips = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            for target in [&a, &b] {
+                if std::os::unix::fs::symlink(target, &tmp)
+                    .and_then(|()| std::fs::rename(&tmp, &link))
+                    .is_err()
+                {
+                    return flips;
+                }
+                flips += 1;
+            }
+        }
+        flips
+    });
+    (stop, handle)
+}
+
+/// The config swap (issue 10): when the recorder is the login shell without
+/// a ForceCommand, a user can send `shelltrail-shell --config LINK` as an
+/// exec request, LINK flipping between a root-owned file and their own. Run
+/// 200 times that way (as the user, with SSH_CONNECTION set) while a thread
+/// flips LINK, the recorder loads the user's file 0 times: a path outside
+/// /etc/shelltrail is refused outright, and one under it through a directory
+/// the user owns (an administrator's slip) is refused at that directory.
+#[test]
+fn a_config_swapped_under_the_recorder_is_never_loaded() {
+    let w = World::builder().no_sshd().agent_down().build();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(w.user.uid))
+        .unwrap()
+        .expect("the test user");
+    // Root's file and the user's, told apart by the error each gives (an
+    // unknown key names itself): what matters is which file was read.
+    let root_file = w.path.join("root.toml");
+    std::fs::write(&root_file, "root_file_marker = 1\n").unwrap();
+    let user_file = w.files.join("mine.toml");
+    std::fs::write(&user_file, "user_file_marker = 1\n").unwrap();
+    nix::unistd::chown(&user_file, Some(user.uid), Some(user.gid)).unwrap();
+    // A directory of the user's under /etc/shelltrail.
+    let world_name = w.path.file_name().unwrap().to_string_lossy().into_owned();
+    let slip = Path::new(shelltrail_tests::world::CONFIG_DIR).join(format!("{world_name}-user"));
+    std::fs::create_dir(&slip).unwrap();
+    let _slip = RemoveOnDrop(slip.clone());
+    nix::unistd::chown(&slip, Some(user.uid), Some(user.gid)).unwrap();
+    // The same user reads a root file named directly under /etc/shelltrail:
+    // the refusals below are not the user being unable to read anything.
+    let direct = Path::new(shelltrail_tests::world::CONFIG_DIR).join(format!("{world_name}-direct.toml"));
+    std::fs::copy(&root_file, &direct).unwrap();
+    let _direct = RemoveOnDrop(direct.clone());
+
+    let recorder = |config: &Path| {
+        let mut c = Command::new(&w.shell_bin);
+        c.arg("--config").arg(config).args(["-c", "true"]);
+        c.env("SSH_CONNECTION", "127.0.0.1 40000 127.0.0.1 22");
+        c.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        shelltrail_tests::proc::run(c, TIMEOUT)
+    };
+    let out = recorder(&direct);
+    assert!(out.stderr_str().contains("root_file_marker"), "{out}");
+
+    let (mut loaded_user, mut loaded_root, mut other) = (0, 0, Vec::new());
+    for (dir, why) in [
+        (w.files.clone(), "only from /etc/shelltrail/"),
+        (slip.clone(), "is owned by uid"),
+    ] {
+        let link = dir.join("LINK");
+        let (stop, flipper) = flip_link(link.clone(), root_file.clone(), user_file.clone());
+        for _ in 0..100 {
+            let out = recorder(&link);
+            let err = out.stderr_str();
+            if err.contains("user_file_marker") {
+                loaded_user += 1;
+            } else if err.contains("root_file_marker") {
+                loaded_root += 1;
+            } else if !err.contains(why) {
+                other.push(format!("{why:?} expected: {out}"));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let flips = flipper.join().unwrap();
+        eprintln!("{}: link flipped {flips} times", dir.display());
+    }
+    assert_eq!(
+        (loaded_user, loaded_root),
+        (0, 0),
+        "of 200 runs, the recorder loaded the user's file {loaded_user} times and root's {loaded_root} times"
+    );
+    assert!(other.is_empty(), "refused for another reason: {other:#?}");
 }
 
 // ----- hostile bytes on the agent socket -----

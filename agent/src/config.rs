@@ -5,13 +5,42 @@
 //! as the user being recorded, and a user can set variables. Every path is a
 //! key, so tests and `shelltrail demo` run unprivileged in a temporary
 //! directory. A missing default file means "all defaults" (production paths).
+//!
+//! Every caller goes through [`Config::load_trusted`]: the file is opened
+//! once and read from that descriptor. For the recorder, how much the file
+//! must prove depends on who could have written it ([`Trust`]).
 
+use crate::trusted_file::{OpenError, Rules, open_trusted};
 use serde::{Deserialize, Deserializer, Serialize};
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Where the production configuration lives.
 pub const DEFAULT_PATH: &str = "/etc/shelltrail/shelltrail.toml";
+
+/// Under sshd the recorder reads configuration from this directory only.
+pub const TRUSTED_DIR: &str = "/etc/shelltrail";
+
+/// Largest configuration file read (the documented one is a few KiB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Who reads the configuration, and so what the file must prove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// The recorder under sshd (`SSH_CONNECTION` set): the user being
+    /// recorded can name any path (`shelltrail-shell --config PATH` as an
+    /// exec request when the recorder is the login shell). Only a file
+    /// under [`TRUSTED_DIR`] is read, root's, in directories only root can
+    /// change, reached without following any link.
+    Sshd,
+    /// The recorder outside any SSH session (`shelltrail demo`, tests): the
+    /// same walk, but the file and its directories may also be the running
+    /// user's, anywhere (`/tmp` too): nobody else is being recorded.
+    Local,
+    /// The agent, the collector and the CLI: whoever starts them names the
+    /// file (root in the units), so it is read as named.
+    Caller,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -22,10 +51,16 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error(
-        "refusing config file {path}: {why}. It must be owned by root and writable only by its owner \
-         (chown root:root {path}; chmod 644 {path})"
+        "refusing config file {path}: {why}. The file, and every directory above it, must be owned by root and \
+         writable only by root (chown root:root PATH; chmod 644 FILE, 755 DIRECTORY), and no part of the path a \
+         symbolic link"
     )]
     Untrusted { path: PathBuf, why: String },
+    #[error(
+        "refusing config file {path}: in an SSH session the recorder reads configuration only from \
+         {TRUSTED_DIR}/ (a user can name any path); put the file there and name it in ForceCommand"
+    )]
+    OutsideTrustedDir { path: PathBuf },
 }
 
 /// The whole configuration file. Unknown keys are errors: a typo must not
@@ -183,21 +218,10 @@ impl Default for AgentConfig {
 }
 
 impl Config {
-    /// Loads `path`, or the default file if `path` is None (all defaults when
-    /// that file does not exist). A file named explicitly must exist.
+    /// Loads `path`, or the default file if `path` is None, as the agent,
+    /// the collector and the CLI do ([`Trust::Caller`]).
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let (path, explicit) = match path {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_PATH), false),
-        };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Config::default());
-            }
-            Err(error) => return Err(ConfigError::Read { path, error }),
-        };
-        Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })
+        Self::load_trusted(path, Trust::Caller)
     }
 
     /// Parses TOML text.
@@ -207,39 +231,37 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Loads the file as the recorder must: only a file that the user being
-    /// recorded cannot have written. Root-owned and not writable by group or
-    /// others; outside an SSH session (`local_use`: demo, tests) a file owned
-    /// by the running user is accepted as well, since then nobody else is
-    /// being recorded.
-    pub fn load_trusted(path: Option<&Path>, local_use: bool) -> Result<Config, ConfigError> {
-        let p = path.unwrap_or(Path::new(DEFAULT_PATH));
-        match std::fs::metadata(p) {
-            Ok(md) => {
-                let me = nix::unistd::geteuid().as_raw();
-                let owner_ok = md.uid() == 0 || (local_use && md.uid() == me);
-                if !owner_ok {
-                    return Err(ConfigError::Untrusted {
-                        path: p.into(),
-                        why: format!("it is owned by uid {}", md.uid()),
-                    });
-                }
-                if md.mode() & 0o022 != 0 {
-                    return Err(ConfigError::Untrusted {
-                        path: p.into(),
-                        why: format!("its mode {:o} lets others write it", md.mode() & 0o777),
-                    });
-                }
+    /// The one loader: `path`, or the default file if `path` is None (all
+    /// defaults when that file does not exist; a file named explicitly must
+    /// exist). The file is opened once, checked on the open descriptor as
+    /// `trust` demands, and read from that descriptor.
+    pub fn load_trusted(path: Option<&Path>, trust: Trust) -> Result<Config, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let file = match open(&path, trust) {
+            Ok(f) => f,
+            Err(ConfigError::Read { error, .. }) if !explicit && error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default());
             }
-            Err(e) if path.is_none() && e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: p.into(),
-                    error: source,
-                });
-            }
+            Err(e) => return Err(e),
+        };
+        let mut text = String::new();
+        let read_err = |error| ConfigError::Read {
+            path: path.clone(),
+            error,
+        };
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Parse {
+                path,
+                message: format!("larger than {} KiB", MAX_CONFIG_BYTES >> 10),
+            });
         }
-        Self::load(path)
+        Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -273,6 +295,56 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Opens the configuration file as `trust` demands.
+fn open(path: &Path, trust: Trust) -> Result<std::fs::File, ConfigError> {
+    let rules = match trust {
+        Trust::Caller => {
+            return std::fs::File::open(path).map_err(|error| ConfigError::Read {
+                path: path.into(),
+                error,
+            });
+        }
+        Trust::Sshd => {
+            if !path.starts_with(TRUSTED_DIR) || path == Path::new(TRUSTED_DIR) {
+                return Err(ConfigError::OutsideTrustedDir { path: path.into() });
+            }
+            Rules {
+                owners: Vec::new(),
+                sticky_dirs: false,
+            }
+        }
+        // The real uid is the person running it; the effective one differs
+        // only when the recorder is installed set-uid (its own identity).
+        Trust::Local => Rules {
+            owners: vec![nix::unistd::getuid().as_raw(), nix::unistd::geteuid().as_raw()],
+            sticky_dirs: true,
+        },
+    };
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        let cwd = std::env::current_dir().map_err(|error| ConfigError::Read {
+            path: path.into(),
+            error,
+        })?;
+        cwd.join(path)
+    };
+    open_trusted(&absolute, &rules).map_err(|e| match e {
+        OpenError::NotFound(_) => ConfigError::Read {
+            path: path.into(),
+            error: nix::errno::Errno::ENOENT.into(),
+        },
+        OpenError::Io { error, .. } => ConfigError::Read {
+            path: path.into(),
+            error,
+        },
+        other => ConfigError::Untrusted {
+            path: path.into(),
+            why: other.to_string(),
+        },
+    })
 }
 
 /// Accepts a byte count as an integer or a string with a unit: "64MiB", "10 GiB", "512k".
@@ -365,9 +437,49 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = Config::load_trusted(Some(&p), true).unwrap_err();
-        assert!(e.to_string().contains("lets others write"), "{e}");
+        let e = Config::load_trusted(Some(&p), Trust::Local).unwrap_err();
+        assert!(e.to_string().contains("others may write it"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        Config::load_trusted(Some(&p), true).unwrap();
+        Config::load_trusted(Some(&p), Trust::Local).unwrap();
+    }
+
+    #[test]
+    fn under_sshd_only_files_under_etc_shelltrail_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "").unwrap();
+        for path in [
+            p.as_path(),
+            Path::new("/etc/shelltrail/../passwd"),
+            Path::new("etc/shelltrail/x.toml"),
+            Path::new("/etc/shelltrailx/x.toml"),
+        ] {
+            let e = Config::load_trusted(Some(path), Trust::Sshd).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("only from /etc/shelltrail/") || text.contains("without `..`"),
+                "{path:?}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_recorder_never_follows_a_link_to_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "").unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let e = Config::load_trusted(Some(&link), Trust::Local).unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        // The agent and the CLI read what they are told.
+        Config::load_trusted(Some(&link), Trust::Caller).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_defaults_only_when_not_named() {
+        let e = Config::load_trusted(Some(Path::new("/nonexistent/c.toml")), Trust::Local).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("No such file"), "{e}");
     }
 }

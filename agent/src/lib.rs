@@ -16,3 +16,4 @@ pub mod config;
 pub mod pki;
 pub mod shell;
 pub mod sys;
+pub mod trusted_file;

@@ -1,8 +1,9 @@
 //! Harness for shelltrail's end-to-end tests.
 //!
-//! Every test gets a [`World`]: a temporary directory with its own copy of the
-//! binaries, a root-owned config file, a running agent and (usually) a real
-//! OpenSSH `sshd` on a loopback port whose `ForceCommand` is the recorder.
+//! Every test gets a [`World`]: a temporary directory with its own copy of
+//! the binaries, a root-owned config file (under /etc/shelltrail/e2e), a
+//! running agent and (usually) a real OpenSSH `sshd` on a loopback port
+//! whose `ForceCommand` is the recorder.
 //! Tests then drive real clients against it: `ssh` (see [`Ssh`]), `ssh -tt`
 //! inside a pseudo-terminal (see [`Term`]), `scp`, `sftp` and `rsync`, and
 //! inspect what was recorded through the operator CLI (`shelltrail sessions
@@ -20,7 +21,7 @@
 //!
 //! The tests need root (they create users and run sshd) and the binaries
 //! built by `cargo build --bins`; `tests/run.sh` does both. Set
-//! `SHELLTRAIL_E2E_KEEP=1` to keep each world's directory (config, spool,
+//! `SHELLTRAIL_E2E_KEEP=1` to keep each world's directory and config (spool,
 //! logs) for inspection.
 
 pub mod asciinema;

@@ -5,7 +5,6 @@
 //!
 //! ```text
 //! bin/shelltrail, bin/shelltrail-shell   copies of the built binaries (0755)
-//! shelltrail.toml                        root-owned 0644, as the recorder demands under sshd
 //! agent.sock, spool/, agent.log          the agent's socket, spool and stderr
 //! sshd_config, sshd.log, host key        the private sshd (see `sshd`)
 //! client_key[.pub], authorized_keys      the client's key pair and sshd's list
@@ -15,6 +14,11 @@
 //! The binaries are copied because the repository may live somewhere the
 //! test user cannot enter (e.g. /root), and sshd runs the recorder as that
 //! user.
+//!
+//! The config is `/etc/shelltrail/e2e/<world directory's name>.toml`,
+//! root-owned 0644 and removed on drop: under sshd the recorder reads
+//! configuration only from files under /etc/shelltrail, in directories only
+//! root can change, so the tests hold to the rule a host does.
 
 use crate::cast::Cast;
 use crate::client::{Ssh, ssh_options};
@@ -172,7 +176,7 @@ impl World {
 
         let socket = path.join("agent.sock");
         let spool = path.join("spool");
-        let config = path.join("shelltrail.toml");
+        let config = config_path(&path);
         let mut text = format!(
             "# Written by the shelltrail end-to-end tests.\n\
              socket = {socket:?}\n\
@@ -527,9 +531,29 @@ impl Drop for World {
         if std::env::var_os("SHELLTRAIL_E2E_KEEP").is_some()
             && let Some(d) = self.tempdir.take()
         {
-            eprintln!("keeping {}", d.keep().display());
+            eprintln!("keeping {} and {}", d.keep().display(), self.config.display());
+        } else {
+            let _ = std::fs::remove_file(&self.config);
         }
     }
+}
+
+/// Where the recorder under sshd accepts configuration files.
+pub const CONFIG_DIR: &str = "/etc/shelltrail/e2e";
+
+/// The config of the world in `dir`: `CONFIG_DIR/<dir's name>.toml`, its
+/// directories made root's and 0755 (the recorder checks every one).
+fn config_path(dir: &Path) -> PathBuf {
+    let etc = Path::new(CONFIG_DIR);
+    for d in [etc.parent().expect("/etc/shelltrail"), etc] {
+        match std::fs::create_dir(d) {
+            Ok(()) => set_mode(d, 0o755),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => panic!("creating {}: {e}", d.display()),
+        }
+    }
+    let name = dir.file_name().expect("the world directory has a name");
+    etc.join(format!("{}.toml", name.to_string_lossy()))
 }
 
 /// `chmod MODE PATH`

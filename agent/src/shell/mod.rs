@@ -14,7 +14,7 @@ pub mod pty;
 pub mod record;
 pub mod syslog;
 
-use crate::config::{Config, Unavailable};
+use crate::config::{Config, Trust, Unavailable};
 use crate::sys;
 use anyhow::Context;
 use shelltrail_cast::asciicast::Header;
@@ -78,7 +78,8 @@ pub fn main() -> i32 {
         Ok(i) => i,
         Err(e) => return refuse(&e.to_string()),
     };
-    let cfg = match Config::load_trusted(inv.config.as_deref(), local_use) {
+    let trust = if local_use { Trust::Local } else { Trust::Sshd };
+    let cfg = match Config::load_trusted(inv.config.as_deref(), trust) {
         Ok(c) => c,
         Err(e) => return refuse(&format!("{e}; login refused")),
     };
