@@ -415,3 +415,108 @@ fn hostile_agent_clients_only_lose_their_own_connection() {
         w.sessions()
     );
 }
+
+// ----- what the CLI prints -----
+
+/// Characters that must never reach an operator's terminal as themselves
+/// (other than line ends): C0, DEL, C1, bidirectional controls.
+fn terminal_unsafe(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|&c| c != '\n' && c != '\r')
+        .filter(|&c| {
+            c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
+}
+
+/// A session whose metadata is hostile and whose claims are false lists
+/// cleanly: escapes from SSH_CONNECTION (a real recorder's session) and
+/// from a forged Open on the agent's socket (claimed user, claimed time,
+/// C1 and bidi controls in host, mode and command) are shown escaped; the
+/// start shown is when the agent saw the session open, not the claimed
+/// 2001; `--user` matches the user the agent verified, not the claimed one;
+/// and `export` to a terminal writes the same JSON with the controls as
+/// `\u` escapes.
+#[test]
+fn hostile_and_claimed_fields_list_cleanly() {
+    let w = World::builder().no_sshd().build();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+
+    // A real recorder under a hostile SSH_CONNECTION.
+    let mut c = w.local_recorder("echo hostile-$((6*7))");
+    c.env("SSH_CONNECTION", "\u{1b}[2K\u{1b}[1A\u{9b}2J10.9.9.9 4242 127.0.0.1 22");
+    let out = shelltrail_tests::proc::run(c, TIMEOUT);
+    out.assert_success();
+
+    // A forged Open: it claims alice and 2001-09-09, and carries controls.
+    let claimed_ms = 1_000_000_000_000i64;
+    let forged_id = "00e8d4a5-1000-7000-8000-00000000beef";
+    let mut bytes = frame(recorder_frame::Body::Open(Open {
+        meta: Some(SessionMeta {
+            session_id: forged_id.into(),
+            host: "web\u{1b}]0;owned\u{7}".into(),
+            user: "alice".into(),
+            mode: "pty\u{9b}2J".into(),
+            client_addr: "\u{1b}[2K\u{1b}[1A10.6.6.6".into(),
+            client_port: 22,
+            original_command: "cat \u{202e}txt.exe\u{7f}".into(),
+            start_unix_ms: claimed_ms,
+            ..Default::default()
+        }),
+        resume: false,
+    }));
+    bytes.extend(frame(recorder_frame::Body::Close(
+        shelltrail_proto::v1::Close::default(),
+    )));
+    let mut s = UnixStream::connect(&w.socket).expect("connecting to the agent");
+    s.write_all(&bytes).unwrap();
+    w.wait_closed(forged_id, Duration::from_secs(20));
+    drop(s);
+
+    let table = shelltrail_tests::proc::run_ok(w.cli(&["sessions"]), TIMEOUT).stdout_str();
+    assert_eq!(terminal_unsafe(&table), Vec::<char>::new(), "{table:?}");
+    assert!(table.contains("\\x1b[2K\\x1b[1A\\x9b2J10.9.9.9"), "{table}");
+    let forged_line = table
+        .lines()
+        .find(|l| l.starts_with(forged_id))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        !forged_line.contains("2001-"),
+        "the claimed start is shown: {forged_line}"
+    );
+    assert!(forged_line.contains(" root "), "{forged_line}");
+
+    let json = shelltrail_tests::proc::run_ok(w.cli(&["sessions", "--json"]), TIMEOUT).stdout_str();
+    assert_eq!(terminal_unsafe(&json), Vec::<char>::new(), "{json}");
+    let forged = w.session(forged_id);
+    assert!(forged.start_unix_ms >= before, "{forged:#?}");
+    assert_eq!(forged.claimed_start_unix_ms, claimed_ms);
+    assert_eq!(forged.user, "root");
+    assert_eq!(forged.command, "cat \u{202e}txt.exe\u{7f}", "the JSON keeps the value");
+
+    let only = |user: &str| {
+        let rows = shelltrail_tests::world::sessions_json(w.cli(&["sessions", "--json", "--user", user]));
+        rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    assert_eq!(only("alice"), Vec::<String>::new(), "the claimed user matched");
+    assert_eq!(only("root").len(), 2);
+
+    // export on a terminal; to a pipe, the header alone is escaped.
+    let hostile = w
+        .sessions()
+        .into_iter()
+        .find(|r| r.command.contains("hostile-"))
+        .expect("the recorder's session");
+    let mut term = shelltrail_tests::Term::spawn(&w.cli(&["export", &hostile.id]), 200, 50);
+    assert_eq!(term.wait_exit(TIMEOUT), 0);
+    let shown = term.transcript();
+    assert_eq!(terminal_unsafe(&shown), Vec::<char>::new(), "{shown:?}");
+    assert!(shown.contains("\\u001b[2K\\u001b[1A\\u009b2J10.9.9.9"), "{shown}");
+    assert!(shown.contains("hostile-42"), "{shown}");
+    let piped = w.export_bytes(&hostile.id, &[]);
+    let header = String::from_utf8_lossy(piped.split(|&b| b == b'\n').next().unwrap()).into_owned();
+    assert_eq!(terminal_unsafe(&header), Vec::<char>::new(), "{header}");
+}

@@ -448,20 +448,23 @@ impl SessionSummary {
         self.end.is_some()
     }
 
-    /// When the session started: the recorder's start time, else when the
-    /// agent saw it open.
+    /// When the session started: when the agent saw it open. The
+    /// recorder's own start time is a claim (whatever spoke to the agent's
+    /// socket wrote it); it is used only for a session whose agent did not
+    /// say.
     pub fn start_unix_ms(&self) -> i64 {
-        match self.start.meta.as_ref().map_or(0, |m| m.start_unix_ms) {
-            0 => self.start.opened_unix_ms,
+        match self.start.opened_unix_ms {
+            0 => self.start.meta.as_ref().map_or(0, |m| m.start_unix_ms),
             t => t,
         }
     }
 
-    /// When the session ended, if it has.
+    /// When the session ended, if it has: when the agent recorded its end
+    /// (the recorder's end time only if the agent did not say).
     pub fn end_unix_ms(&self) -> Option<i64> {
         let end = self.end.as_ref()?;
-        Some(match end.close.as_ref().map_or(0, |c| c.end_unix_ms) {
-            0 => end.closed_unix_ms,
+        Some(match end.closed_unix_ms {
+            0 => end.close.as_ref().map_or(0, |c| c.end_unix_ms),
             t => t,
         })
     }
@@ -493,8 +496,10 @@ impl SessionSummary {
         }
     }
 
+    /// Only the user the agent verified: the login name in the recorder's
+    /// metadata is a claim.
     fn user_matches(&self, user: &str) -> bool {
-        self.start.verified_user == user || self.start.meta.as_ref().is_some_and(|m| m.user == user)
+        self.start.verified_user == user
     }
 }
 
@@ -511,9 +516,10 @@ pub enum StateFilter {
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub host: Option<String>,
-    /// Matches the user the agent verified (SO_PEERCRED) or the recorder's
-    /// claimed login name.
+    /// Matches the user the agent verified, never the recorder's claimed
+    /// login name.
     pub user: Option<String>,
+    /// Times are the agent's (see [`SessionSummary::start_unix_ms`]).
     /// Sessions still running at or after this time (live sessions always are).
     pub since_unix_ms: Option<i64>,
     /// Sessions started at or before this time.

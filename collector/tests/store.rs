@@ -731,18 +731,27 @@ fn one_collector_per_data_directory() {
 fn listing_filters() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
-    let ids: Vec<String> = (0..4).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let ids: Vec<String> = (0..5).map(|_| uuid::Uuid::now_v7().to_string()).collect();
     let setups = [
         ("host-a", "alice", 1_000, true),
         ("host-a", "bob", 2_000, false),
         ("host-b", "alice", 3_000, false),
         ("host-b", "carol", 4_000, true),
+        // Mallory's session, opened at 5_000, claims to be alice's from 1_000.
+        ("host-b", "mallory", 5_000, false),
     ];
     for (id, (host, user, t, ended)) in ids.iter().zip(setups) {
-        store.start(host, &start_msg(id, host, user, t)).unwrap();
+        let mut start = start_msg(id, host, user, t);
+        if user == "mallory" {
+            let meta = start.meta.as_mut().unwrap();
+            (meta.user, meta.start_unix_ms) = ("alice".into(), 1_000);
+        }
+        store.start(host, &start).unwrap();
         if ended {
+            // The agent's end time counts, not the recorder's claim.
             let mut end = end_msg(id, 0, vec![]);
-            end.close.as_mut().unwrap().end_unix_ms = t + 500;
+            end.closed_unix_ms = t + 500;
+            end.close.as_mut().unwrap().end_unix_ms = 9_000;
             assert!(store.end(host, &end).unwrap().ended);
         }
     }
@@ -750,13 +759,24 @@ fn listing_filters() {
     // Newest first.
     assert_eq!(
         list(ListFilter::default()),
-        vec![ids[3].clone(), ids[2].clone(), ids[1].clone(), ids[0].clone()]
+        vec![
+            ids[4].clone(),
+            ids[3].clone(),
+            ids[2].clone(),
+            ids[1].clone(),
+            ids[0].clone()
+        ]
     );
+    let mallory = ListFilter {
+        user: Some("mallory".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(mallory), vec![ids[4].clone()]);
     let host_b = ListFilter {
         host: Some("host-b".into()),
         ..Default::default()
     };
-    assert_eq!(list(host_b), vec![ids[3].clone(), ids[2].clone()]);
+    assert_eq!(list(host_b), vec![ids[4].clone(), ids[3].clone(), ids[2].clone()]);
     let alice = ListFilter {
         user: Some("alice".into()),
         ..Default::default()
@@ -766,7 +786,7 @@ fn listing_filters() {
         state: StateFilter::Live,
         ..Default::default()
     };
-    assert_eq!(list(live), vec![ids[2].clone(), ids[1].clone()]);
+    assert_eq!(list(live), vec![ids[4].clone(), ids[2].clone(), ids[1].clone()]);
     let ended = ListFilter {
         state: StateFilter::Ended,
         ..Default::default()

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use shelltrail::cli::{self, CollectorArgs, Source, export::Format};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -89,6 +89,10 @@ enum Cmd {
         /// One JSON array of every field, for scripts
         #[arg(long)]
         json: bool,
+        /// Only this user's sessions: the user the agent verified (a login
+        /// name, or uid:N), never the name the recorder claims
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -228,9 +232,12 @@ fn run(args: Args) -> Result<i32> {
             })?;
             Ok(0)
         }
-        Cmd::Sessions { json, remote } => {
+        Cmd::Sessions { json, user, remote } => {
             let mut src = source(remote)?;
-            let rows = src.list()?;
+            let mut rows = src.list()?;
+            if let Some(user) = &user {
+                rows.retain(|r| &r.user == user);
+            }
             cli::sessions::run(&rows, json, &mut std::io::stdout().lock())?;
             if let Some(url) = src.ships_to()
                 && !json
@@ -257,6 +264,13 @@ fn run(args: Args) -> Result<i32> {
                     );
                     cli::export::run(&mut src, &id, format, raw, &mut f)?;
                     f.flush()?;
+                }
+                // On a terminal, the recording's JSON lines with control
+                // characters escaped (the same JSON); --raw is the program's
+                // own bytes, as asked.
+                None if !raw && std::io::stdout().is_terminal() => {
+                    let mut out = cli::shown::SafeLines::new(std::io::stdout().lock());
+                    cli::export::run(&mut src, &id, format, raw, &mut out)?;
                 }
                 None => cli::export::run(&mut src, &id, format, raw, &mut std::io::stdout().lock())?,
             }

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod export;
 pub mod play;
 pub mod sessions;
+pub mod shown;
 pub mod verify;
 
 use crate::agent::spool::{self, Index};
@@ -108,12 +109,19 @@ impl Source {
         })
     }
 
-    /// Every session, oldest first.
+    /// Every session, oldest first by the agent's clock (ids are UUIDv7,
+    /// whose time is the recorder's claim).
     pub fn list(&mut self) -> Result<Vec<Row>> {
+        let mut rows = self.list_unordered()?;
+        rows.sort_by(|a, b| (a.start_unix_ms, &a.id).cmp(&(b.start_unix_ms, &b.id)));
+        Ok(rows)
+    }
+
+    fn list_unordered(&mut self) -> Result<Vec<Row>> {
         match self {
             Source::Spool { index, .. } => {
                 for p in &index.problems {
-                    eprintln!("warning: {p}");
+                    eprintln!("warning: {}", shown::shown(p));
                 }
                 Ok(index.sessions.values().map(sessions::from_spool).collect())
             }
@@ -411,7 +419,12 @@ fn patch_header(text: &[u8], r: &Row) -> Vec<u8> {
             st.insert("lost_chunks".into(), r.lost_seqs.clone().into());
         }
     }
-    let mut out = serde_json::to_vec(&header).unwrap_or_else(|_| text[..nl].to_vec());
+    // Written with the recorder's claims as `\u` escapes: the header is
+    // the line most likely to be read on a terminal.
+    let mut out = match serde_json::to_string(&header) {
+        Ok(json) => shown::json_for_terminal(&json).into_owned().into_bytes(),
+        Err(_) => text[..nl].to_vec(),
+    };
     out.extend_from_slice(&text[nl..]);
     out
 }

@@ -1,6 +1,12 @@
 //! `shelltrail sessions`: who, what, when, where, from the spool or the collector.
+//!
+//! Who and when are the agent's: the user it verified and the times it saw
+//! the session open and end. What the recorder said (its login name, its
+//! clock) is a claim, kept in the JSON but never shown as the fact. Every
+//! field is printed through [`shown`].
 
 use crate::agent::spool::SessionEntry;
+use crate::cli::shown::{json_for_terminal, shown};
 use crate::cli::{ChunkBytes, utc};
 use shelltrail_proto::v1::{Close, SessionInfo, SessionMeta};
 use std::io::Write;
@@ -19,7 +25,12 @@ pub struct Row {
     pub mode: String,
     pub command: String,
     pub reason: String,
+    /// When the agent saw the session open.
     pub start_unix_ms: i64,
+    /// The recorder's own start time: a claim.
+    #[serde(default)]
+    pub claimed_start_unix_ms: i64,
+    /// When the agent recorded the session's end.
     pub end_unix_ms: Option<i64>,
     pub duration_ms: i64,
     pub stored_bytes: u64,
@@ -52,19 +63,36 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What both sources share: the recorder's metadata and the end.
-#[allow(clippy::too_many_arguments)]
+/// What the agent verified: the user, pid and open time.
+struct Verified<'a> {
+    user: &'a str,
+    uid: u32,
+    pid: i32,
+    opened_unix_ms: i64,
+}
+
+/// What both sources share: the recorder's metadata, the agent's word, the end.
 fn build(
     meta: &SessionMeta,
     host: &str,
-    user: &str,
-    uid: u32,
-    pid: i32,
+    v: Verified<'_>,
     close: Option<(&Close, &str, i64)>,
     stored_bytes: u64,
     chunks: usize,
 ) -> Row {
-    let end = close.map(|(c, _, closed)| if c.end_unix_ms > 0 { c.end_unix_ms } else { closed });
+    let Verified {
+        user,
+        uid,
+        pid,
+        opened_unix_ms,
+    } = v;
+    // The agent's times; the recorder's only where an old record lacks them.
+    let start = if opened_unix_ms > 0 {
+        opened_unix_ms
+    } else {
+        meta.start_unix_ms
+    };
+    let end = close.map(|(c, _, closed)| if closed > 0 { closed } else { c.end_unix_ms });
     Row {
         id: meta.session_id.clone(),
         user: if user.is_empty() {
@@ -91,9 +119,10 @@ fn build(
             meta.original_command.clone()
         },
         reason: meta.reason.clone(),
-        start_unix_ms: meta.start_unix_ms,
+        start_unix_ms: start,
+        claimed_start_unix_ms: meta.start_unix_ms,
         end_unix_ms: end,
-        duration_ms: (end.unwrap_or_else(now_ms) - meta.start_unix_ms).max(0),
+        duration_ms: (end.unwrap_or_else(now_ms) - start).max(0),
         stored_bytes,
         bytes_out: close.map_or(0, |(c, _, _)| c.bytes_out),
         live: close.is_none(),
@@ -112,9 +141,12 @@ pub fn from_spool(s: &SessionEntry) -> Row {
     build(
         &s.open.meta,
         "",
-        &s.open.peer_user,
-        s.open.peer_uid,
-        s.open.peer_pid,
+        Verified {
+            user: &s.open.peer_user,
+            uid: s.open.peer_uid,
+            pid: s.open.peer_pid,
+            opened_unix_ms: s.open.opened_unix_ms,
+        },
         close,
         s.stored_bytes(),
         s.chunks.len(),
@@ -135,9 +167,12 @@ pub fn from_collector(i: &SessionInfo) -> Row {
     let mut row = build(
         &meta,
         &i.host,
-        &start.verified_user,
-        start.verified_uid,
-        start.verified_pid,
+        Verified {
+            user: &start.verified_user,
+            uid: start.verified_uid,
+            pid: start.verified_pid,
+            opened_unix_ms: start.opened_unix_ms,
+        },
         close,
         i.stored_bytes,
         i.next_seq as usize - i.missing_seqs.len().min(i.next_seq as usize),
@@ -148,14 +183,14 @@ pub fn from_collector(i: &SessionInfo) -> Row {
 
 pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     if json {
-        serde_json::to_writer_pretty(&mut *out, rows)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(rows)?;
+        writeln!(out, "{}", json_for_terminal(&text))?;
         return Ok(());
     }
     // Login names run to 32 characters; the column is as wide as the longest shown.
     let uw = rows
         .iter()
-        .map(|r| r.user.chars().count())
+        .map(|r| shown(&r.user).chars().count())
         .max()
         .unwrap_or(0)
         .clamp(4, 32);
@@ -172,21 +207,18 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
             (false, Some(c)) => format!("exit {c}"),
             (false, None) => "ended".to_string(),
         };
-        let mut cmd: String = r.command.chars().filter(|c| !c.is_control()).collect();
-        if cmd.chars().count() > 60 {
-            cmd = cmd.chars().take(59).chain(std::iter::once('…')).collect();
-        }
+        let mut cmd = cut(&shown(&r.command), 60);
         if r.lost_chunks > 0 {
             cmd.push_str(&format!("  [gap: {} chunks lost]", r.lost_chunks));
         }
-        let host: String = r.host.chars().filter(|c| !c.is_control()).take(16).collect();
+        let host = cut(&shown(&r.host), 16);
         writeln!(
             out,
             "{:<36}  {:<uw$} {:<16} {:<21} {:<19} {:>9} {:>10} {:<7} {}",
-            r.id,
-            r.user,
+            shown(&r.id),
+            shown(&r.user),
             host,
-            r.client,
+            shown(&r.client),
             utc(r.start_unix_ms),
             duration(r.duration_ms),
             r.stored_bytes,
@@ -195,6 +227,15 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
         )?;
     }
     Ok(())
+}
+
+/// `s`, or its first `max - 1` characters and an ellipsis.
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() > max {
+        s.chars().take(max - 1).chain(std::iter::once('…')).collect()
+    } else {
+        s.to_owned()
+    }
 }
 
 fn duration(ms: i64) -> String {

@@ -6,6 +6,7 @@
 //! responder can check that what the collector holds is what was recorded.
 
 use crate::cli::Source;
+use crate::cli::shown::shown;
 use anyhow::Result;
 use shelltrail_cast::chunk::{self, ChunkError};
 use shelltrail_cast::run;
@@ -106,13 +107,13 @@ pub fn run(src: &mut Source, id: &str, out: &mut impl Write) -> Result<bool> {
         writeln!(
             out,
             "OK: session {} ({state}): {parts} chunks, hash chain intact",
-            row.id,
+            shown(&row.id),
         )?;
     } else {
         writeln!(
             out,
             "session {} ({state}): {} problem(s) in {parts} chunks",
-            row.id,
+            shown(&row.id),
             problems.len(),
         )?;
     }
