@@ -1,16 +1,38 @@
 # $1: 1 on first install, 2 on upgrade.
+# /var/lib/shelltrail and /run/shelltrail are left to systemd (StateDirectory=,
+# RuntimeDirectory= in the units): the service user owns them, so nothing here,
+# running as root, creates, chowns or chmods anything there (a link the service
+# user planted would make root change whatever it points to).
 getent group shelltrail >/dev/null || groupadd --system shelltrail
-getent passwd shelltrail >/dev/null || useradd --system --gid shelltrail --home-dir /var/lib/shelltrail \
+getent passwd shelltrail >/dev/null || useradd --system --gid shelltrail --home-dir /nonexistent \
     --no-create-home --shell /sbin/nologin --comment "shelltrail agent" shelltrail
-install -d -o shelltrail -g shelltrail -m 0750 /var/lib/shelltrail /var/lib/shelltrail/spool
+# The recorder's own identity: no login shell, no home.
+getent passwd shelltrail-rec >/dev/null || useradd --system --user-group --home-dir /nonexistent \
+    --no-create-home --shell /sbin/nologin --comment "shelltrail recorder" shelltrail-rec
 # Certificates and keys: root installs them; each service's key is its own
 # (owner shelltrail, mode 0400): the group may read recordings, never keys.
 install -d -o root -g shelltrail -m 0750 /etc/shelltrail/tls
 for key in /etc/shelltrail/tls/*.key; do
-    [ -f "$key" ] || continue
+    [ -f "$key" ] && [ ! -L "$key" ] || continue
     chown shelltrail:shelltrail "$key"
     chmod 0400 "$key"
 done
+# The recorder set-uid to shelltrail-rec, with the two capabilities it uses for
+# a moment at start (see packaging/debian/postinst).
+recorder_setuid() {
+    if ! command -v setcap >/dev/null 2>&1; then
+        echo "shelltrail: setcap is missing (dnf install libcap), so /usr/bin/shelltrail-shell cannot" \
+            "get the capabilities it needs and recorded logins would be refused. Install it, then" \
+            "reinstall shelltrail" >&2
+        exit 1
+    fi
+    chown shelltrail-rec:root /usr/bin/shelltrail-shell
+    chmod 4755 /usr/bin/shelltrail-shell
+    setcap cap_chown,cap_sys_tty_config+ep /usr/bin/shelltrail-shell
+}
+# LEAD (issue 10, item 1): enable with the privilege separation (or set mode,
+# user and caps on the asset in agent/Cargo.toml, which `rpm -V` then agrees with).
+# recorder_setuid
 # The recorder is deliberately not added to /etc/shells (see packaging/debian/postinst).
 systemctl daemon-reload >/dev/null 2>&1 || :
 # As the .deb does (and docs/deployment.md says): the agent runs from the first

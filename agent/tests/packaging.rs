@@ -1,7 +1,9 @@
 //! The packages' pieces agree with each other and with the repository: the
 //! maintainer scripts parse, every asset they ship exists, the units'
-//! documentation links point at installed files, and the scripts never put
-//! the recorder in /etc/shells (chsh would then let a recorded user leave it).
+//! documentation links point at installed files, the scripts never put
+//! the recorder in /etc/shells (chsh would then let a recorded user leave it),
+//! never touch the service user's directories (systemd makes them), and
+//! create the recorder's user without a login shell or home.
 //! Building and installing the packages is checked by hand (docs/deployment.md).
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,29 @@ fn scripts() -> Vec<PathBuf> {
     }
     v.sort();
     v
+}
+
+/// A script's command lines: comments dropped, `\`-continued lines joined.
+fn code_lines(script: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(script).unwrap();
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let code = line.trim();
+        if code.starts_with('#') {
+            continue;
+        }
+        match code.strip_suffix('\\') {
+            Some(head) => current.push_str(head),
+            None => {
+                current.push_str(code);
+                lines.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    lines.push(current);
+    lines.retain(|l| !l.is_empty());
+    lines
 }
 
 fn manifest() -> toml::Value {
@@ -112,6 +137,54 @@ fn every_asset_exists_and_unit_documentation_is_installed() {
                 assets.iter().any(|(_, dest)| dest == path),
                 "{unit}: {d} is not installed by the packages"
             );
+        }
+    }
+}
+
+/// The service user owns /var/lib/shelltrail and /run/shelltrail, so a
+/// script running as root that creates, chowns or chmods anything under
+/// them follows whatever link that user planted there (`install -d -o
+/// shelltrail .../spool` chowned the target of a link: service user to
+/// root). The scripts never name them, not even through a variable; the
+/// units' StateDirectory= and RuntimeDirectory= make them, and systemd
+/// does not follow such links.
+#[test]
+fn maintainer_scripts_leave_the_service_directories_to_systemd() {
+    for s in scripts() {
+        for line in code_lines(&s) {
+            for dir in ["/var/lib/shelltrail", "/run/shelltrail"] {
+                assert!(!line.contains(dir), "{}: names {dir}: {line}", s.display());
+            }
+        }
+    }
+    let unit = |name: &str| std::fs::read_to_string(repo().join("systemd").join(name)).unwrap();
+    let agent = unit("shelltrail-agent.service");
+    for key in ["StateDirectory=shelltrail", "RuntimeDirectory=shelltrail"] {
+        assert!(agent.lines().any(|l| l == key), "the agent's unit lacks {key}");
+    }
+    assert!(
+        unit("shelltrail-collector.service")
+            .lines()
+            .any(|l| l == "StateDirectory=shelltrail")
+    );
+}
+
+/// The recorder is set-uid to `shelltrail-rec`: both packages create it as
+/// a system user nobody can log in as, with no home.
+#[test]
+fn the_packages_create_the_recorder_user_without_login_or_home() {
+    // adduser never creates /nonexistent (and warns with --no-create-home).
+    for (script, tool, no_home) in [
+        ("packaging/debian/postinst", "adduser", "--home /nonexistent"),
+        ("packaging/rpm-post-install.sh", "useradd", "--no-create-home"),
+    ] {
+        let lines = code_lines(&repo().join(script));
+        let create = lines
+            .iter()
+            .find(|l| l.contains(tool) && l.ends_with("shelltrail-rec"))
+            .unwrap_or_else(|| panic!("{script}: no {tool} of shelltrail-rec in {lines:#?}"));
+        for want in ["--system", "nologin", no_home] {
+            assert!(create.contains(want), "{script}: {want} missing from: {create}");
         }
     }
 }
