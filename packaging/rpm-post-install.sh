@@ -30,9 +30,10 @@ recorder_setuid() {
     chmod 4755 /usr/bin/shelltrail-shell
     setcap cap_chown,cap_sys_tty_config+ep /usr/bin/shelltrail-shell
 }
-# LEAD (issue 10, item 1): enable with the privilege separation (or set mode,
-# user and caps on the asset in agent/Cargo.toml, which `rpm -V` then agrees with).
-# recorder_setuid
+# Set here rather than on the packaged file: the user exists only once this
+# script has run. `rpm -V shelltrail` therefore reports the recorder's mode,
+# owner and capabilities as changed; that is this step, not tampering.
+recorder_setuid
 # The recorder is deliberately not added to /etc/shells (see packaging/debian/postinst).
 systemctl daemon-reload >/dev/null 2>&1 || :
 # As the .deb does (and docs/deployment.md says): the agent runs from the first
