@@ -637,12 +637,14 @@ impl Agent {
     ) -> Result<Agent, String> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        // Reachable by a set-uid recorder (its own user), as /run/shelltrail is.
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         let socket = dir.join("agent.sock");
         let spool = dir.join("spool");
         let config = dir.join("shelltrail.toml");
         let text = format!(
-            "# Written by the shelltrail benchmarks.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\n[shell]\n{shell_extra}\n\n[agent]\n{agent_extra}\n"
+            "# Written by the shelltrail benchmarks.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\
+             recorder_user = \"shelltrail-bench-rec\"\n\n[shell]\n{shell_extra}\n\n[agent]\n{agent_extra}\n"
         );
         let text = if tables.is_empty() {
             text

@@ -49,7 +49,13 @@ const MIB: f64 = (1u64 << 20) as f64;
 enum Kind {
     Bare,
     RecordingOff,
-    Shelltrail { input: bool },
+    /// `setuid`: installed as the packages do (set-uid to its recorder user,
+    /// with capabilities), so the privilege separation runs; else a plain
+    /// copy run by root, which records without separating.
+    Shelltrail {
+        input: bool,
+        setuid: bool,
+    },
     Script,
     Asciinema,
     Tlog,
@@ -302,14 +308,30 @@ fn run(opts: &Opts) -> Result<(), String> {
         program: std::env::current_exe().map_err(|e| format!("this executable: {e}"))?,
         version: format!("{st_version}: shelltrail::shell::pty::run with the recorder replaced by a sink"),
     });
-    for input in [false, true] {
+    let setuid_copy = install_setuid(&shell, &tmp_path);
+    if let Err(e) = &setuid_copy {
+        eprintln!("compare: no set-uid shelltrail peer: {e}");
+    }
+    let mut variants = vec![(false, false, "shelltrail-nosep", shell.clone())];
+    if let Ok(p) = &setuid_copy {
+        variants.push((false, true, "shelltrail", p.clone()));
+        variants.push((true, true, "shelltrail+input", p.clone()));
+    } else {
+        variants.push((true, false, "shelltrail+input", shell.clone()));
+    }
+    for (input, setuid, name, program) in variants {
         peers.push(Peer {
-            kind: Kind::Shelltrail { input },
-            name: if input { "shelltrail+input" } else { "shelltrail" },
-            program: shell.clone(),
+            kind: Kind::Shelltrail { input, setuid },
+            name,
+            program: program.clone(),
             version: format!(
-                "{st_version} ({}, record_input = {input}, compression_level = {})",
-                shell.display(),
+                "{st_version} ({}{}, record_input = {input}, compression_level = {})",
+                program.display(),
+                if setuid {
+                    ", set-uid shelltrail-bench-rec + capabilities: privilege separation"
+                } else {
+                    ", not set-uid: no privilege separation"
+                },
                 opts.level.map_or_else(
                     || format!(
                         "{} (default)",
@@ -446,7 +468,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         for round in 0..opts.rounds {
             for i in 0..peers.len() {
                 let p = &peers[(i + round) % peers.len()];
-                let export = round == 0 && p.kind == (Kind::Shelltrail { input: false });
+                let export = round == 0 && matches!(p.kind, Kind::Shelltrail { input: false, .. });
                 let r = run_one(&env, p, w, round, export && matches!(w.work, Work::Output { .. }));
                 eprintln!(
                     "  [{} {}/{}] {:<17} {}",
@@ -526,6 +548,58 @@ fn write_text(path: &Path, bytes: u64) -> Result<(), String> {
         seed += 1;
     }
     f.flush().map_err(|e| e.to_string())
+}
+
+/// The system user the set-uid peer runs as (created when missing).
+const BENCH_RECORDER_USER: &str = "shelltrail-bench-rec";
+
+/// A copy of the recorder in `dir`, installed as the packages install it:
+/// owned by [`BENCH_RECORDER_USER`], set-uid, with the capabilities to take
+/// the terminal. Needs root (useradd, chown, setcap).
+fn install_setuid(shell: &Path, dir: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Err("not root (the set-uid install needs root)".into());
+    }
+    let user = match nix::unistd::User::from_name(BENCH_RECORDER_USER).map_err(|e| e.to_string())? {
+        Some(u) => u,
+        None => {
+            let st = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    BENCH_RECORDER_USER,
+                ])
+                .status()
+                .map_err(|e| format!("useradd: {e}"))?;
+            if !st.success() {
+                return Err(format!("useradd {BENCH_RECORDER_USER}: {st}"));
+            }
+            nix::unistd::User::from_name(BENCH_RECORDER_USER)
+                .map_err(|e| e.to_string())?
+                .ok_or("useradd made no user")?
+        }
+    };
+    // The recorder, once it runs as its own user, reads the config and
+    // reaches the socket under here.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    let sub = dir.join("setuid");
+    std::fs::create_dir_all(&sub).map_err(|e| e.to_string())?;
+    let to = sub.join("shelltrail-shell");
+    std::fs::copy(shell, &to).map_err(|e| format!("copying {}: {e}", shell.display()))?;
+    nix::unistd::chown(&to, Some(user.uid), None).map_err(|e| format!("chown: {e}"))?;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o4755)).map_err(|e| e.to_string())?;
+    let st = Command::new("setcap")
+        .arg("cap_chown,cap_sys_tty_config+ep")
+        .arg(&to)
+        .status()
+        .map_err(|e| format!("setcap: {e} (install libcap2-bin)"))?;
+    if !st.success() {
+        return Err(format!("setcap: {st}"));
+    }
+    Ok(to)
 }
 
 /// The command line of `peer` running `workload`, recording into `out`.
@@ -635,7 +709,7 @@ fn run_one(env: &Env, peer: &Peer, w: &Workload, round: usize, export: bool) -> 
 fn run_in(env: &Env, peer: &Peer, w: &Workload, dir: &Path, export: bool, run: &mut Run) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let agent = match peer.kind {
-        Kind::Shelltrail { input } => Some(Agent::start(
+        Kind::Shelltrail { input, .. } => Some(Agent::start(
             &env.cli,
             &dir.join("agent"),
             &format!(
