@@ -309,3 +309,51 @@ fn recorder_cannot_be_traced_even_as_it_starts() {
     );
     assert_eq!(field("readable="), 0, "a recorder was readable by its user: {out}");
 }
+
+/// The window the separation leaves: a recorder stopped before it runs as
+/// its own user (its real uid is still the user's) has not connected to the
+/// agent, so no session shows it. The agent finds it in /proc and says which
+/// terminal may be in use unrecorded. Here the recorder is stopped while it
+/// asks for a reason (before it connects), by root, since the microseconds
+/// after exec cannot be hit on purpose; what the agent sees is the same.
+#[test]
+fn agent_reports_a_recorder_stopped_before_it_started_recording() {
+    let w = World::builder().shell("require_reason = true").build();
+    let mut t = w.ssh().term(80, 24);
+    t.expect("Reason for this session");
+    let recorder = wait_until("the recorder", Duration::from_secs(10), || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-x", "shelltrail-shel"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains(&*w.config.to_string_lossy()))
+            })
+    });
+    let pid = nix::unistd::Pid::from_raw(recorder);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let line = wait_until(
+        "the agent to report the stopped recorder",
+        Duration::from_secs(30),
+        || {
+            w.agent_log_text()
+                .lines()
+                .find(|l| l.contains("stopped before it started recording"))
+                .map(String::from)
+        },
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    assert!(line.contains(&format!("pid={recorder}")), "{line}");
+    assert!(line.contains(&format!("uid={}", w.user.uid)), "{line}");
+    assert!(line.contains("tty=\"/dev/pts/"), "{line}");
+    t.line("CHG-1");
+    t.line("echo in-$((5+5))");
+    t.expect("in-10");
+    t.line("exit");
+    t.wait_exit(Duration::from_secs(30));
+    assert_eq!(w.only_session().reason, "CHG-1");
+}

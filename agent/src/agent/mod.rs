@@ -4,6 +4,7 @@
 pub mod server;
 pub mod ship;
 pub mod spool;
+pub mod watch;
 
 pub use server::{Agent, run};
 

@@ -9,6 +9,7 @@
 
 use crate::agent::ship::Shipper;
 use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, Stats};
+use crate::agent::watch;
 use crate::config::Config;
 use anyhow::{Context, Result};
 use shelltrail_cast::chunk;
@@ -59,6 +60,8 @@ pub struct Agent {
     pub shipper: Option<Arc<Shipper>>,
     /// The uid of `recorder_user`: its connections name the user they record.
     recorder_uid: Option<u32>,
+    /// Recorders seen stopped before they took their terminal.
+    watch: Mutex<watch::Watch>,
 }
 
 impl Agent {
@@ -140,6 +143,7 @@ impl Agent {
         };
         Ok(Arc::new(Agent {
             recorder_uid,
+            watch: Mutex::new(watch::Watch::default()),
             cfg,
             sessions: Mutex::new(sessions),
             per_uid: Mutex::new(HashMap::new()),
@@ -282,6 +286,20 @@ fn alive(pid: i32, ticks: u64) -> bool {
 /// Sessions whose recorder is gone without a Close get one, so they stop
 /// counting as live. The recorder's pid and start time identify it.
 async fn sweep(agent: &Agent) {
+    if let Some(rec) = agent.recorder_uid {
+        let found = tokio::task::spawn_blocking(move || watch::stalled(rec))
+            .await
+            .unwrap_or_default();
+        for s in agent.watch.lock().expect("watch lock").look(found) {
+            tracing::warn!(
+                pid = s.pid,
+                uid = s.uid,
+                tty = s.tty.as_deref().unwrap_or("-"),
+                "a recorder is stopped before it started recording (SIGSTOP by its user in its first \
+                 microseconds?): until it runs, its terminal may be in use unrecorded"
+            );
+        }
+    }
     let gone: Vec<(String, u64)> = {
         let sessions = agent.sessions.lock().expect("sessions lock");
         sessions
