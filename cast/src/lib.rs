@@ -10,7 +10,8 @@
 //!    (sequence number, hash chain, time span) followed by a zstd frame.
 //! 3. The agent stores and ships chunks as opaque bytes; the collector
 //!    checks them with [`chunk::decompress`] and the hash chain, and once a
-//!    session has ended merges its chunks into denser [`run`]s.
+//!    session has ended merges its chunks into denser [`run`]s. Verifiers
+//!    walk a stored session's chain with the one [`chain::Walker`].
 //! 4. Anyone can concatenate a session's chunks and run `zstd -d` to get a
 //!    plain `.cast` file that asciinema plays; our tools read it back with
 //!    a [`Decoder`], and [`raw_bytes`] recovers the exact bytes of a stream.
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod asciicast;
+pub mod chain;
 pub mod chunk;
 pub mod json;
 pub mod run;

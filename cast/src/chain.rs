@@ -1,0 +1,379 @@
+//! Walking a stored session's hash chain: the one walker every verifier
+//! uses (`shelltrail verify`, on a spool or a collector).
+//!
+//! Feed it the session's stored bytes in order (recorder's chunks, or runs
+//! of them as the collector keeps ended sessions); it checks that every
+//! chunk is there once, in order, unaltered, and linked to the one before it
+//! from the session's [`chain_seed`], and it counts what it walked: how many
+//! chunks, and the link hash of the last one. Those two are what a session's
+//! seal signs, so a chain rewritten with recomputed hashes, or cut short,
+//! shows as a different count or final hash even where every link holds.
+//!
+//! Gaps the recorder declared (its `Close.lost_seqs`) are notes, not
+//! problems: the chain restarts after them, unchecked across the gap.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::chunk::{ChunkError, chain_seed};
+use crate::run;
+
+/// Something wrong with the stored chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A chunk's content or header no longer hashes to what was recorded.
+    Altered { seq: u64 },
+    /// Stored bytes that do not parse or decompress.
+    Unreadable { seq: u64, error: String },
+    /// Bytes stored as one chunk that say they are another.
+    Reordered { stored_as: u64, says: u64 },
+    /// A chunk met again, differently, after later ones.
+    Duplicated { seq: u64, after: u64 },
+    /// Chunks absent that the recorder did not declare lost.
+    Missing { first: u64, last: u64 },
+    /// A chunk whose prev_hash is not the link hash of the one before it.
+    Unlinked { seq: u64 },
+    /// Chunks absent at the end, before the session's last one.
+    Truncated { first: u64, last: u64 },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Altered { seq } => write!(f, "chunk {seq} no longer hashes to what was recorded: altered"),
+            Problem::Unreadable { seq, error } => write!(f, "chunk {seq}: unreadable: {error}"),
+            Problem::Reordered { stored_as, says } => {
+                write!(f, "chunk stored as {stored_as} says it is chunk {says}: reordered")
+            }
+            Problem::Duplicated { seq, after } => {
+                write!(
+                    f,
+                    "chunk {seq} appears again after chunk {after}: duplicated or reordered"
+                )
+            }
+            Problem::Missing { first, last } => write!(f, "chunks {first}..{last} are missing: deleted"),
+            Problem::Unlinked { seq } => write!(
+                f,
+                "chunk {seq} does not follow chunk {}: altered, replaced or reordered",
+                seq.wrapping_sub(1)
+            ),
+            Problem::Truncated { first, last } => {
+                write!(f, "chunks {first}..{last} are missing at the end: truncated")
+            }
+        }
+    }
+}
+
+/// Something worth saying that is not a problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// A partial walk started here: the chunks before are elsewhere.
+    StartsAt { seq: u64 },
+    /// Chunks the recorder declared lost.
+    Lost { first: u64, last: u64 },
+}
+
+impl std::fmt::Display for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Note::StartsAt { seq } => write!(
+                f,
+                "chunks before {seq} are not here (shipped and deleted from the spool): verifying from there"
+            ),
+            Note::Lost { first, last } => {
+                write!(f, "chunks {first}..{last} were dropped by the recorder (recorded gap)")
+            }
+        }
+    }
+}
+
+/// What a walk found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Walk {
+    pub problems: Vec<Problem>,
+    pub notes: Vec<Note>,
+    /// Chunks walked, each counted once.
+    pub chunks: u64,
+    /// The first chunk walked (0 unless the walk was partial).
+    pub first_seq: u64,
+    /// The link hash of the last chunk (highest seq) walked; the chain seed
+    /// when there was none.
+    pub final_hash: [u8; 32],
+    lost_before_first: u64,
+}
+
+impl Walk {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// The chunks the session holds, for its seal: those walked, and for a
+    /// partial walk those before the first one walked that were not
+    /// declared lost (taken on trust: they are not here to count).
+    pub fn sealed_chunks(&self) -> u64 {
+        self.chunks + (self.first_seq - self.lost_before_first)
+    }
+}
+
+/// Walks one session's chain; see the module documentation.
+#[derive(Debug)]
+pub struct Walker {
+    lost: BTreeSet<u64>,
+    partial: bool,
+    started: bool,
+    /// The next seq expected, and the link hash it must follow.
+    expect: u64,
+    prev: [u8; 32],
+    /// Every chunk's hash, so that one read twice is told from one replaced:
+    /// a collector that compacts the session while it is read answers the
+    /// next read with a run that starts before it.
+    seen: HashMap<u64, [u8; 32]>,
+    last: Option<(u64, [u8; 32])>,
+    walk: Walk,
+}
+
+impl Walker {
+    /// A walk of the whole session `session_id` from chunk 0, given the
+    /// chunks its recorder declared lost.
+    pub fn new(session_id: &str, lost_seqs: &[u64]) -> Walker {
+        let seed = chain_seed(session_id);
+        Walker {
+            lost: lost_seqs.iter().copied().collect(),
+            partial: false,
+            started: false,
+            expect: 0,
+            prev: seed,
+            seen: HashMap::new(),
+            last: None,
+            walk: Walk {
+                problems: Vec::new(),
+                notes: Vec::new(),
+                chunks: 0,
+                first_seq: 0,
+                final_hash: seed,
+                lost_before_first: 0,
+            },
+        }
+    }
+
+    /// A walk that may start after chunk 0: where the first chunks were
+    /// deleted legitimately (a spool, after shipping them). It starts at the
+    /// first chunk fed, from that chunk's own prev_hash.
+    pub fn partial(session_id: &str, lost_seqs: &[u64]) -> Walker {
+        Walker {
+            partial: true,
+            ..Walker::new(session_id, lost_seqs)
+        }
+    }
+
+    /// The stored bytes that the store calls chunk `seq` (a chunk, or a run
+    /// starting with it), next in order.
+    pub fn feed(&mut self, seq: u64, bytes: &[u8]) {
+        // A recorder's chunk, or a run of them: unpacking checks a run's
+        // inner chain.
+        let stored = run::unpack(bytes);
+        if !self.started {
+            self.started = true;
+            if self.partial && seq != 0 {
+                self.walk.notes.push(Note::StartsAt { seq });
+                self.expect = seq;
+                self.walk.first_seq = seq;
+                self.walk.lost_before_first = self.lost.range(..seq).count() as u64;
+                if let Some(p) = stored.as_ref().ok().and_then(|u| u.parts.first()) {
+                    self.prev = p.header.prev_hash;
+                }
+            }
+        }
+        let stored = match stored {
+            Ok(u) => u,
+            Err(ChunkError::Altered { seq: at }) => {
+                self.walk.problems.push(Problem::Altered { seq: at });
+                self.expect = self.expect.max(at + 1);
+                return;
+            }
+            Err(e) => {
+                self.walk.problems.push(Problem::Unreadable {
+                    seq,
+                    error: e.to_string(),
+                });
+                self.expect = self.expect.max(seq + 1);
+                return;
+            }
+        };
+        if let Some(first) = stored.parts.first()
+            && first.header.seq != seq
+        {
+            self.walk.problems.push(Problem::Reordered {
+                stored_as: seq,
+                says: first.header.seq,
+            });
+        }
+        for part in &stored.parts {
+            let seq = part.header.seq;
+            if seq < self.expect && self.seen.get(&seq) == Some(&part.hash) {
+                continue;
+            }
+            self.walk.chunks += 1;
+            self.seen.insert(seq, part.hash);
+            if seq < self.expect {
+                self.walk.problems.push(Problem::Duplicated {
+                    seq,
+                    after: self.expect - 1,
+                });
+            } else if seq > self.expect {
+                if self.lost.range(self.expect..seq).count() as u64 == seq - self.expect {
+                    self.walk.notes.push(Note::Lost {
+                        first: self.expect,
+                        last: seq - 1,
+                    });
+                } else {
+                    self.walk.problems.push(Problem::Missing {
+                        first: self.expect,
+                        last: seq - 1,
+                    });
+                }
+            } else if part.header.prev_hash != self.prev {
+                self.walk.problems.push(Problem::Unlinked { seq });
+            }
+            self.prev = part.hash;
+            if self.last.is_none_or(|(s, _)| seq >= s) {
+                self.last = Some((seq, part.hash));
+            }
+            self.expect = self.expect.max(seq + 1);
+        }
+    }
+
+    /// Ends the walk. `last_seq`: the session's last chunk, from its end
+    /// record (None while it is live); missing chunks before it, not
+    /// declared lost, are a truncation.
+    pub fn finish(mut self, last_seq: Option<u64>) -> Walk {
+        if let Some(last) = last_seq
+            && self.expect <= last
+        {
+            // Walks the declared seqs, not the range: a forged huge last_seq costs nothing.
+            let tail_lost =
+                self.lost.range(self.expect..=last).count() as u64 == (last - self.expect).saturating_add(1);
+            // An ended session with no chunk at all says last_seq 0 (its
+            // seal says 0 chunks: one whose only chunk was deleted fails there).
+            let empty = !self.started && last == 0;
+            if tail_lost {
+                self.walk.notes.push(Note::Lost {
+                    first: self.expect,
+                    last,
+                });
+            } else if !empty {
+                self.walk.problems.push(Problem::Truncated {
+                    first: self.expect,
+                    last,
+                });
+            }
+        }
+        if let Some((_, h)) = self.last {
+            self.walk.final_hash = h;
+        }
+        self.walk
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{self, Chunk, Chunker};
+
+    fn session(id: &str, n: usize) -> Vec<Chunk> {
+        let mut c = Chunker::new(id, 1);
+        (0..n)
+            .map(|i| {
+                c.buffer()
+                    .extend_from_slice(format!("[0.1, \"o\", \"line {i}\\r\\n\"]\n").as_bytes());
+                c.cut(i as u64, i as u64).unwrap()
+            })
+            .collect()
+    }
+
+    fn walk(id: &str, chunks: &[&Chunk], lost: &[u64], last: Option<u64>) -> Walk {
+        let mut w = Walker::new(id, lost);
+        for c in chunks {
+            w.feed(c.seq, &c.bytes);
+        }
+        w.finish(last)
+    }
+
+    #[test]
+    fn a_whole_session_walks_clean_and_ends_in_its_last_hash() {
+        let s = session("s", 5);
+        let w = walk("s", &s.iter().collect::<Vec<_>>(), &[], Some(4));
+        assert!(w.is_ok(), "{w:?}");
+        assert_eq!((w.chunks, w.sealed_chunks(), w.final_hash), (5, 5, s[4].hash));
+        // No chunk at all: the seed.
+        let w = Walker::new("s", &[]).finish(Some(0));
+        assert!(w.is_ok(), "{w:?}");
+        assert_eq!((w.chunks, w.final_hash), (0, chunk::chain_seed("s")));
+    }
+
+    #[test]
+    fn cut_short_ends_elsewhere() {
+        let s = session("s", 5);
+        // The end edited to match: the chain still holds, but it is shorter
+        // and ends in another hash than the whole session's.
+        let w = walk("s", &s[..3].iter().collect::<Vec<_>>(), &[], Some(2));
+        assert!(w.is_ok());
+        assert_eq!((w.chunks, w.final_hash), (3, s[2].hash));
+        // The end left alone: truncated.
+        let w = walk("s", &s[..3].iter().collect::<Vec<_>>(), &[], Some(4));
+        assert_eq!(w.problems, vec![Problem::Truncated { first: 3, last: 4 }]);
+    }
+
+    #[test]
+    fn gaps_deletions_and_reorders_are_named() {
+        let s = session("s", 6);
+        let w = walk("s", &[&s[0], &s[1], &s[3], &s[4], &s[5]], &[2], Some(5));
+        assert!(w.is_ok(), "{w:?}");
+        assert_eq!(w.notes, vec![Note::Lost { first: 2, last: 2 }]);
+        assert_eq!(w.chunks, 5);
+        let w = walk("s", &[&s[0], &s[1], &s[3], &s[4], &s[5]], &[], Some(5));
+        assert_eq!(w.problems, vec![Problem::Missing { first: 2, last: 2 }]);
+        let w = walk("s", &[&s[0], &s[2], &s[1]], &[], Some(2));
+        assert!(w.problems.contains(&Problem::Missing { first: 1, last: 1 }), "{w:?}");
+        assert!(w.problems.contains(&Problem::Duplicated { seq: 1, after: 2 }), "{w:?}");
+        // Lost at the tail: a note, and the final hash is the last one held.
+        let w = walk("s", &s[..4].iter().collect::<Vec<_>>(), &[4, 5], Some(5));
+        assert!(w.is_ok(), "{w:?}");
+        assert_eq!(w.final_hash, s[3].hash);
+        // Another session's chunk 0.
+        let other = session("t", 1);
+        let w = walk("s", &[&other[0]], &[], Some(0));
+        assert_eq!(w.problems, vec![Problem::Unlinked { seq: 0 }]);
+    }
+
+    #[test]
+    fn a_missing_start_is_a_problem_unless_the_walk_is_partial() {
+        let s = session("s", 5);
+        let w = walk("s", &s[2..].iter().collect::<Vec<_>>(), &[], Some(4));
+        assert_eq!(w.problems, vec![Problem::Missing { first: 0, last: 1 }]);
+        let mut p = Walker::partial("s", &[0]);
+        for c in &s[2..] {
+            p.feed(c.seq, &c.bytes);
+        }
+        let w = p.finish(Some(4));
+        assert!(w.is_ok(), "{w:?}");
+        assert_eq!(w.notes, vec![Note::StartsAt { seq: 2 }]);
+        assert_eq!((w.chunks, w.first_seq, w.sealed_chunks()), (3, 2, 4));
+    }
+
+    #[test]
+    fn runs_walk_like_their_chunks_and_reads_twice_are_not_duplicates() {
+        let s = session("s", 8);
+        let open: Vec<_> = s.iter().map(|c| chunk::decompress(&c.bytes).unwrap()).collect();
+        let refs: Vec<_> = open.iter().map(|(h, r)| (h.clone(), &r[..])).collect();
+        let run = run::merge(&refs, 3).unwrap();
+        let mut w = Walker::new("s", &[]);
+        // Chunks 0..3 read, then the session compacted: the run again from 0.
+        for c in &s[..3] {
+            w.feed(c.seq, &c.bytes);
+        }
+        w.feed(0, &run);
+        let w = w.finish(Some(7));
+        assert!(w.is_ok(), "{w:?}");
+        assert_eq!((w.chunks, w.final_hash), (8, s[7].hash));
+    }
+}
