@@ -8,6 +8,8 @@
 //! when it runs protoc, which we do not).
 use prost::Message;
 
+const HEX: &str = "#[serde(with = \"crate::hex_bytes\")]";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["shelltrail/v1/recorder.proto", "shelltrail/v1/collector.proto"];
     for f in &files {
@@ -28,6 +30,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".shelltrail.v1.TransferSummary", serde)
         .type_attribute(".shelltrail.v1.SessionStart", serde)
         .type_attribute(".shelltrail.v1.SessionEnd", serde)
+        .type_attribute(".shelltrail.v1.Seal", serde)
+        // Hashes, keys and signatures read as hex in those JSON files.
+        .field_attribute(".shelltrail.v1.Close.final_hash", HEX)
+        .field_attribute(".shelltrail.v1.Seal.final_hash", HEX)
+        .field_attribute(".shelltrail.v1.Seal.signature", HEX)
+        .field_attribute(".shelltrail.v1.Seal.key", HEX)
         .compile_fds(fds)?;
     Ok(())
 }

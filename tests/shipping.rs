@@ -380,7 +380,7 @@ fn ship_raw(
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(ship_msg(ship_request::Body::Hello(AgentHello {
             agent_version: "test".into(),
-            facts: None,
+            ..Default::default()
         })))
         .await
         .expect("queueing the hello");
@@ -512,6 +512,7 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
             close: Some(Close::default()),
             cause: "recorder".into(),
             closed_unix_ms: 1,
+            ..Default::default()
         }),
     ];
     // One stream each: the collector stops a session's batch at its first refusal.

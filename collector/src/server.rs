@@ -193,7 +193,7 @@ fn outcome_responses(session_id: &str, out: &AppendOutcome, out_responses: &mut 
 enum Op {
     Start(Box<SessionStart>),
     Chunks(Vec<(u64, Vec<u8>)>),
-    End(SessionEnd),
+    End(Box<SessionEnd>),
 }
 
 /// Groups a batch by session, keeping each session's order and merging
@@ -224,7 +224,7 @@ fn plan(batch: Vec<ShipRequest>) -> Result<Vec<(String, Vec<Op>)>, Status> {
                 push(sid, Op::Start(Box::new(s)));
             }
             Some(ship_request::Body::Chunk(c)) => push(c.session_id, Op::Chunks(vec![(c.seq, c.data)])),
-            Some(ship_request::Body::End(e)) => push(e.session_id.clone(), Op::End(e)),
+            Some(ship_request::Body::End(e)) => push(e.session_id.clone(), Op::End(Box::new(e))),
             // A kind of message added after this collector was built.
             None => tracing::debug!("ignoring a ShipRequest of an unknown kind"),
         }

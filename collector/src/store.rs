@@ -493,6 +493,7 @@ impl SessionSummary {
             stored_bytes: self.stored_bytes,
             missing_seqs: self.missing_seqs(),
             quarantine,
+            host_key: Vec::new(),
         }
     }
 

@@ -212,6 +212,7 @@ fn hello(hostname: &str) -> ShipRequest {
                 hostname: hostname.into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })),
     }
 }

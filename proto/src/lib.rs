@@ -5,11 +5,14 @@
 //!   (`v1::ingest_server`, `v1::ingest_client`, `v1::query_server`,
 //!   `v1::query_client`).
 //! * [`framing`]: the one length framing used on the local recorder socket.
+//! * [`seal`]: what a session's seal signs, and signing and checking it.
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every message and
 //!   service, for gRPC server reflection.
 #![forbid(unsafe_code)]
 
 pub mod framing;
+pub mod hex_bytes;
+pub mod seal;
 
 /// Generated from `proto/shelltrail/v1/*.proto`.
 pub mod v1 {
@@ -60,6 +63,19 @@ mod tests {
         };
         let json = serde_json::to_string(&start).unwrap();
         assert_eq!(serde_json::from_str::<SessionStart>(&json).unwrap(), start);
+        // Hashes, keys and signatures read as hex.
+        let sealed = SessionEnd {
+            session_id: "s".into(),
+            seal: Some(super::v1::Seal {
+                final_hash: vec![0xab; 32],
+                signature: vec![1, 2],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&sealed).unwrap();
+        assert!(json.contains(&"ab".repeat(32)) && json.contains("\"0102\""), "{json}");
+        assert_eq!(serde_json::from_str::<SessionEnd>(&json).unwrap(), sealed);
         // Fields added later default when absent.
         let old: SessionEnd = serde_json::from_str(r#"{"session_id":"s","close":{"last_seq":3}}"#).unwrap();
         assert_eq!(

@@ -267,6 +267,7 @@ impl Shipper {
         tx.send(req(ship_request::Body::Hello(AgentHello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             facts: Some(host_facts()),
+            ..Default::default()
         })))
         .await?;
         let mut inbound = client
@@ -476,6 +477,7 @@ impl Shipper {
                 close: Some(c.close.clone()),
                 cause: c.cause.clone(),
                 closed_unix_ms: c.closed_unix_ms,
+                ..Default::default()
             })));
         }
         Ok(out.len() > len)

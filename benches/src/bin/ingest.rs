@@ -645,6 +645,7 @@ async fn connect(url: String, tls: ClientTlsFiles, host: String) -> Result<Conn,
             hostname: host.clone(),
             ..Default::default()
         }),
+        ..Default::default()
     })))
     .await
     .map_err(|e| e.to_string())?;
@@ -927,6 +928,7 @@ async fn end_sessions(mut conn: Conn, sessions: Vec<(String, u64)>) -> Result<()
             }),
             cause: "recorder".into(),
             closed_unix_ms: (unix_now() * 1e3) as i64,
+            ..Default::default()
         };
         conn.tx
             .send(ship(ship_request::Body::End(end)))

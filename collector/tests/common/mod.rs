@@ -86,6 +86,7 @@ pub fn end_msg(id: &str, last_seq: u64, lost: Vec<u64>) -> SessionEnd {
         }),
         cause: "recorder".into(),
         closed_unix_ms: 2_000_001,
+        seal: None,
     }
 }
 
@@ -104,4 +105,24 @@ pub fn stored_file(dir: &std::path::Path) -> Vec<u8> {
         }
     }
     panic!("{} holds neither runs.zst nor chunks.zst", dir.display());
+}
+
+/// `end` sealed with `key` over `chunks` chunks ending in `final_hash`, as
+/// an agent does (the start's verified identity included).
+pub fn sealed(
+    key: &shelltrail_proto::seal::SigningKey,
+    start: &SessionStart,
+    mut end: SessionEnd,
+    chunks: u64,
+    final_hash: [u8; 32],
+    check: shelltrail_proto::v1::CloseCheck,
+) -> SessionEnd {
+    let facts = shelltrail_proto::seal::Facts::of(start, &end, chunks, final_hash);
+    let problem = if check == shelltrail_proto::v1::CloseCheck::Disagreed {
+        "chunk 7 never reached the agent"
+    } else {
+        ""
+    };
+    end.seal = Some(key.seal(&facts, "host-a", check, problem));
+    end
 }
