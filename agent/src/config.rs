@@ -142,6 +142,12 @@ pub struct AgentConfig {
     /// Largest frame a recorder may send; larger closes that connection.
     #[serde(deserialize_with = "bytes")]
     pub max_frame_bytes: u64,
+    /// The host's Ed25519 key that seals every session as it ends (PEM,
+    /// PKCS#8, mode 0400, the agent's user's own); created at the agent's
+    /// first start. Unset: `signing.key` beside the spool directory (see
+    /// [`Config::signing_key`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// Where the agent ships recordings. Mutual TLS: the collector checks the
@@ -213,6 +219,7 @@ impl Default for AgentConfig {
             segment_bytes: 64 << 20,
             max_sessions_per_uid: 64,
             max_frame_bytes: 4 << 20,
+            signing_key: None,
         }
     }
 }
@@ -262,6 +269,16 @@ impl Config {
             });
         }
         Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })
+    }
+
+    /// Where the host's signing key is: `[agent] signing_key`, or
+    /// `signing.key` beside the spool directory (in the agent's state
+    /// directory, which it can write, unlike /etc).
+    pub fn signing_key(&self) -> PathBuf {
+        self.agent
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| self.spool_dir.parent().unwrap_or(Path::new("/")).join("signing.key"))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -412,6 +429,16 @@ mod tests {
     fn shipped_example_documents_the_defaults() {
         let example = Config::parse(include_str!("../../packaging/shelltrail.toml")).unwrap();
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn the_signing_key_sits_beside_the_spool_unless_set() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.signing_key(), PathBuf::from("/var/lib/shelltrail/signing.key"));
+        let c = Config::parse("spool_dir = \"/srv/st/spool\"\n").unwrap();
+        assert_eq!(c.signing_key(), PathBuf::from("/srv/st/signing.key"));
+        let c = Config::parse("[agent]\nsigning_key = \"/etc/shelltrail/signing.key\"\n").unwrap();
+        assert_eq!(c.signing_key(), PathBuf::from("/etc/shelltrail/signing.key"));
     }
 
     #[test]

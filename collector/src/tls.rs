@@ -159,6 +159,20 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(pem)
 }
 
+/// The DER of a PKCS#8 private key (`-----BEGIN PRIVATE KEY-----`) from a
+/// PEM file only its owner can read, checked as [`read_key`] checks TLS
+/// keys: the host's session-signing key is held to the same rule.
+pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read_key(path)?;
+    match PrivateKeyDer::from_pem_slice(&pem) {
+        Ok(PrivateKeyDer::Pkcs8(k)) => Ok(k.secret_pkcs8_der().to_vec()),
+        _ => Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            why: "holds no PKCS#8 private key (-----BEGIN PRIVATE KEY-----)".into(),
+        }),
+    }
+}
+
 /// The server's TLS configuration: its identity, client certificates
 /// required and verified against the client CA, HTTP/2 by ALPN.
 pub fn server_tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {

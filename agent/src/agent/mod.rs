@@ -3,6 +3,7 @@
 
 pub mod server;
 pub mod ship;
+pub mod signer;
 pub mod spool;
 pub mod watch;
 

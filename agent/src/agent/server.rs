@@ -8,6 +8,7 @@
 //! line naming the session and uid.
 
 use crate::agent::ship::Shipper;
+use crate::agent::signer::{Signer, View, Who};
 use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, Stats};
 use crate::agent::watch;
 use crate::config::Config;
@@ -46,6 +47,8 @@ struct Session {
     last_hash: [u8; 32],
     closed: bool,
     connected: bool,
+    /// Who opened it, for its seal.
+    who: Who,
 }
 
 /// Shared agent state.
@@ -62,12 +65,16 @@ pub struct Agent {
     recorder_uid: Option<u32>,
     /// Recorders seen stopped before they took their terminal.
     watch: Mutex<watch::Watch>,
+    /// Seals every session as it ends.
+    signer: Signer,
 }
 
 impl Agent {
     /// Recovers the spool and starts the writer thread.
     pub fn start(cfg: Config) -> Result<Arc<Agent>> {
         spool::prepare_dir(&cfg.spool_dir)?;
+        let signer = Signer::load_or_create(&cfg.signing_key(), crate::agent::ship::host_facts().hostname)?;
+        tracing::info!(key = %signer.public_key(), "sessions are sealed with this host's key");
         let index = spool::scan(&cfg.spool_dir, true)
             .with_context(|| format!("recovering the spool at {}", cfg.spool_dir.display()))?;
         for p in &index.problems {
@@ -111,6 +118,7 @@ impl Agent {
                     last_hash,
                     closed: s.close.is_some(),
                     connected: false,
+                    who: Who::of(&s.open),
                 },
             );
         }
@@ -128,6 +136,7 @@ impl Agent {
                 &index,
                 stats.clone(),
                 tx.clone(),
+                signer.public_key(),
             )
         });
         let recorder_uid = match nix::unistd::User::from_name(&cfg.recorder_user) {
@@ -151,7 +160,20 @@ impl Agent {
             stats,
             disk: Mutex::new((Instant::now() - Duration::from_secs(60), u64::MAX)),
             shipper,
+            signer,
         }))
+    }
+
+    /// Seals `rec` with what the agent holds of the session's chain.
+    fn seal(&self, rec: &mut CloseRecord, view: View) {
+        let who = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&rec.session_id)
+            .map(|s| s.who.clone())
+            .unwrap_or_default();
+        self.signer.seal(rec, &who, view);
     }
 
     async fn append(&self, body: Vec<u8>) -> Result<Loc, String> {
@@ -300,17 +322,26 @@ async fn sweep(agent: &Agent) {
             );
         }
     }
-    let gone: Vec<(String, u64)> = {
+    let gone: Vec<(String, View)> = {
         let sessions = agent.sessions.lock().expect("sessions lock");
         sessions
             .iter()
             .filter(|(_, s)| !s.closed && !s.connected)
             .filter(|(_, s)| !alive(s.pid, s.start_ticks))
-            .map(|(id, s)| (id.clone(), s.next_seq))
+            .map(|(id, s)| {
+                let view = View {
+                    next_seq: s.next_seq,
+                    last_hash: s.last_hash,
+                };
+                (id.clone(), view)
+            })
             .collect()
     };
-    for (id, next) in gone {
-        let rec = CloseRecord {
+    for (id, view) in gone {
+        let next = view.next_seq;
+        // Sealed as the agent holds it, with the cause saying the recorder
+        // never confirmed its end: whatever it had not delivered is not here.
+        let mut rec = CloseRecord {
             session_id: id.clone(),
             close: Close {
                 exit_status: -1,
@@ -319,7 +350,9 @@ async fn sweep(agent: &Agent) {
             },
             cause: "recorder vanished".into(),
             closed_unix_ms: now_ms(),
+            seal: None,
         };
+        agent.seal(&mut rec, view);
         if let Ok(loc) = agent.append(spool::close_body(&rec)).await {
             if let Some(ship) = &agent.shipper {
                 ship.closed(&rec, loc);
@@ -495,6 +528,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
                         last_hash: chunk::chain_seed(&sid),
                         closed: false,
                         connected: true,
+                        who: Who::of(&rec),
                     },
                 );
                 tracing::info!(session = %sid, uid, pid, user = %rec.peer_user, mode = %meta.mode, "session opened");
@@ -676,12 +710,21 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) 
                 prev = hash;
             }
             Some(recorder_frame::Body::Close(close)) => {
-                let rec = CloseRecord {
+                let mut rec = CloseRecord {
                     session_id: sid.clone(),
                     close,
                     cause: "recorder".into(),
                     closed_unix_ms: now_ms(),
+                    seal: None,
                 };
+                // The chain as this connection queued it, in order before the Close.
+                agent.seal(
+                    &mut rec,
+                    View {
+                        next_seq: expect,
+                        last_hash: prev,
+                    },
+                );
                 let (done, wait) = oneshot::channel();
                 if agent
                     .writer

@@ -31,8 +31,8 @@ use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, SegmentUse
 use crate::config::ShipConfig;
 use anyhow::{Context, Result, bail};
 use shelltrail_proto::v1::{
-    AgentHello, ChunkData, HostFacts, SessionEnd, SessionStart, ShipRequest, ShipResponse, ingest_client::IngestClient,
-    ship_request, ship_response,
+    AgentHello, ChunkData, HostFacts, ShipRequest, ShipResponse, ingest_client::IngestClient, ship_request,
+    ship_response,
 };
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -132,6 +132,9 @@ pub struct Shipper {
     wake: Notify,
     stats: Arc<Stats>,
     writer: std::sync::mpsc::Sender<Append>,
+    /// The host's session-signing key, announced in every hello so that the
+    /// collector pins it.
+    signing_key: shelltrail_proto::seal::PublicKey,
 }
 
 impl Shipper {
@@ -142,6 +145,7 @@ impl Shipper {
         index: &spool::Index,
         stats: Arc<Stats>,
         writer: std::sync::mpsc::Sender<Append>,
+        signing_key: shelltrail_proto::seal::PublicKey,
     ) -> Arc<Shipper> {
         let mut cat = Catalogue {
             segments: index.segments.clone(),
@@ -161,6 +165,7 @@ impl Shipper {
             wake: Notify::new(),
             stats,
             writer,
+            signing_key,
         })
     }
 
@@ -267,7 +272,7 @@ impl Shipper {
         tx.send(req(ship_request::Body::Hello(AgentHello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             facts: Some(host_facts()),
-            ..Default::default()
+            signing_key: self.signing_key.0.to_vec(),
         })))
         .await?;
         let mut inbound = client
@@ -434,13 +439,7 @@ impl Shipper {
         }
         if !e.announced {
             e.announced = true;
-            out.push(req(ship_request::Body::Start(SessionStart {
-                meta: Some(e.open.meta.clone()),
-                verified_uid: e.open.peer_uid,
-                verified_user: e.open.peer_user.clone(),
-                verified_pid: e.open.peer_pid,
-                opened_unix_ms: e.open.opened_unix_ms,
-            })));
+            out.push(req(ship_request::Body::Start(e.open.to_start())));
             // Chunks wait for the collector's position.
             return Ok(true);
         }
@@ -472,13 +471,7 @@ impl Shipper {
             && let Some(c) = &e.close
         {
             e.end_sent = true;
-            out.push(req(ship_request::Body::End(SessionEnd {
-                session_id: id.to_string(),
-                close: Some(c.close.clone()),
-                cause: c.cause.clone(),
-                closed_unix_ms: c.closed_unix_ms,
-                ..Default::default()
-            })));
+            out.push(req(ship_request::Body::End(c.to_end())));
         }
         Ok(out.len() > len)
     }
@@ -674,6 +667,7 @@ mod tests {
             &index,
             Arc::new(Stats::default()),
             writer,
+            shelltrail_proto::seal::PublicKey([0; 32]),
         );
 
         let starts = s.next_batch().unwrap();

@@ -25,7 +25,7 @@
 //! body     = kind:u8 payload
 //!   kind 1 OPEN   payload = JSON OpenRecord  (metadata + what SO_PEERCRED proved)
 //!   kind 2 CHUNK  payload = session uuid (16 bytes) seq:u64le chunk-bytes
-//!   kind 3 CLOSE  payload = JSON CloseRecord (exit status, last seq, lost chunks, cause)
+//!   kind 3 CLOSE  payload = JSON CloseRecord (exit status, last seq, lost chunks, cause, seal)
 //! ```
 //! Chunk bytes are the recorder's chunks verbatim (a skippable zstd frame
 //! with the chunk header, then a zstd frame), so a session's chunks
@@ -44,7 +44,7 @@
 //! a fresh segment after start-up.
 
 use serde::{Deserialize, Serialize};
-use shelltrail_proto::v1::{Close, SessionMeta};
+use shelltrail_proto::v1::{Close, Seal, SessionEnd, SessionMeta, SessionStart};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -120,6 +120,37 @@ pub struct CloseRecord {
     /// "recorder": the recorder said so. "recorder vanished": it died without closing.
     pub cause: String,
     pub closed_unix_ms: i64,
+    /// The agent's signature over the session's chain and this end (see
+    /// `agent::signer`). None: written by an agent older than sealing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<Seal>,
+}
+
+impl OpenRecord {
+    /// The start as shipped to the collector: what the agent verified is
+    /// what a seal signs (uid, user, open time), read back from either copy.
+    pub fn to_start(&self) -> SessionStart {
+        SessionStart {
+            meta: Some(self.meta.clone()),
+            verified_uid: self.peer_uid,
+            verified_user: self.peer_user.clone(),
+            verified_pid: self.peer_pid,
+            opened_unix_ms: self.opened_unix_ms,
+        }
+    }
+}
+
+impl CloseRecord {
+    /// The end as shipped to the collector.
+    pub fn to_end(&self) -> SessionEnd {
+        SessionEnd {
+            session_id: self.session_id.clone(),
+            close: Some(self.close.clone()),
+            cause: self.cause.clone(),
+            closed_unix_ms: self.closed_unix_ms,
+            seal: self.seal.clone(),
+        }
+    }
 }
 
 /// Where a record's body lives.

@@ -145,6 +145,9 @@ pub fn run(
         if let Some(mut close) = finished {
             close.last_seq = chunker.next_seq().saturating_sub(1);
             close.lost_seqs = lost.clone();
+            // Where the chain ends, for the agent to hold against its own.
+            close.chunks = chunker.next_seq();
+            close.final_hash = chunker.prev_hash().to_vec();
             let _ = link.send(ToLink::Close(close));
             return lost;
         }
