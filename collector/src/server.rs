@@ -45,6 +45,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::identity::{Peer, Role, peer_from_certificate};
+use crate::store::keys::KeyPin;
 use crate::store::{AppendOutcome, ListFilter, Position, StateFilter, Store, StoreError, valid_host, valid_session_id};
 
 /// Largest message the collector decodes: a bigger one ends its stream with
@@ -435,6 +436,7 @@ impl Ingest for Collector {
             tracing::warn!(peer = %addr(peer), %host, "INSECURE collector: unauthenticated agent, host taken from its own claim");
         }
         tracing::info!(peer = %addr(peer), %host, agent_version = %hello.agent_version, "agent connected");
+        pin_signing_key(&self.store, &host, &hello.signing_key).await;
 
         let (tx, rx) = mpsc::channel(64);
         let hello = response(ship_response::Body::Hello(CollectorHello { host: host.clone() }));
@@ -449,6 +451,39 @@ impl Ingest for Collector {
         };
         tokio::spawn(task.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Pins the session-signing key the agent announced, if it is the host's
+/// first (see [`crate::store::keys`]). A different key is not an error of
+/// the stream: the host's sessions keep coming, and those it seals with the
+/// new key are flagged, until an operator removes the pin.
+async fn pin_signing_key(store: &Arc<Store>, host: &str, key: &[u8]) {
+    if key.is_empty() {
+        tracing::warn!(%host, "the agent announces no signing key (older than sealing): its sessions arrive unsigned");
+        return;
+    }
+    let key = match shelltrail_proto::seal::PublicKey::from_bytes(key) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(%host, "the agent announces a malformed signing key: {e}");
+            return;
+        }
+    };
+    let (store, h) = (store.clone(), host.to_owned());
+    match tokio::task::spawn_blocking(move || store.pin_host_key(&h, &key)).await {
+        Ok(Ok(KeyPin::New)) => tracing::info!(%host, %key, "pinned the host's session-signing key (first use)"),
+        Ok(Ok(KeyPin::Same)) => {}
+        Ok(Ok(KeyPin::Different { pinned })) => tracing::error!(
+            %host,
+            presented = %key,
+            %pinned,
+            "the host presents another session-signing key than the one pinned: the sessions it seals with it \
+             will be flagged. If the host was reinstalled or its key replaced on purpose, remove \
+             host-keys/{host} in the collector's data directory; otherwise its certificate may be in other hands"
+        ),
+        Ok(Err(e)) => tracing::error!(%host, "cannot pin the host's signing key: {e}"),
+        Err(e) => tracing::error!(%host, "pinning the host's signing key failed: {e}"),
     }
 }
 
@@ -528,10 +563,16 @@ impl Query for Collector {
         self.authorize(&req)?;
         let id = req.into_inner().session_id;
         check_session_id(&id)?;
-        match self.store.info(&id) {
-            Some(s) => Ok(Response::new(s.to_proto())),
-            None => Err(Status::not_found(format!("no session {id}"))),
+        let Some(s) = self.store.info(&id) else {
+            return Err(Status::not_found(format!("no session {id}")));
+        };
+        let mut info = s.to_proto();
+        // The key its seal must verify with, for `verify` to check and print.
+        match self.store.host_key(&s.host) {
+            Ok(k) => info.host_key = k.map_or_else(Vec::new, |k| k.0.to_vec()),
+            Err(e) => tracing::warn!(host = %s.host, "cannot read the pinned key: {e}"),
         }
+        Ok(Response::new(info))
     }
 
     type ReadChunksStream = BoxStream<ChunkData>;

@@ -49,11 +49,13 @@
 //!     index        one 56-byte record per stored chunk, in seq order
 //!     end.json     {"received_unix_ms", "end": SessionEnd}, written once, last
 //!     quarantine   why the session was rejected (text), if it was
+//!     flagged      why its seal does not check out (text), if it does not; written before end.json
 //!     runs.zst     once the session has ended and been compacted, in place of
 //!     runs.index   chunks.zst and index: its chunks merged into runs (see
 //!                  shelltrail_cast::run), a valid .cast.zst too, and one
 //!                  index record per run (seq = its first chunk, sha256 = its
 //!                  last chunk's link hash)
+//!   host-keys/<host>                  the host's session-signing key, pinned on first use (see [`keys`])
 //! index record = seq:u64le offset:u64le len:u32le sha256:[32] crc32:u32le
 //!                (crc32 of the 52 bytes before it; offset and len locate the
 //!                chunk in chunks.zst; sha256 is the chunk's link hash at ingest)
@@ -103,10 +105,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use serde::{Deserialize, Serialize};
 use shelltrail_cast::chunk::{self, ChunkError};
 use shelltrail_cast::run;
-use shelltrail_proto::v1::{SessionEnd, SessionInfo, SessionStart};
+use shelltrail_proto::seal;
+use shelltrail_proto::v1::{CloseCheck, SessionEnd, SessionInfo, SessionStart};
 use tokio::sync::watch;
 
 pub mod compact;
+pub mod keys;
 
 /// Bytes of one index record.
 pub const INDEX_RECORD_LEN: usize = 56;
@@ -115,6 +119,7 @@ const CHUNKS_FILE: &str = "chunks.zst";
 const INDEX_FILE: &str = "index";
 const END_FILE: &str = "end.json";
 const QUARANTINE_FILE: &str = "quarantine";
+const FLAG_FILE: &str = "flagged";
 /// A compacted session's runs (see [`shelltrail_cast::run`]) and their index.
 const RUNS_FILE: &str = "runs.zst";
 const RUNS_INDEX_FILE: &str = "runs.index";
@@ -441,6 +446,8 @@ pub struct SessionSummary {
     pub quarantine: Option<String>,
     /// Why the session's files cannot take writes, if they cannot.
     pub damaged: Option<String>,
+    /// Why its seal does not check out, if it does not.
+    pub flagged: Option<String>,
 }
 
 impl SessionSummary {
@@ -480,11 +487,15 @@ impl SessionSummary {
 
     /// The `SessionInfo` the Query service returns.
     pub fn to_proto(&self) -> SessionInfo {
-        let quarantine = match (&self.quarantine, &self.damaged) {
-            (Some(q), _) => q.clone(),
-            (None, Some(d)) => format!("storage damaged: {d}"),
-            (None, None) => String::new(),
-        };
+        let quarantine = [
+            self.quarantine.clone(),
+            self.damaged.as_ref().map(|d| format!("storage damaged: {d}")),
+            self.flagged.as_ref().map(|f| format!("seal: {f}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ");
         SessionInfo {
             host: self.host.clone(),
             start: Some((*self.start).clone()),
@@ -574,6 +585,7 @@ struct SessionState {
     end: Option<Arc<SessionEnd>>,
     quarantine: Option<String>,
     damaged: Option<String>,
+    flagged: Option<String>,
 }
 
 impl SessionState {
@@ -591,6 +603,7 @@ impl SessionState {
             end: None,
             quarantine: None,
             damaged: None,
+            flagged: None,
         }
     }
 
@@ -660,6 +673,7 @@ fn summarize(id: &str, host: &str, start: &Arc<SessionStart>, st: &SessionState)
         held_chunks: st.held.len(),
         quarantine: st.quarantine.clone(),
         damaged: st.damaged.clone(),
+        flagged: st.flagged.clone(),
     }
 }
 
@@ -1310,6 +1324,14 @@ impl Store {
             out.resend_from = Some(st.next_seq);
             return Ok(out);
         }
+        // Complete: the seal covers exactly what is stored now. A bad one
+        // is kept (the end is the agent's word either way) and flagged,
+        // before the end is, so a crash between them loses no flag.
+        if let Some(why) = self.seal_problem(&slot, &st, end) {
+            tracing::warn!(session = %id, host, "session flagged: {why}");
+            write_atomic(&slot.dir, FLAG_FILE, why.as_bytes())?;
+            st.flagged = Some(why);
+        }
         let record = EndRecord {
             received_unix_ms: now_ms(),
             end: end.clone(),
@@ -1330,6 +1352,42 @@ impl Store {
             c.enqueue(slot.clone());
         }
         Ok(out)
+    }
+
+    /// Why a complete session's seal does not check out against the chain
+    /// stored and the key pinned for its host; None if it does, or if the
+    /// session is unsigned (`verify` says so; an older agent is no fault).
+    fn seal_problem(&self, slot: &Slot, st: &SessionState, end: &SessionEnd) -> Option<String> {
+        let seal = end.seal.as_ref()?;
+        let key = match keys::pinned(&self.root, &slot.host) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                return Some(format!(
+                    "sealed, but no signing key is pinned for host {} to check it with",
+                    slot.host
+                ));
+            }
+            Err(e) => return Some(format!("cannot read the pinned key of host {}: {e}", slot.host)),
+        };
+        let facts = seal::Facts::of(&slot.start, end, st.parts, st.last_hash);
+        match seal::check(seal, &facts, &key) {
+            Err(e) => Some(e.to_string()),
+            Ok(()) if seal.close_check() == CloseCheck::Disagreed => {
+                Some(format!("the agent sealed it as cut short: {}", seal.close_problem))
+            }
+            Ok(()) => None,
+        }
+    }
+
+    /// Pins `key` as `host`'s session-signing key if none is (see [`keys`]).
+    pub fn pin_host_key(&self, host: &str, key: &seal::PublicKey) -> Result<keys::KeyPin, StoreError> {
+        self.writable()?;
+        keys::pin(&self.root, host, key)
+    }
+
+    /// The session-signing key pinned for `host`, if any.
+    pub fn host_key(&self, host: &str) -> Result<Option<seal::PublicKey>, StoreError> {
+        keys::pinned(&self.root, host)
     }
 
     /// Quarantines a session: it accepts nothing more, and says why. The
@@ -1785,6 +1843,10 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
     let quarantine = read_file_or_empty(&dir.join(QUARANTINE_FILE))?;
     if !quarantine.is_empty() {
         st.quarantine = Some(String::from_utf8_lossy(&quarantine).into_owned());
+    }
+    let flagged = read_file_or_empty(&dir.join(FLAG_FILE))?;
+    if !flagged.is_empty() {
+        st.flagged = Some(String::from_utf8_lossy(&flagged).into_owned());
     }
 
     // A compaction commits when runs.zst is in place.

@@ -119,6 +119,106 @@ fn stores_reads_and_verifies_a_session() {
     assert!(store.verify(&rec.id).unwrap().is_ok());
 }
 
+/// The collector checks a complete session's seal against the chain it
+/// stored and the key pinned for the host, keeps the end either way, and
+/// flags (never refuses) a seal that does not check out.
+#[test]
+fn seals_are_checked_at_the_end_and_bad_ones_flagged() {
+    use shelltrail_proto::seal::SigningKey;
+    use shelltrail_proto::v1::CloseCheck;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let (key, _) = SigningKey::generate().unwrap();
+    let (other, _) = SigningKey::generate().unwrap();
+    let flag = |store: &Store, id: &str| store.info(id).unwrap().to_proto().quarantine;
+    let session = |store: &Store, n: usize| {
+        let rec = recording(n);
+        started(store, &rec);
+        store.append(HOST, &rec.id, rec.pairs(0..n as u64)).unwrap();
+        rec
+    };
+    let start = |rec: &common::Recording| start_msg(&rec.id, HOST, "alice", 1_000);
+    let end = |rec: &common::Recording| end_msg(&rec.id, rec.chunks.len() as u64 - 1, vec![]);
+    let last = |rec: &common::Recording| rec.chunks.last().unwrap().hash;
+
+    // Sealed, but no key pinned for the host yet: flagged.
+    let rec = session(&store, 3);
+    let e = common::sealed(&key, &start(&rec), end(&rec), 3, last(&rec), CloseCheck::Agreed);
+    assert!(store.end(HOST, &e).unwrap().ended);
+    assert!(
+        flag(&store, &rec.id).contains("no signing key is pinned"),
+        "{}",
+        flag(&store, &rec.id)
+    );
+
+    assert_eq!(
+        store.pin_host_key(HOST, &key.public_key()).unwrap(),
+        shelltrail_collector::store::keys::KeyPin::New
+    );
+    assert_eq!(store.host_key(HOST).unwrap(), Some(key.public_key()));
+
+    // A good seal: nothing to flag. Unsigned: nothing either (`verify` says so).
+    let good = session(&store, 4);
+    let e = common::sealed(&key, &start(&good), end(&good), 4, last(&good), CloseCheck::Agreed);
+    assert!(store.end(HOST, &e).unwrap().ended);
+    assert_eq!(flag(&store, &good.id), "");
+    let unsigned = session(&store, 2);
+    assert!(store.end(HOST, &end(&unsigned)).unwrap().ended);
+    assert_eq!(flag(&store, &unsigned.id), "");
+
+    // Another host's key; a seal over more chunks than arrived; a seal the
+    // agent itself made as "cut short": each kept, flagged, and ended.
+    let foreign = session(&store, 3);
+    let e = common::sealed(
+        &other,
+        &start(&foreign),
+        end(&foreign),
+        3,
+        last(&foreign),
+        CloseCheck::Agreed,
+    );
+    assert!(store.end(HOST, &e).unwrap().ended);
+    assert!(
+        flag(&store, &foreign.id).contains("does not verify"),
+        "{}",
+        flag(&store, &foreign.id)
+    );
+    let cut = session(&store, 3);
+    let e = common::sealed(&key, &start(&cut), end(&cut), 5, [9; 32], CloseCheck::Agreed);
+    assert!(store.end(HOST, &e).unwrap().ended);
+    assert!(
+        flag(&store, &cut.id).contains("signed 5 chunks"),
+        "{}",
+        flag(&store, &cut.id)
+    );
+    let short = session(&store, 3);
+    let e = common::sealed(
+        &key,
+        &start(&short),
+        end(&short),
+        3,
+        last(&short),
+        CloseCheck::Disagreed,
+    );
+    assert!(store.end(HOST, &e).unwrap().ended);
+    assert!(
+        flag(&store, &short.id).contains("cut short"),
+        "{}",
+        flag(&store, &short.id)
+    );
+    assert_eq!(
+        store.info(&short.id).unwrap().end.unwrap().seal,
+        e.seal,
+        "the seal is kept"
+    );
+
+    // Flags survive a restart.
+    drop(store);
+    let store = open(tmp.path());
+    assert!(flag(&store, &foreign.id).contains("does not verify"));
+    assert_eq!(flag(&store, &good.id), "");
+}
+
 #[test]
 fn retransmissions_are_deduplicated() {
     let tmp = tempfile::tempdir().unwrap();
