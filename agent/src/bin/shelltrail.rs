@@ -132,10 +132,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PkiCmd,
     },
-    /// Check a stored session: every chunk present, in order, unaltered.
+    /// Check a stored session: every chunk present, in order, unaltered, and
+    /// sealed as a whole by its host's key when it ended.
     Verify {
         /// Session id (or four or more characters from either end of it)
         id: String,
+        /// The host's signing key to check the seal with (ed25519:BASE64, or a
+        /// file holding it such as the host's signing.pub) [default: the key
+        /// the collector pinned for the host; on a spool, this host's signing.pub]
+        #[arg(long, value_name = "KEY")]
+        host_key: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -215,8 +221,10 @@ fn run(args: Args) -> Result<i32> {
                         "warning: [ship]: {e}. The agent records into its spool but cannot ship until this is fixed."
                     );
                 }
+                // The agent does not start with an unusable key: neither does this check.
+                let signing = shelltrail::agent::signer::describe(&cfg.signing_key())?;
                 let effective = toml::to_string(&cfg).context("printing the configuration")?;
-                println!("# configuration OK; in effect, defaults included:\n{effective}");
+                println!("# configuration OK; {signing}\n# in effect, defaults included:\n{effective}");
                 return Ok(0);
             }
             init_logging();
@@ -291,8 +299,9 @@ fn run(args: Args) -> Result<i32> {
             )?;
             Ok(0)
         }
-        Cmd::Verify { id, remote } => {
-            let ok = cli::verify::run(&mut source(remote)?, &id, &mut std::io::stdout().lock())?;
+        Cmd::Verify { id, host_key, remote } => {
+            let key = host_key.as_deref().map(cli::verify::parse_key).transpose()?;
+            let ok = cli::verify::run(&mut source(remote)?, &id, key.as_ref(), &mut std::io::stdout().lock())?;
             Ok(if ok { 0 } else { 1 })
         }
         Cmd::Demo => cli::demo::run(None),

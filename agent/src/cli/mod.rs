@@ -16,7 +16,10 @@ use crate::agent::spool::{self, Index};
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use sessions::Row;
-use shelltrail_proto::v1::{GetSessionRequest, ListSessionsRequest, ReadChunksRequest, query_client::QueryClient};
+use shelltrail_proto::seal::PublicKey;
+use shelltrail_proto::v1::{
+    GetSessionRequest, ListSessionsRequest, ReadChunksRequest, SessionEnd, SessionStart, query_client::QueryClient,
+};
 use std::error::Error;
 use std::io::Read;
 use std::path::PathBuf;
@@ -61,6 +64,8 @@ pub enum Source {
         dir: PathBuf,
         index: Index,
         ships_to: Option<String>,
+        /// This host's public signing key (`signing.pub` beside the key).
+        public_key: PathBuf,
     },
     /// A collector's Query service.
     Collector {
@@ -73,6 +78,19 @@ pub enum Source {
 /// One chunk of a recording: its sequence number and bytes.
 pub type ChunkBytes = (u64, Vec<u8>);
 
+/// What a session's seal is checked against, as a source holds it.
+pub struct Evidence {
+    /// The start, with what the agent verified.
+    pub start: SessionStart,
+    /// The end, with its seal; None while the session is live.
+    pub end: Option<SessionEnd>,
+    /// The host's signing key as this source knows it (the collector's pin,
+    /// or this host's `signing.pub`), or why there is none.
+    pub key: Result<PublicKey, String>,
+    /// Where the key came from, to print beside it.
+    pub key_from: String,
+}
+
 impl Source {
     /// The collector when `collector` is given (TLS files default to the
     /// config's `[ship]` ones), else the spool named in the config.
@@ -83,6 +101,7 @@ impl Source {
                 dir: cfg.spool_dir.clone(),
                 index,
                 ships_to: Some(cfg.ship.collector.clone()).filter(|u| !u.is_empty()),
+                public_key: crate::agent::signer::public_key_path(&cfg.signing_key()),
             });
         };
         let mut ship = cfg.ship.clone();
@@ -211,6 +230,53 @@ impl Source {
         match self {
             Source::Spool { dir, .. } => format!("the spool at {}", dir.display()),
             Source::Collector { url, .. } => format!("the collector at {url}"),
+        }
+    }
+
+    /// Whether the session's first chunks may be missing legitimately:
+    /// a spool deletes them once shipped; a collector never does.
+    pub fn may_lack_first_chunks(&self) -> bool {
+        matches!(self, Source::Spool { .. })
+    }
+
+    /// The session's start and end records and its host's signing key.
+    pub fn evidence(&mut self, row: &Row) -> Result<Evidence> {
+        match self {
+            Source::Spool { index, public_key, .. } => {
+                let s = index.sessions.get(&row.id).context("session vanished from the spool")?;
+                let key = crate::agent::signer::read_public_key(public_key).map_err(|e| {
+                    format!("{e} (this host's public key, written by the agent at start; or give --host-key)")
+                });
+                Ok(Evidence {
+                    start: s.open.to_start(),
+                    end: s.close.as_ref().map(|c| c.to_end()),
+                    key,
+                    key_from: format!("this host's {}", public_key.display()),
+                })
+            }
+            Source::Collector { rt, client, url } => {
+                let info = rt
+                    .block_on(client.get_session(GetSessionRequest {
+                        session_id: row.id.clone(),
+                    }))
+                    .map_err(|s| status_failure(url, &s))
+                    .with_context(|| format!("session {}", row.id))?
+                    .into_inner();
+                let key = if info.host_key.is_empty() {
+                    Err(format!(
+                        "the collector has no signing key pinned for host {}",
+                        info.host
+                    ))
+                } else {
+                    PublicKey::from_bytes(&info.host_key).map_err(|e| e.to_string())
+                };
+                Ok(Evidence {
+                    start: info.start.unwrap_or_default(),
+                    end: info.end,
+                    key,
+                    key_from: format!("pinned for host {} at the collector", info.host),
+                })
+            }
         }
     }
 

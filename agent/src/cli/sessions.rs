@@ -44,7 +44,8 @@ pub struct Row {
     pub lost_seqs: Vec<u64>,
     /// The last chunk's seq, from the session's end record.
     pub last_seq: Option<u64>,
-    /// Why the collector refused the session, if it did.
+    /// Why the collector flagged the session, if it did: refused, storage
+    /// damaged, or a seal that does not check out.
     #[serde(default)]
     pub quarantine: String,
 }
@@ -201,7 +202,8 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
     )?;
     for r in rows {
         let state = match (r.live, r.exit_status) {
-            _ if !r.quarantine.is_empty() => "refused".to_string(),
+            // Refused, damaged, or a seal that does not check out: see `verify`.
+            _ if !r.quarantine.is_empty() => "flagged".to_string(),
             (true, _) => "live".to_string(),
             (false, Some(-1)) => "lost".to_string(),
             (false, Some(c)) => format!("exit {c}"),
