@@ -38,12 +38,19 @@
 //!   (other CAs, no certificate, another host's sessions, certificate roles:
 //!   an operator's certificate cannot ship, a host's cannot read, one
 //!   without a role does neither). No sshd.
+//! * [`sealing`]: sessions sealed by their host's key: a chain rewritten with
+//!   recomputed hashes, a session cut short, an unsigned one, one sealed with
+//!   another key, one the collector flagged and one whose recorder's end
+//!   disagrees with the agent all fail `verify`, at the collector and on the
+//!   spool; a good one passes, and so does one whose recorder was killed
+//!   (sealed by the agent's sweep). No sshd.
 
 mod durability;
 mod exec;
 mod identity;
 mod interactive;
 mod privsep;
+mod sealing;
 mod security;
 mod shipping;
 mod transfer;
