@@ -357,3 +357,85 @@ fn agent_reports_a_recorder_stopped_before_it_started_recording() {
     t.wait_exit(Duration::from_secs(30));
     assert_eq!(w.only_session().reason, "CHG-1");
 }
+
+/// Another local user hands the set-uid recorder a terminal that looks like
+/// a recorded session's (the same /dev/pts/K name and device number, from a
+/// devpts instance of their own namespace: tests/attackers/nspts.c), hoping
+/// it takes and reopens the real one, and then a terminal that is not theirs
+/// at all (root's). The recorder takes only the caller's own SSH terminal:
+/// the session's client sees nothing of the attacker, and root's terminal
+/// keeps its owner.
+#[test]
+fn another_user_cannot_make_the_recorder_take_a_terminal() {
+    let victim = TestUser::dedicated("shelltrail-e2e-victim");
+    let attacker = TestUser::dedicated("shelltrail-e2e-other2");
+    let w = World::builder().user(victim).build();
+    let nspts = w.path.join("bin/nspts");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("attackers/nspts.c");
+    let mut cc = std::process::Command::new("cc");
+    cc.args(["-O2", "-o"]).arg(&nspts).arg(&src);
+    shelltrail_tests::proc::run_ok(cc, Duration::from_secs(60));
+    shelltrail_tests::world::set_mode(&nspts, 0o755);
+
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo up-$((1+1))");
+    t.expect("up-2");
+    let pts = wait_until("the session's terminal", Duration::from_secs(10), || {
+        let out = std::process::Command::new("ps")
+            .args(["-o", "tty=", "-u", &w.user.name])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|t| t.strip_prefix("pts/")?.parse::<u32>().ok())
+            .min()
+    });
+
+    // The attacker's recorder, on their namespace's pts number `pts`.
+    let mut c = std::process::Command::new("runuser");
+    c.args(["-u", &attacker.name, "--", "setsid"])
+        .arg(&nspts)
+        .arg(pts.to_string())
+        .arg(&w.shell_bin)
+        .arg("--config")
+        .arg(&w.config)
+        .args(["-c", "printf 'INJECTED-PROMPT: '; sleep 2"]);
+    let out = shelltrail_tests::proc::run(c, Duration::from_secs(30));
+    assert!(
+        !out.stderr_str().contains("unshare") && !out.stderr_str().contains("mount"),
+        "the namespace attack could not be set up here: {out}"
+    );
+    t.line("echo victim-$((3+4))");
+    t.expect("victim-7");
+    let host_pts = format!("/dev/pts/{pts}");
+    let owner = nix::sys::stat::stat(host_pts.as_str()).expect("stat the session's terminal");
+    let rec = nix::unistd::User::from_name(shelltrail_tests::users::RECORDER_USER)
+        .ok()
+        .flatten()
+        .expect("recorder user");
+    assert_eq!(owner.st_uid, rec.uid.as_raw(), "{host_pts} changed hands");
+    t.line("exit");
+    t.wait_exit(Duration::from_secs(30));
+    assert!(!t.transcript().contains("INJECTED"), "{}", t.transcript());
+
+    // A terminal that is root's: the attacker's recorder leaves it as it is.
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pty.slave)))
+        .expect("slave name");
+    let before = nix::sys::stat::stat(&slave).expect("stat slave");
+    let mut c = std::process::Command::new("runuser");
+    c.args(["-u", &attacker.name, "--"])
+        .arg(&w.shell_bin)
+        .arg("--config")
+        .arg(&w.config)
+        .args(["-c", "true"])
+        .stdin(std::process::Stdio::from(pty.slave.try_clone().expect("dup slave")));
+    let _ = shelltrail_tests::proc::run(c, Duration::from_secs(30));
+    let after = nix::sys::stat::stat(&slave).expect("stat slave");
+    assert_eq!(
+        (after.st_uid, after.st_mode),
+        (before.st_uid, before.st_mode),
+        "{}",
+        slave.display()
+    );
+}

@@ -244,3 +244,13 @@ pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The session that has `fd`'s terminal as its controlling terminal (TIOCGSID).
+pub fn terminal_session(fd: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
+    let mut sid: libc::pid_t = 0;
+    // SAFETY: TIOCGSID writes one pid_t into the pointed-to variable, which lives on our stack.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGSID, &mut sid as *mut libc::pid_t) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sid)
+}

@@ -78,7 +78,13 @@ pub fn main() -> i32 {
         Ok(i) => i,
         Err(e) => return refuse(&e.to_string()),
     };
-    let trust = if local_use { Trust::Local } else { Trust::Sshd };
+    // A set-uid recorder trusts only root's files, in or out of SSH: the
+    // caller must not steer a process running as the recorder user.
+    let trust = if local_use && !sep.separated() {
+        Trust::Local
+    } else {
+        Trust::Sshd
+    };
     let cfg = match Config::load_trusted(inv.config.as_deref(), trust) {
         Ok(c) => c,
         Err(e) => return refuse(&format!("{e}; login refused")),

@@ -66,8 +66,8 @@ pub enum PrivsepError {
         step: &'static str,
         error: std::io::Error,
     },
-    #[error("standard input is a terminal but not a pseudo-terminal ({0}); shelltrail-shell records SSH sessions")]
-    NotPts(String),
+    #[error("standard input {0} is not this session's own SSH terminal ({1}); the recorder takes no other")]
+    NotOwnTerminal(String, String),
     #[error("cannot {0}: {1}")]
     Os(&'static str, std::io::Error),
 }
@@ -118,14 +118,17 @@ pub fn start(local_use: bool) -> Result<Separation, PrivsepError> {
     let mut takeover_delay = None;
     let mut typeahead = Vec::new();
     if std::io::stdin().is_terminal() {
-        match take_terminal(recorder) {
+        match take_terminal(user, recorder) {
             Ok(t) => {
                 typeahead = t;
                 takeover_delay = since_exec();
             }
-            // A console login with the recorder as login shell: recorded,
-            // but its terminal is login(1)'s to protect, not ours.
-            Err(PrivsepError::NotPts(_)) if local_use => {}
+            // Outside SSH, not the caller's own SSH terminal (a console login
+            // with the recorder as login shell, whose terminal is login(1)'s;
+            // su in someone else's terminal; a pts from another namespace):
+            // it is left alone, and the session still runs separated and
+            // recorded.
+            Err(PrivsepError::NotOwnTerminal(..)) if local_use => {}
             Err(e) => return Err(e),
         }
     }
@@ -296,7 +299,7 @@ fn since_exec() -> Option<Duration> {
 /// recorder, mode 0600, hung up, opened again as our controlling terminal
 /// and put back on standard input, output and error. Returns the input the
 /// client had typed ahead.
-fn take_terminal(recorder: Uid) -> Result<Vec<u8>, PrivsepError> {
+fn take_terminal(user: Uid, recorder: Uid) -> Result<Vec<u8>, PrivsepError> {
     let stdin = std::io::stdin();
     let fd = stdin.as_fd();
     let path = std::fs::read_link("/proc/self/fd/0").unwrap_or_default();
@@ -307,16 +310,7 @@ fn take_terminal(recorder: Uid) -> Result<Vec<u8>, PrivsepError> {
         error,
     };
     let st = fstat(fd).map_err(|e| err("fstat", e.into()))?;
-    let major = nix::sys::stat::major(st.st_rdev);
-    // Only a pseudo-terminal's slave (majors 136-143), found again by its
-    // path: never /dev/ptmx or another device a caller managed to put on
-    // our standard input.
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFCHR
-        || !(136..=143).contains(&major)
-        || !is_pts_path(&path)
-    {
-        return Err(PrivsepError::NotPts(tty));
-    }
+    check_own_terminal(&st, &path, user).map_err(|why| PrivsepError::NotOwnTerminal(tty.clone(), why))?;
     let modes = nix::sys::termios::tcgetattr(fd).ok();
     let size = sys::window_size(fd);
     nix::unistd::fchown(fd, Some(recorder), None).map_err(|e| err("chown", e.into()))?;
@@ -338,16 +332,23 @@ fn take_terminal(recorder: Uid) -> Result<Vec<u8>, PrivsepError> {
     if nix::unistd::getsid(None).ok() != Some(nix::unistd::getpid()) {
         let _ = nix::unistd::setsid();
     }
+    // Through our own (hung up) descriptor, not by name: the very same
+    // terminal, whatever a name might point to meanwhile.
     let reopened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&path)
+        .open("/proc/self/fd/0")
         .map_err(|e| err("reopen", e));
     restore_sighup(old);
     let file = reopened?;
     let again = fstat(file.as_fd()).map_err(|e| err("fstat", e.into()))?;
-    if again.st_rdev != st.st_rdev || again.st_uid != recorder.as_raw() {
-        return Err(err("reopen", std::io::Error::other("another terminal is at its path")));
+    if (again.st_dev, again.st_ino, again.st_rdev) != (st.st_dev, st.st_ino, st.st_rdev)
+        || again.st_uid != recorder.as_raw()
+    {
+        return Err(err(
+            "reopen",
+            std::io::Error::other("it is not the terminal that was taken"),
+        ));
     }
     if let Some(m) = modes {
         let _ = nix::sys::termios::tcsetattr(file.as_fd(), nix::sys::termios::SetArg::TCSANOW, &m);
@@ -394,6 +395,36 @@ fn std_stat(fd: i32) -> nix::Result<nix::sys::stat::FileStat> {
         1 => fstat(std::io::stdout()),
         _ => fstat(std::io::stderr()),
     }
+}
+
+/// Whether `st` (standard input's) is a terminal this recorder may take:
+/// the caller's own SSH terminal and nothing else. A pseudo-terminal slave
+/// (majors 136-143, never /dev/ptmx or another device), on this host's
+/// /dev/pts (not a devpts instance of the caller's own namespace, whose
+/// numbers repeat the host's), at its `/dev/pts/N` name, owned by the user
+/// (sshd makes it so; CAP_CHOWN must never be spent on someone else's
+/// terminal), and our controlling terminal (vhangup hangs up that one).
+fn check_own_terminal(st: &nix::sys::stat::FileStat, path: &Path, user: Uid) -> Result<(), String> {
+    let major = nix::sys::stat::major(st.st_rdev);
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFCHR || !(136..=143).contains(&major) {
+        return Err("not a pseudo-terminal".into());
+    }
+    if !is_pts_path(path) {
+        return Err("not under /dev/pts".into());
+    }
+    let named = nix::sys::stat::stat(path).map_err(|e| format!("stat: {e}"))?;
+    let host = nix::sys::stat::stat("/dev/pts/ptmx").map_err(|e| format!("stat /dev/pts/ptmx: {e}"))?;
+    if (named.st_dev, named.st_ino, named.st_rdev) != (st.st_dev, st.st_ino, st.st_rdev) || st.st_dev != host.st_dev {
+        return Err("not this host's /dev/pts terminal of that name".into());
+    }
+    if st.st_uid != user.as_raw() {
+        return Err(format!("owned by uid {}, not by the user", st.st_uid));
+    }
+    let session = sys::terminal_session(std::io::stdin().as_fd()).map_err(|e| format!("TIOCGSID: {e}"))?;
+    if nix::unistd::getsid(None).map_err(|e| format!("getsid: {e}"))?.as_raw() != session {
+        return Err("not the controlling terminal of this session".into());
+    }
+    Ok(())
 }
 
 /// `/dev/pts/N`, N decimal.
