@@ -116,12 +116,16 @@ pub fn run(
     let errors = std::thread::spawn(move || copy(child_err, stderr, Keep::Output, &ev, &tally, &end));
 
     let handle = signals.handle();
+    let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ending = exited.clone();
     std::thread::spawn(move || {
         for sig in signals.forever() {
-            session_signals.send(Signal::try_from(sig).unwrap_or(Signal::SIGHUP));
+            let sig = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
+            session_signals.end(sig, crate::shell::pty::END_GRACE, ending.clone());
         }
     });
     let status = child.wait()?;
+    exited.store(true, std::sync::atomic::Ordering::Release);
     handle.close();
 
     // Output still in the pipes is copied; a background process holding

@@ -266,6 +266,26 @@ impl SessionSignals {
     }
 }
 
+impl SessionSignals {
+    /// The client is gone (or the recorder is being stopped): sends `sig`
+    /// and SIGHUP now, and SIGKILL after `grace` unless `ended` is set by
+    /// then. A program that ignores the hangup would otherwise keep the
+    /// session, and the recorder that the user cannot stop, for ever.
+    pub fn end(&self, sig: Signal, grace: Duration, ended: Arc<std::sync::atomic::AtomicBool>) {
+        self.send(sig);
+        if sig != Signal::SIGHUP {
+            self.send(Signal::SIGHUP);
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new().name("end-grace".into()).spawn(move || {
+            std::thread::sleep(grace);
+            if !ended.load(std::sync::atomic::Ordering::Acquire) {
+                me.send(Signal::SIGKILL);
+            }
+        });
+    }
+}
+
 fn message(tag: u8, value: i32) -> [u8; 5] {
     let mut msg = [tag, 0, 0, 0, 0];
     msg[1..].copy_from_slice(&value.to_le_bytes());

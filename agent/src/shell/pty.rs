@@ -32,6 +32,10 @@ use std::time::{Duration, Instant};
 const DRAIN_QUIET: Duration = Duration::from_millis(50);
 /// ... and never for longer than this in total.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// After the client hangs up, how long the session's programs have to end
+/// before SIGKILL (the recorder cannot be stopped by the user, so a program
+/// ignoring the hangup must not keep it forever).
+pub const END_GRACE: Duration = Duration::from_secs(5);
 
 /// Puts the user's terminal in raw mode and restores it on drop, on every exit path.
 struct RawMode {
@@ -138,6 +142,8 @@ pub fn run(
         })?
     };
     let mut size = (cols, rows);
+    // Set once the child has exited: the grace period's SIGKILL is then off.
+    let ended = Arc::new(AtomicBool::new(false));
     let status = 'session: loop {
         for sig in signals.wait() {
             match sig {
@@ -159,14 +165,12 @@ pub fn run(
                     // The client went away (or we are being stopped): pass it on
                     // to the whole session so nothing outlives the recording.
                     let s = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
-                    session_signals.send(s);
-                    if s != Signal::SIGHUP {
-                        session_signals.send(Signal::SIGHUP);
-                    }
+                    session_signals.end(s, END_GRACE, ended.clone());
                 }
                 _ => {}
             }
             if let Some(st) = child.try_wait()? {
+                ended.store(true, Ordering::Release);
                 break 'session st;
             }
         }
@@ -183,7 +187,9 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    progress.closed.store(true, Ordering::Relaxed);
+    // The end: from the burst being copied, if any, on, nothing more passes.
+    progress.closing.store(true, Ordering::Release);
+    drop(progress.gate.lock().unwrap_or_else(|e| e.into_inner()));
     let bytes_out = progress.bytes.load(Ordering::Relaxed);
     let code = exit_code(status);
     drop(raw);
@@ -202,7 +208,10 @@ struct Progress {
     last_read: AtomicU64,
     bytes: AtomicU64,
     /// Set when the session is over: nothing more goes to the client.
-    closed: AtomicBool,
+    closing: AtomicBool,
+    /// Held while a burst is copied; the session owner takes it after
+    /// setting `closing`, so no burst is half-recorded at the end.
+    gate: std::sync::Mutex<()>,
 }
 
 impl Default for Progress {
@@ -211,7 +220,8 @@ impl Default for Progress {
             epoch: Instant::now(),
             last_read: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            gate: std::sync::Mutex::new(()),
         }
     }
 }
@@ -309,11 +319,9 @@ fn proxy(io: Io, events: SyncSender<Event>, recycled: Receiver<Vec<u8>>, record_
         events.send(Event::Output(at, data)).is_ok()
     };
     loop {
-        let in_flags = if stdin_open && pending_in.is_empty() {
-            PollFlags::POLLIN
-        } else {
-            PollFlags::empty()
-        };
+        // The user's terminal is watched only while we want its input: a
+        // hung-up one reports POLLHUP whatever is asked, and would spin.
+        let want_input = stdin_open && pending_in.is_empty();
         let master_flags = if pending_in.is_empty() {
             PollFlags::POLLIN
         } else {
@@ -321,17 +329,29 @@ fn proxy(io: Io, events: SyncSender<Event>, recycled: Receiver<Vec<u8>>, record_
         };
         let mut fds = [
             PollFd::new(master.as_fd(), master_flags),
-            PollFd::new(stdin.as_fd(), in_flags),
+            PollFd::new(stdin.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        let watched = if want_input { 2 } else { 1 };
+        match poll(&mut fds[..watched], PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return,
         }
         let master_ev = fds[0].revents().unwrap_or(PollFlags::POLLERR);
-        let stdin_ev = fds[1].revents().unwrap_or(PollFlags::empty());
+        let stdin_ev = if want_input {
+            fds[1].revents().unwrap_or(PollFlags::empty())
+        } else {
+            PollFlags::empty()
+        };
 
         if master_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            // A burst is written and handed on as a whole under the gate, so
+            // the session's end (taken under it) falls between bursts: what
+            // reached the user's terminal is in the recording before its end.
+            let _gate = progress.gate.lock().unwrap_or_else(|e| e.into_inner());
+            if progress.closing.load(Ordering::Acquire) {
+                return;
+            }
             let (mut written, mut filled) = (0, 0);
             let mut at = Instant::now();
             loop {
@@ -342,13 +362,6 @@ fn proxy(io: Io, events: SyncSender<Event>, recycled: Receiver<Vec<u8>>, record_
                     }
                     Ok(n) => {
                         let now = Instant::now();
-                        // The session owner gave up draining (a background job
-                        // holds the slave open): what was read before goes out
-                        // and is recorded; this read, after the end, does neither.
-                        if progress.closed.load(Ordering::Relaxed) {
-                            flush(&mut burst, &mut written, &mut filled, at, true);
-                            return;
-                        }
                         if filled == 0 {
                             at = now;
                         }
@@ -363,6 +376,11 @@ fn proxy(io: Io, events: SyncSender<Event>, recycled: Receiver<Vec<u8>>, record_
                         if (full || filled - written >= WRITE_AT)
                             && !flush(&mut burst, &mut written, &mut filled, at, full)
                         {
+                            return;
+                        }
+                        // The session is ending and this burst is handed on:
+                        // stop here, even if output keeps coming.
+                        if full && progress.closing.load(Ordering::Acquire) {
                             return;
                         }
                     }
@@ -390,6 +408,9 @@ fn proxy(io: Io, events: SyncSender<Event>, recycled: Receiver<Vec<u8>>, record_
         }
 
         if stdin_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            if progress.closing.load(Ordering::Acquire) {
+                return;
+            }
             let n = match stdin.read(&mut buf) {
                 Ok(0) | Err(_) => {
                     // The client is gone (sshd also sends SIGHUP): stop reading it,
