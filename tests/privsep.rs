@@ -118,6 +118,14 @@ fn terminal_opened_before_the_recorder_is_hung_up() {
     remove_dotfiles(&user, &[".bashrc", ".bash_profile", "bashrc-ran", "holding", "stolen"]);
     assert!(!t.transcript().contains("LEAKED"), "{}", t.transcript());
     assert!(holding.contains("write-failed"), "{holding}");
+    // A recorded session (seen by the agent's sweeps for several seconds) is
+    // never reported as unrecorded.
+    let log = w.agent_log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("without a recording") && l.contains(&format!("uid={}", w.user.uid))),
+        "{log}"
+    );
     assert!(
         !stolen_text.contains("typed"),
         "the early process read keystrokes: {stolen_text:?}"
@@ -506,4 +514,41 @@ fn nothing_reaches_a_slow_pty_client_after_the_recording_ends() {
         leaked.len(),
         leaked.iter().take(5).collect::<Vec<_>>()
     );
+}
+
+/// The ~/.bashrc bypass of ForceCommand-only setups (Debian's bash reads it
+/// before running the ForceCommand, so `exec bash` there never reaches the
+/// recorder; docs/deployment.md closes it by making the recorder the login
+/// shell). Where it is left open, the session is not recorded, but the
+/// agent sees sshd's session program that is not a recorder and says so.
+#[test]
+fn agent_reports_an_ssh_session_that_never_reached_the_recorder() {
+    let user = TestUser::dedicated("shelltrail-e2e-bypass");
+    dotfile(
+        &user,
+        ".bashrc",
+        "if [ -n \"$SSH_CONNECTION\" ] && [ -z \"$BYPASS\" ]; then export BYPASS=1; PS1='$ ' exec bash --norc -i; fi\n",
+    );
+    let w = World::builder().user(user.clone()).build();
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo unrecorded-$((20+1))");
+    t.expect("unrecorded-21");
+    let line = wait_until(
+        "the agent to report the unrecorded session",
+        Duration::from_secs(30),
+        || {
+            w.agent_log_text()
+                .lines()
+                .find(|l| l.contains("runs without a recording") && l.contains(&format!("uid={}", user.uid)))
+                .map(String::from)
+        },
+    );
+    t.line("exit");
+    t.wait_exit(Duration::from_secs(30));
+    remove_dotfiles(&user, &[".bashrc"]);
+    assert!(
+        line.contains("program=bash") && line.contains("tty=\"/dev/pts/"),
+        "{line}"
+    );
+    assert!(w.sessions().is_empty(), "the bypass was recorded after all?");
 }

@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// A recorder must say who it is within this long.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session child this young may still be starting its recorder (ticks
+/// of /proc/PID/stat's start time: 3 s at the usual 100 Hz).
+const UNRECORDED_GRACE_TICKS: u64 = 300;
 /// How often sessions whose recorder died without closing are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -305,22 +308,44 @@ fn alive(pid: i32, ticks: u64) -> bool {
     }
 }
 
+/// Logs SSH sessions running without a recording (see [`watch`]).
+async fn report_unrecorded(agent: &Agent, recorder_uid: u32) {
+    let recorded: std::collections::HashSet<i32> = {
+        let sessions = agent.sessions.lock().expect("sessions lock");
+        sessions.values().filter(|s| !s.closed).map(|s| s.pid).collect()
+    };
+    let found = tokio::task::spawn_blocking(move || watch::unrecorded(recorder_uid, &recorded, UNRECORDED_GRACE_TICKS))
+        .await
+        .unwrap_or_default();
+    for s in agent.watch.lock().expect("watch lock").look(found) {
+        let tty = s.tty.as_deref().unwrap_or("-");
+        if s.stopped_recorder {
+            tracing::warn!(
+                pid = s.pid,
+                uid = s.uid,
+                tty,
+                "a recorder is stopped before it started recording (SIGSTOP by its user in its first \
+                 microseconds?): until it runs, its terminal may be in use unrecorded"
+            );
+        } else {
+            tracing::warn!(
+                pid = s.pid,
+                uid = s.uid,
+                tty,
+                program = %s.comm,
+                "an SSH session runs without a recording: sshd's session program is not the recorder and \
+                 started none (a login script that never reached it, or a session process stopped before \
+                 it could); its terminal may be in use unrecorded"
+            );
+        }
+    }
+}
+
 /// Sessions whose recorder is gone without a Close get one, so they stop
 /// counting as live. The recorder's pid and start time identify it.
 async fn sweep(agent: &Agent) {
     if let Some(rec) = agent.recorder_uid {
-        let found = tokio::task::spawn_blocking(move || watch::stalled(rec))
-            .await
-            .unwrap_or_default();
-        for s in agent.watch.lock().expect("watch lock").look(found) {
-            tracing::warn!(
-                pid = s.pid,
-                uid = s.uid,
-                tty = s.tty.as_deref().unwrap_or("-"),
-                "a recorder is stopped before it started recording (SIGSTOP by its user in its first \
-                 microseconds?): until it runs, its terminal may be in use unrecorded"
-            );
-        }
+        report_unrecorded(agent, rec).await;
     }
     let gone: Vec<(String, View)> = {
         let sessions = agent.sessions.lock().expect("sessions lock");

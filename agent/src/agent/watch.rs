@@ -1,33 +1,55 @@
-//! Recorders stopped before they took their terminal.
+//! SSH sessions that are not being recorded.
 //!
-//! The one window the privilege separation leaves (docs/design.md,
-//! "Security"): between the exec of the set-uid recorder and its taking of
-//! sshd's terminal, a few microseconds, its real uid is still the user's, so
-//! a process of the user can stop it with SIGSTOP there and use the terminal
-//! for as long as it keeps it stopped. Such a recorder has not yet connected
-//! to the agent, so no session shows it. This finds it: a process named
-//! `shelltrail-shel` whose effective uid is the recorder's but whose real uid
-//! is still someone else's (it never got past the take-over), stopped. The
-//! agent logs it with the terminal the user may be using unrecorded.
+//! Every program sshd starts for a session is a child of sshd's per-connection
+//! process (`sshd: USER@pts/N` or `USER@notty`, running as the user, under
+//! the root `sshd: USER [priv]`). With shelltrail installed, that child is
+//! the recorder, or a shell that goes on to exec it. This module looks in
+//! /proc for session children that are neither a recorder with a session at
+//! this agent (nor the ancestor of one), nor a recorder still starting:
 //!
-//! Only the kernel's word counts: /proc/PID/stat and /proc/PID/status are
-//! readable for every process (even non-dumpable ones), and a user cannot
-//! give their own process the recorder's effective uid, so a process that
-//! merely calls itself `shelltrail-shel` is never reported.
+//! * a recorder stopped before it took its terminal: the one window the
+//!   privilege separation leaves (between exec and the take-over, its real
+//!   uid is still the user's, so the user can SIGSTOP it there and use the
+//!   terminal while it stays stopped);
+//! * a session process the user stopped before it exec'd the recorder (a
+//!   process of the user's own, like any sshd session child before exec);
+//! * a login script that never reached the recorder (`exec bash` in
+//!   ~/.bashrc, which Debian's bash reads before running a ForceCommand).
+//!
+//! The agent logs each one with the user and the terminal. Only the kernel's
+//! word counts: /proc/PID/stat and status are readable for every process, a
+//! user cannot start a root process named `sshd: ...`, nor give their own
+//! process the recorder's effective uid.
 
 use std::collections::HashSet;
 
 /// What the recorder's executable name looks like in /proc (15 bytes).
 const COMM: &str = "shelltrail-shel";
 
-/// A recorder stopped before it took its terminal.
+/// A session child that is not being recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stalled {
+pub struct Unrecorded {
     pub pid: i32,
-    /// The real uid: the user the recorder was started for.
+    /// The real uid: the user whose session it is.
     pub uid: u32,
-    /// The controlling terminal (`/dev/pts/N`), when it has one.
+    /// Its controlling terminal (`/dev/pts/N`), when it has one.
     pub tty: Option<String>,
+    /// Its command name, as /proc shows it.
+    pub comm: String,
+    /// A recorder stopped before it took its terminal (else: a session
+    /// program that is not, or not yet, the recorder).
+    pub stopped_recorder: bool,
+}
+
+/// One process, as this module needs it.
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    comm: String,
+    state: char,
+    tty_nr: u64,
+    /// Clock ticks after boot.
+    start: u64,
 }
 
 /// The fields of /proc/PID/stat this module reads.
@@ -35,18 +57,24 @@ pub struct Stalled {
 struct Stat<'a> {
     comm: &'a str,
     state: char,
+    ppid: i32,
     tty_nr: u64,
+    start: u64,
 }
 
 fn parse_stat(text: &str) -> Option<Stat<'_>> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?;
-    let mut rest = text.get(close + 2..)?.split_ascii_whitespace();
-    let state = rest.next()?.chars().next()?;
-    // After the state: ppid, pgrp, session, tty_nr.
-    let tty_nr = rest.nth(3)?.parse().ok()?;
-    Some(Stat { comm, state, tty_nr })
+    let f: Vec<&str> = text.get(close + 2..)?.split_ascii_whitespace().collect();
+    // Fields 3.. of proc(5): state, ppid, pgrp, session, tty_nr, ... starttime (22).
+    Some(Stat {
+        comm,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        tty_nr: f.get(4)?.parse().ok()?,
+        start: f.get(19)?.parse().ok()?,
+    })
 }
 
 /// Real and effective uid from /proc/PID/status's `Uid:` line.
@@ -65,9 +93,7 @@ fn pts_name(tty_nr: u64) -> Option<String> {
         .then(|| format!("/dev/pts/{}", (major - 136) * 256 + minor))
 }
 
-/// Recorders (effective uid `recorder_uid`) that are stopped and still hold
-/// another real uid.
-pub fn stalled(recorder_uid: u32) -> Vec<Stalled> {
+fn read_procs() -> Vec<Proc> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -79,48 +105,117 @@ pub fn stalled(recorder_uid: u32) -> Vec<Stalled> {
         let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let Some(stat) = parse_stat(&text) else {
-            continue;
-        };
-        if stat.comm != COMM || !matches!(stat.state, 'T' | 't') {
-            continue;
-        }
-        let Some((real, effective)) = std::fs::read_to_string(entry.path().join("status"))
-            .ok()
-            .and_then(|s| parse_uids(&s))
-        else {
-            continue;
-        };
-        if effective == recorder_uid && real != recorder_uid {
-            out.push(Stalled {
+        if let Some(st) = parse_stat(&text) {
+            out.push(Proc {
                 pid,
-                uid: real,
-                tty: pts_name(stat.tty_nr),
+                ppid: st.ppid,
+                comm: st.comm.to_string(),
+                state: st.state,
+                tty_nr: st.tty_nr,
+                start: st.start,
             });
         }
     }
     out
 }
 
-/// Reports each stalled recorder once it has been seen stopped on two
-/// consecutive looks (a recorder caught stopped for a moment is not one).
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+        .unwrap_or_default()
+}
+
+fn uids(pid: i32) -> Option<(u32, u32)> {
+    parse_uids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// sshd's per-connection process of a user (`sshd: USER@pts/N`, or
+/// `sshd-session: ...` on newer OpenSSH), under its root monitor.
+fn is_sshd_connection(p: &Proc, by_pid: &std::collections::HashMap<i32, &Proc>) -> bool {
+    if !p.comm.starts_with("sshd") {
+        return false;
+    }
+    let title = cmdline(p.pid);
+    let Some(rest) = title
+        .strip_prefix("sshd: ")
+        .or_else(|| title.strip_prefix("sshd-session: "))
+    else {
+        return false;
+    };
+    if !rest.contains('@') {
+        return false;
+    }
+    by_pid
+        .get(&p.ppid)
+        .is_some_and(|parent| parent.comm.starts_with("sshd") && uids(parent.pid).is_some_and(|(r, _)| r == 0))
+}
+
+/// Session children older than `grace_ticks` that are not being recorded:
+/// neither a pid in `recorded` (live sessions at this agent, by their
+/// recorder's pid) nor an ancestor of one, nor a running recorder (effective
+/// uid `recorder_uid`) that has not connected yet.
+pub fn unrecorded(recorder_uid: u32, recorded: &HashSet<i32>, grace_ticks: u64) -> Vec<Unrecorded> {
+    let procs = read_procs();
+    let by_pid: std::collections::HashMap<i32, &Proc> = procs.iter().map(|p| (p.pid, p)).collect();
+    // Every recorded pid and its ancestors are covered.
+    let mut covered = HashSet::new();
+    for &pid in recorded {
+        let mut at = Some(pid);
+        while let Some(p) = at.filter(|p| *p > 1 && covered.insert(*p)) {
+            at = by_pid.get(&p).map(|x| x.ppid);
+        }
+    }
+    let now = uptime_ticks();
+    let connections: HashSet<i32> = procs
+        .iter()
+        .filter(|p| is_sshd_connection(p, &by_pid))
+        .map(|p| p.pid)
+        .collect();
+    let mut out = Vec::new();
+    for p in procs.iter().filter(|p| connections.contains(&p.ppid)) {
+        if covered.contains(&p.pid) || now.is_some_and(|n| n.saturating_sub(p.start) < grace_ticks) {
+            continue;
+        }
+        let Some((real, effective)) = uids(p.pid) else {
+            continue;
+        };
+        let recorder = effective == recorder_uid && p.comm == COMM;
+        let stopped = matches!(p.state, 'T' | 't');
+        if recorder && !stopped {
+            continue; // still starting: asking for a reason, connecting
+        }
+        out.push(Unrecorded {
+            pid: p.pid,
+            uid: real,
+            tty: pts_name(p.tty_nr),
+            comm: p.comm.clone(),
+            stopped_recorder: recorder && stopped,
+        });
+    }
+    out
+}
+
+/// Clock ticks since boot now, as /proc/PID/stat's start time counts them.
+fn uptime_ticks() -> Option<u64> {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??.max(1) as f64;
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_ascii_whitespace().next()?.parse().ok()?;
+    Some((secs * hz) as u64)
+}
+
+/// Reports each unrecorded session child once (again if it goes and comes).
 #[derive(Default)]
 pub struct Watch {
-    suspects: HashSet<i32>,
     reported: HashSet<i32>,
 }
 
 impl Watch {
-    /// The recorders to report now, given what [`stalled`] found this time.
-    pub fn look(&mut self, found: Vec<Stalled>) -> Vec<Stalled> {
+    /// The ones to report now, given what [`unrecorded`] found this time.
+    pub fn look(&mut self, found: Vec<Unrecorded>) -> Vec<Unrecorded> {
         let now: HashSet<i32> = found.iter().map(|s| s.pid).collect();
-        let report: Vec<Stalled> = found
-            .into_iter()
-            .filter(|s| self.suspects.contains(&s.pid) && !self.reported.contains(&s.pid))
-            .collect();
-        self.reported.extend(report.iter().map(|s| s.pid));
+        let report: Vec<Unrecorded> = found.into_iter().filter(|s| !self.reported.contains(&s.pid)).collect();
         self.reported.retain(|p| now.contains(p));
-        self.suspects = now;
+        self.reported.extend(report.iter().map(|s| s.pid));
         report
     }
 }
@@ -137,12 +232,17 @@ mod tests {
             Some(Stat {
                 comm: "shelltrail-shel",
                 state: 'T',
-                tty_nr: 34817
+                ppid: 4200,
+                tty_nr: 34817,
+                start: 9000,
             })
         );
         // A command name with spaces and parentheses cannot shift the fields.
-        let odd = "7 (a) b) c) S 1 7 7 0 -1 0";
-        assert_eq!(parse_stat(odd).map(|s| (s.comm, s.state)), Some(("a) b) c", 'S')));
+        let odd = "7 (a) b) c) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0";
+        assert_eq!(
+            parse_stat(odd).map(|s| (s.comm, s.state, s.start)),
+            Some(("a) b) c", 'S', 55))
+        );
     }
 
     #[test]
@@ -165,20 +265,20 @@ mod tests {
     }
 
     #[test]
-    fn a_recorder_is_reported_once_after_two_looks() {
-        let s = |pid| Stalled {
+    fn each_unrecorded_child_is_reported_once() {
+        let s = |pid| Unrecorded {
             pid,
             uid: 1000,
             tty: None,
+            comm: "bash".into(),
+            stopped_recorder: false,
         };
         let mut w = Watch::default();
-        assert!(w.look(vec![s(10)]).is_empty());
-        assert_eq!(w.look(vec![s(10), s(11)]), vec![s(10)]);
+        assert_eq!(w.look(vec![s(10)]), vec![s(10)]);
         assert_eq!(w.look(vec![s(10), s(11)]), vec![s(11)]);
         assert!(w.look(vec![s(10), s(11)]).is_empty());
-        // Continued, then stopped again later: a new episode.
+        // Gone, then back (a pid reused): a new one.
         assert!(w.look(vec![]).is_empty());
-        assert!(w.look(vec![s(10)]).is_empty());
         assert_eq!(w.look(vec![s(10)]), vec![s(10)]);
     }
 }
