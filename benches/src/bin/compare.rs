@@ -499,6 +499,7 @@ fn run(opts: &Opts) -> Result<(), String> {
         report(w, &peers, &runs);
     }
 
+    let _ = std::fs::remove_dir_all(trusted_dir());
     if opts.keep {
         let kept = tmp.keep();
         eprintln!("kept {}", kept.display());
@@ -602,6 +603,30 @@ fn install_setuid(shell: &Path, dir: &Path) -> Result<PathBuf, String> {
     Ok(to)
 }
 
+/// Where the set-uid peer's configs go: the recorder reads only files under
+/// /etc/shelltrail. Removed when compare ends.
+fn trusted_dir() -> PathBuf {
+    PathBuf::from(format!("/etc/shelltrail/compare-{}", std::process::id()))
+}
+
+/// A root-owned copy of `config` under [`trusted_dir`].
+fn trusted_copy(config: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = trusted_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
+    let to = dir.join(format!(
+        "{}.toml",
+        config.parent().and_then(|p| p.parent()).and_then(|p| p.file_name()).map_or_else(
+            || "run".into(),
+            |n| n.to_string_lossy().into_owned()
+        )
+    ));
+    let _ = std::fs::copy(config, &to);
+    let _ = std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644));
+    to
+}
+
 /// The command line of `peer` running `workload`, recording into `out`.
 fn command(peer: &Peer, workload: &str, out: &Path, agent: Option<&Agent>) -> Command {
     let mut c = Command::new(&peer.program);
@@ -617,10 +642,11 @@ fn command(peer: &Peer, workload: &str, out: &Path, agent: Option<&Agent>) -> Co
                 .map_or_else(|| PathBuf::from("/bin/sh"), |u| u.shell);
             c.arg("--recording-off").arg(shell).args(["-c", workload]);
         }
-        Kind::Shelltrail { .. } => {
-            c.arg("--config")
-                .arg(&agent.expect("an agent").config)
-                .args(["-c", workload]);
+        Kind::Shelltrail { setuid, .. } => {
+            let config = agent.expect("an agent").config.clone();
+            // A set-uid recorder reads only root's files under /etc/shelltrail.
+            let config = if setuid { trusted_copy(&config) } else { config };
+            c.arg("--config").arg(config).args(["-c", workload]);
         }
         Kind::Script => {
             c.arg("-qfc").arg(workload).arg(out);
