@@ -98,7 +98,12 @@ impl FrameReader {
                 Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
             }
             let mut tmp = [0u8; 4096];
-            let n = r.read(&mut tmp)?;
+            // A stop and continue (SIGSTOP, SIGCONT) interrupts a read with a
+            // timeout even without a handler: that is no answer, read again.
+            let n = match r.read(&mut tmp) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => other?,
+            };
             if n == 0 {
                 return Ok(None);
             }
