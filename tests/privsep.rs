@@ -326,7 +326,8 @@ fn recorder_cannot_be_traced_even_as_it_starts() {
 /// after exec cannot be hit on purpose; what the agent sees is the same.
 #[test]
 fn agent_reports_a_recorder_stopped_before_it_started_recording() {
-    let w = World::builder().shell("require_reason = true").build();
+    let user = TestUser::dedicated("shelltrail-e2e-stopped");
+    let w = World::builder().user(user).shell("require_reason = true").build();
     let mut t = w.ssh().term(80, 24);
     t.expect("Reason for this session");
     let recorder = wait_until("the recorder", Duration::from_secs(10), || {
@@ -363,7 +364,17 @@ fn agent_reports_a_recorder_stopped_before_it_started_recording() {
     t.expect("in-10");
     t.line("exit");
     t.wait_exit(Duration::from_secs(30));
-    assert_eq!(w.only_session().reason, "CHG-1");
+    // Listed twice: the gap (no chunks, its end says why) and, once the
+    // recorder went on, the session it recorded.
+    let rows = w.sessions();
+    let gap = rows.iter().find(|r| r.mode == "unrecorded").expect("the gap is listed");
+    assert_eq!((gap.user.as_str(), gap.live), (w.user.name.as_str(), false), "{gap:#?}");
+    assert!(
+        gap.end_cause.as_deref().unwrap_or_default().contains("stopped before"),
+        "{gap:#?}"
+    );
+    let recorded = rows.iter().find(|r| r.mode == "pty").expect("the recorded session");
+    assert_eq!(recorded.reason, "CHG-1");
 }
 
 /// Another local user hands the set-uid recorder a terminal that looks like
@@ -550,5 +561,20 @@ fn agent_reports_an_ssh_session_that_never_reached_the_recorder() {
         line.contains("program=bash") && line.contains("tty=\"/dev/pts/"),
         "{line}"
     );
-    assert!(w.sessions().is_empty(), "the bypass was recorded after all?");
+    // Not recorded, but listed as a gap: no chunks, and an end that says why.
+    let rows = w.sessions();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let gap = &rows[0];
+    assert_eq!(
+        (gap.mode.as_str(), gap.user.as_str(), gap.chunks),
+        ("unrecorded", user.name.as_str(), 0),
+        "{gap:#?}"
+    );
+    assert!(
+        gap.end_cause
+            .as_deref()
+            .unwrap_or_default()
+            .contains("never started the recorder"),
+        "{gap:#?}"
+    );
 }

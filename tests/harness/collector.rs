@@ -568,7 +568,10 @@ impl HostBuilder<'_> {
         }
         let collector = if self.direct { w.collector.url() } else { w.proxy.url() };
         let mut text = format!(
-            "# Written by the shelltrail shipping tests.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\n[shell]\n"
+            "# Written by the shelltrail shipping tests.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\
+             # No sshd feeds these hosts (their recorders run unseparated, as root): with no recorder\n\
+             # user the agent does not watch the machine's sshd sessions, which are other tests'.\n\
+             recorder_user = \"shelltrail-e2e-none\"\n\n[shell]\n"
         );
         for l in &self.shell {
             text.push_str(l);

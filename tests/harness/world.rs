@@ -354,8 +354,18 @@ impl World {
     }
 
     /// `shelltrail sessions --json`, parsed.
+    ///
+    /// Every agent looks at every sshd session on the machine for ones that
+    /// are not being recorded (`agent/src/agent/watch.rs`), and lists each it
+    /// finds as an `unrecorded` gap. On a real host there is one agent; here
+    /// each test world has its own, so another test's unrecorded session can
+    /// show up as a gap in this world's spool: those rows (gaps of other
+    /// users) are left out.
     pub fn sessions(&self) -> Vec<SessionRow> {
         sessions_json(self.cli(&["sessions", "--json"]))
+            .into_iter()
+            .filter(|r| r.mode != "unrecorded" || r.user == self.user.name)
+            .collect()
     }
 
     /// The session with this id.

@@ -317,7 +317,8 @@ async fn report_unrecorded(agent: &Agent, recorder_uid: u32) {
     let found = tokio::task::spawn_blocking(move || watch::unrecorded(recorder_uid, &recorded, UNRECORDED_GRACE_TICKS))
         .await
         .unwrap_or_default();
-    for s in agent.watch.lock().expect("watch lock").look(found) {
+    let report = agent.watch.lock().expect("watch lock").look(found);
+    for s in report {
         let tty = s.tty.as_deref().unwrap_or("-");
         if s.stopped_recorder {
             tracing::warn!(
@@ -338,7 +339,90 @@ async fn report_unrecorded(agent: &Agent, recorder_uid: u32) {
                  it could); its terminal may be in use unrecorded"
             );
         }
+        if let Err(e) = record_unrecorded(agent, &s).await {
+            tracing::error!(pid = s.pid, "cannot record the unrecorded session in the spool: {e}");
+        }
     }
+}
+
+/// Puts an unrecorded SSH session in the spool as a session of its own,
+/// with no chunks and an end that says why (mode `unrecorded`): it is then
+/// listed, sealed and shipped like any other, so the gap shows at the
+/// collector too, not only in this host's log.
+async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), String> {
+    let sid = uuid::Uuid::now_v7().to_string();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u.uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default();
+    let meta = shelltrail_proto::v1::SessionMeta {
+        session_id: sid.clone(),
+        host: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        user: user.clone(),
+        uid: u.uid,
+        tty: u.tty.clone().unwrap_or_default(),
+        mode: "unrecorded".into(),
+        command: u.comm.clone(),
+        start_unix_ms: now_ms(),
+        ..Default::default()
+    };
+    let open = OpenRecord {
+        meta,
+        peer_uid: u.uid,
+        peer_pid: u.pid,
+        peer_user: user,
+        peer_start_ticks: start_ticks(u.pid).unwrap_or(0),
+        opened_unix_ms: now_ms(),
+        resume: None,
+    };
+    let loc = agent.append(spool::open_body(&open)).await?;
+    if let Some(ship) = &agent.shipper {
+        ship.opened(&open, loc);
+    }
+    let seed = chunk::chain_seed(&sid);
+    agent.sessions.lock().expect("sessions lock").insert(
+        sid.clone(),
+        Session {
+            uid: u.uid,
+            pid: u.pid,
+            start_ticks: open.peer_start_ticks,
+            next_seq: 0,
+            last_hash: seed,
+            closed: true,
+            connected: false,
+            who: Who::of(&open),
+        },
+    );
+    let why = if u.stopped_recorder {
+        "not recorded: its recorder was stopped before it took the terminal"
+    } else {
+        "not recorded: sshd's session program never started the recorder"
+    };
+    let mut close = CloseRecord {
+        session_id: sid,
+        close: Close {
+            exit_status: -1,
+            ..Default::default()
+        },
+        cause: why.into(),
+        closed_unix_ms: now_ms(),
+        seal: None,
+    };
+    agent.seal(
+        &mut close,
+        View {
+            next_seq: 0,
+            last_hash: seed,
+        },
+    );
+    let loc = agent.append(spool::close_body(&close)).await?;
+    if let Some(ship) = &agent.shipper {
+        ship.closed(&close, loc);
+    }
+    Ok(())
 }
 
 /// Sessions whose recorder is gone without a Close get one, so they stop

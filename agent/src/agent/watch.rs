@@ -179,7 +179,9 @@ pub fn unrecorded(recorder_uid: u32, recorded: &HashSet<i32>, grace_ticks: u64) 
         let Some((real, effective)) = uids(p.pid) else {
             continue;
         };
-        let recorder = effective == recorder_uid && p.comm == COMM;
+        // The recorder runs as its own user (effective uid), or is shielding
+        // itself (real uid its own, effective the user's, for a moment).
+        let recorder = p.comm == COMM && (effective == recorder_uid || real == recorder_uid);
         let stopped = matches!(p.state, 'T' | 't');
         if recorder && !stopped {
             continue; // still starting: asking for a reason, connecting

@@ -617,10 +617,11 @@ fn trusted_copy(config: &Path) -> PathBuf {
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
     let to = dir.join(format!(
         "{}.toml",
-        config.parent().and_then(|p| p.parent()).and_then(|p| p.file_name()).map_or_else(
-            || "run".into(),
-            |n| n.to_string_lossy().into_owned()
-        )
+        config
+            .parent()
+            .and_then(|p| p.parent())
+            .and_then(|p| p.file_name())
+            .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned())
     ));
     let _ = std::fs::copy(config, &to);
     let _ = std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644));
