@@ -117,6 +117,8 @@ pub enum ChunkError {
     LengthMismatch { expected: u32, actual: usize },
     #[error("{0} trailing bytes after the chunk's zstd frame")]
     TrailingBytes(usize),
+    #[error("chunk sent as seq {sent} says seq {header} in its header")]
+    WrongSeq { sent: u64, header: u64 },
 }
 
 /// First prev_hash of a session's hash chain: SHA-256 of
@@ -158,6 +160,24 @@ pub fn link_hash(header: &ChunkHeader, raw: &[u8]) -> [u8; 32] {
 pub fn hash(bytes: &[u8]) -> Result<[u8; 32], ChunkError> {
     let (header, raw) = decompress(bytes)?;
     Ok(link_hash(&header, &raw))
+}
+
+/// Checks what can be checked of one chunk on its own, as it arrives at the
+/// agent or the collector: it is one well-formed chunk numbered `seq`, its
+/// zstd frame decodes within [`MAX_RAW_LEN`] to exactly `raw_len` bytes,
+/// and its content is what its [`link_hash`] (returned) covers. Whether it
+/// links to the chunk before it is the caller's check, with the header's
+/// `prev_hash`, since only the caller knows that chunk.
+pub fn check(bytes: &[u8], seq: u64) -> Result<(ChunkHeader, [u8; 32]), ChunkError> {
+    let (header, raw) = decompress(bytes)?;
+    if header.seq != seq {
+        return Err(ChunkError::WrongSeq {
+            sent: seq,
+            header: header.seq,
+        });
+    }
+    let hash = link_hash(&header, &raw);
+    Ok((header, hash))
 }
 
 pub(crate) fn read_u32(b: &[u8], at: usize) -> u32 {
@@ -253,9 +273,7 @@ pub fn decompress(bytes: &[u8]) -> Result<(ChunkHeader, Vec<u8>), ChunkError> {
     if len < frame.len() {
         return Err(ChunkError::TrailingBytes(frame.len() - len));
     }
-    let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Zstd(e.to_string()))?;
-    let data = decompressor
-        .decompress(frame, header.raw_len as usize)
+    let data = with_decompressor(|d| d.decompress(frame, header.raw_len as usize))
         .map_err(|e| ChunkError::Zstd(e.to_string()))?;
     if data.len() != header.raw_len as usize {
         return Err(ChunkError::LengthMismatch {
@@ -264,6 +282,25 @@ pub fn decompress(bytes: &[u8]) -> Result<(ChunkHeader, Vec<u8>), ChunkError> {
         });
     }
     Ok((header, data))
+}
+
+/// Runs `f` with this thread's zstd decompression context: creating one
+/// costs more than decompressing a typical chunk of an interactive session,
+/// and the agent and the collector check every chunk they receive.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        f(slot.as_mut().expect("just made"))
+    })
 }
 
 /// Length of the chunk at the start of `bytes` (header frame plus zstd
@@ -536,6 +573,26 @@ mod tests {
             let chunk = c.cut(0, 0).unwrap();
             assert_eq!(decompress(&chunk.bytes).unwrap().1, lines(3, 0));
         }
+    }
+
+    #[test]
+    fn check_returns_the_link_hash_and_refuses_what_is_not_the_chunk_sent() {
+        let (chunk, _) = one_chunk();
+        let (header, hash) = check(&chunk.bytes, chunk.seq).unwrap();
+        assert_eq!(hash, chunk.hash);
+        assert_eq!(header.seq, chunk.seq);
+        assert!(matches!(
+            check(&chunk.bytes, chunk.seq + 1),
+            Err(ChunkError::WrongSeq { sent: 1, header: 0 })
+        ));
+        // A valid header in front of something that is not a zstd frame.
+        let mut poisoned = chunk.bytes[..HEADER_LEN].to_vec();
+        poisoned.extend_from_slice(b"this is not a zstd frame");
+        assert!(matches!(check(&poisoned, 0), Err(ChunkError::Zstd(_))));
+        // A frame that decodes to more than the header admits.
+        let mut long = chunk.bytes[..HEADER_LEN].to_vec();
+        long.extend(zstd::bulk::compress(&vec![b'x'; 10_000], 1).unwrap());
+        assert!(check(&long, 0).is_err());
     }
 
     #[test]

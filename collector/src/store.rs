@@ -751,11 +751,11 @@ fn short_hex(h: &[u8; 32]) -> String {
 /// Checks what can be checked of a chunk on its own: it decodes, and its
 /// header's seq is the one it was sent as. Returns its link hash.
 fn check_chunk(seq: u64, data: &[u8]) -> Result<[u8; 32], String> {
-    let (header, raw) = chunk::decompress(data).map_err(|e| format!("chunk {seq} is malformed: {e}"))?;
-    if header.seq != seq {
-        return Err(format!("chunk sent as seq {seq} says seq {} in its header", header.seq));
+    match chunk::check(data, seq) {
+        Ok((_, hash)) => Ok(hash),
+        Err(e @ chunk::ChunkError::WrongSeq { .. }) => Err(e.to_string()),
+        Err(e) => Err(format!("chunk {seq} is malformed: {e}")),
     }
-    Ok(chunk::link_hash(&header, &raw))
 }
 
 /// The durable session store. See the module documentation.
