@@ -223,6 +223,11 @@ fn stalled_and_blackholed_link_is_noticed_and_recovered() {
 /// `deny` policy a new session is refused, naming the full spool. Once the
 /// collector is back, shipped segments are deleted, the spool drains below
 /// the cap, and sessions are accepted again.
+///
+/// The cap holds on every chunk, so no session can take the spool past it
+/// (see `quotas` for one that tries): the spool is filled to within one
+/// chunk (`shell.chunk_bytes`, 512 KiB) of it by a session that fits, which
+/// is when new sessions are refused.
 #[test]
 fn spool_cap_refuses_sessions_until_shipping_drains_it() {
     const CAP: u64 = 2 << 20;
@@ -233,14 +238,14 @@ fn spool_cap_refuses_sessions_until_shipping_drains_it() {
         .agent_setting("segment_bytes = \"1MiB\"")
         .build();
     w.proxy.refuse();
-    let big = three_mib_session(&w, "spool-filler");
+    // About 1.8 MiB in the spool: within a chunk of the cap, and below it.
+    let big = random_text_session(&w, "spool-filler", (7 << 20) / 4);
     let big_id = h.run(&big);
     assert!(
-        h.spool_bytes() >= CAP,
-        "the spool did not reach its cap: {} bytes",
+        (CAP - (512 << 10)..CAP).contains(&h.spool_bytes()),
+        "the spool is not within a chunk of its cap: {} bytes",
         h.spool_bytes()
     );
-
     let marker = w.path.join("ran");
     let out = run(
         h.recorder(&format!(": refused; touch {}; echo should-not-run", marker.display())),
@@ -256,14 +261,17 @@ fn spool_cap_refuses_sessions_until_shipping_drains_it() {
 
     w.proxy.pass();
     w.assert_shipped(&h, &big_id, &big.expected(), SHIP_TIMEOUT);
-    let drained = poll_until(Duration::from_secs(30), || (h.spool_bytes() < CAP).then_some(()));
+    // Room for a chunk again, by deleting shipped segments.
+    let drained = poll_until(Duration::from_secs(30), || {
+        (h.spool_bytes() < CAP - (512 << 10) && h.agent_log_text().contains("deleted a fully shipped spool segment"))
+            .then_some(())
+    });
     assert!(
         drained.is_some(),
-        "the spool did not drain below its cap after shipping: {} bytes in {:?}",
+        "the spool did not drain after shipping: {} bytes in {:?}",
         h.spool_bytes(),
         h.segments()
     );
-    assert!(h.agent_log_text().contains("deleted a fully shipped spool segment"));
 
     let again = Script::new("after-drain", 100);
     let id = h.run(&again);
@@ -275,7 +283,13 @@ fn spool_cap_refuses_sessions_until_shipping_drains_it() {
 /// A session whose recording takes about 3 MiB in the spool (base64 of
 /// random bytes barely compresses): it spans several 1 MiB segments.
 fn three_mib_session(w: &ShipWorld, tag: &str) -> Script {
-    let blob: Vec<u8> = shelltrail_tests::pseudo_random_bytes(3 << 20, 0xf00d)
+    random_text_session(w, tag, 3 << 20)
+}
+
+/// A session printing `random` random bytes as base64 lines: it takes about
+/// as many bytes in the spool.
+fn random_text_session(w: &ShipWorld, tag: &str, random: usize) -> Script {
+    let blob: Vec<u8> = shelltrail_tests::pseudo_random_bytes(random, 0xf00d)
         .chunks(57)
         .flat_map(|c| {
             use base64::Engine;

@@ -148,6 +148,30 @@ pub struct AgentConfig {
     /// [`Config::signing_key`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<PathBuf>,
+    /// Connections to the agent's socket at once, over all users; also the
+    /// cap of the recorder's own user (`recorder_user`), whose connections
+    /// carry every user's sessions.
+    pub max_connections: u32,
+    /// Connections one other uid may hold at once: more are closed as they
+    /// are accepted, so no user can exhaust the agent's descriptors.
+    pub max_connections_per_uid: u32,
+    /// Frame bytes the agent holds in memory at once, over all connections
+    /// (read and not yet durable). A connection waiting for room stops
+    /// reading; one uid other than the recorder's gets a quarter of it.
+    #[serde(deserialize_with = "bytes")]
+    pub buffer_bytes: u64,
+    /// Recording (compressed) one uid's sessions may hold in the spool.
+    /// Checked on every chunk: the session that would pass it is held.
+    #[serde(deserialize_with = "bytes")]
+    pub spool_max_bytes_per_uid: u64,
+    /// Recording (compressed) one session may hold in the spool.
+    #[serde(deserialize_with = "bytes")]
+    pub spool_max_bytes_per_session: u64,
+    /// How long a session held at a limit may wait for room under
+    /// `on_agent_unavailable = "deny"` before the agent ends its recording
+    /// (and the recorder the session). Under "allow" it waits as long as
+    /// it runs, dropping chunks and recording the gap.
+    pub quota_wait_secs: u64,
 }
 
 /// Where the agent ships recordings. Mutual TLS: the collector checks the
@@ -220,6 +244,12 @@ impl Default for AgentConfig {
             max_sessions_per_uid: 64,
             max_frame_bytes: 4 << 20,
             signing_key: None,
+            max_connections: 4096,
+            max_connections_per_uid: 64,
+            buffer_bytes: 64 << 20,
+            spool_max_bytes_per_uid: 2 << 30,
+            spool_max_bytes_per_session: 1 << 30,
+            quota_wait_secs: 30,
         }
     }
 }
@@ -309,6 +339,16 @@ impl Config {
         }
         if self.agent.segment_bytes < 1 << 20 {
             return Err("agent.segment_bytes must be at least 1 MiB".into());
+        }
+        let a = &self.agent;
+        if a.max_connections == 0 || a.max_connections_per_uid == 0 {
+            return Err("agent.max_connections and agent.max_connections_per_uid must be at least 1".into());
+        }
+        if a.buffer_bytes < a.max_frame_bytes {
+            return Err("agent.buffer_bytes must hold at least one frame (agent.max_frame_bytes)".into());
+        }
+        if a.quota_wait_secs == 0 || a.quota_wait_secs > 24 * 3600 {
+            return Err("agent.quota_wait_secs must be between 1 and 86400".into());
         }
         Ok(())
     }

@@ -1,6 +1,10 @@
-//! `shelltrail agent`: the host daemon. Accepts recorders on the Unix socket,
-//! persists their chunks in the [`spool`] and acknowledges what is durable.
+//! `shelltrail agent`: the host daemon. Accepts recorders on the Unix socket
+//! ([`server`], one [`conn`] each, within the [`limits`]), persists their
+//! chunks in the [`spool`] and acknowledges what is durable; [`ship`] sends
+//! them on to the collector.
 
+pub mod conn;
+pub mod limits;
 pub mod server;
 pub mod ship;
 pub mod signer;

@@ -1,71 +1,84 @@
-//! The agent's socket server: one task per recorder connection, one writer
-//! thread for the spool.
+//! The agent's socket server: accepts recorders, one task per connection
+//! ([`conn`](crate::agent::conn)), one writer thread for the spool.
 //!
-//! A connection is one session. The agent learns the recorder's uid and pid
+//! A connection is one session. The agent learns the peer's uid and pid
 //! from SO_PEERCRED and stamps the session with them, so a recorder cannot
-//! claim another user; a resumed session must come from the same uid and pid.
-//! A malformed or oversized frame closes that connection only, with a log
-//! line naming the session and uid.
+//! claim another user; only the set-uid recorder's own user
+//! (`recorder_user`) is believed about whose session it records. A resumed
+//! session must come from the same uid and pid. A malformed or oversized
+//! frame closes that connection only, with a log line naming the session
+//! and uid; what one user can make the agent spend is bounded in
+//! [`limits`](crate::agent::limits).
+//!
+//! Nothing a connection does ends the agent: accept errors (out of
+//! descriptors, say) are logged at most every few seconds and retried after
+//! a growing pause, and a session damaged in the spool is quarantined at
+//! start-up instead of stopping it.
 
+use crate::agent::conn::{self, Peer};
+use crate::agent::limits::Limits;
 use crate::agent::ship::Shipper;
 use crate::agent::signer::{Signer, View, Who};
-use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, Stats};
+use crate::agent::spool::{self, Append, CloseRecord, DamagedRecord, Loc, OpenRecord, SessionEntry, Stats};
 use crate::agent::watch;
 use crate::config::Config;
 use anyhow::{Context, Result};
 use shelltrail_cast::chunk;
 use shelltrail_proto::framing;
-use shelltrail_proto::v1::{Accepted, Ack, AgentFrame, Close, RecorderFrame, Refused, agent_frame, recorder_frame};
+use shelltrail_proto::v1::{AgentFrame, Close, Refused, agent_frame};
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::UnixListener;
+use tokio::sync::oneshot;
 
-/// A recorder must say who it is within this long.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often sessions whose recorder died without closing are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// A session child this young may still be starting its recorder (ticks
 /// of /proc/PID/stat's start time: 3 s at the usual 100 Hz).
 const UNRECORDED_GRACE_TICKS: u64 = 300;
-/// How often sessions whose recorder died without closing are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Pauses after a failed accept: from the first to the longest, doubling.
+const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// Descriptors kept for the spool, shipping and logging besides connections.
+const SPARE_FDS: u64 = 64;
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What the agent tracks per session (durable state only).
-struct Session {
-    uid: u32,
-    pid: i32,
-    start_ticks: u64,
+pub(crate) struct Session {
+    /// The session's user (the uid the recorder names when it connects as
+    /// `recorder_user`), and the uid and pid of the connection.
+    pub uid: u32,
+    pub peer_uid: u32,
+    pub pid: i32,
+    pub start_ticks: u64,
     /// First seq not yet durable, and the hash of the last durable chunk.
-    next_seq: u64,
-    last_hash: [u8; 32],
-    closed: bool,
-    connected: bool,
+    pub next_seq: u64,
+    pub last_hash: [u8; 32],
+    pub closed: bool,
+    pub connected: bool,
+    /// Why the session is quarantined, if it is damaged in the spool.
+    pub damaged: Option<String>,
     /// Who opened it, for its seal.
-    who: Who,
+    pub who: Who,
 }
 
 /// Shared agent state.
 pub struct Agent {
-    cfg: Config,
-    sessions: Mutex<HashMap<String, Session>>,
-    per_uid: Mutex<HashMap<u32, u32>>,
-    writer: std::sync::mpsc::Sender<Append>,
+    pub(crate) cfg: Config,
+    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) writer: std::sync::mpsc::Sender<Append>,
     pub stats: Arc<Stats>,
-    disk: Mutex<(Instant, u64)>,
     /// Ships durable records to the collector, when one is configured.
     pub shipper: Option<Arc<Shipper>>,
-    /// The uid of `recorder_user`: its connections name the user they record.
-    recorder_uid: Option<u32>,
     /// Recorders seen stopped before they took their terminal.
     watch: Mutex<watch::Watch>,
     /// Seals every session as it ends.
@@ -73,62 +86,73 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Recovers the spool and starts the writer thread.
+    /// Recovers the spool and starts the writer thread. A session whose
+    /// stored recording is damaged is quarantined, never a reason not to start.
     pub fn start(cfg: Config) -> Result<Arc<Agent>> {
         spool::prepare_dir(&cfg.spool_dir)?;
         let signer = Signer::load_or_create(&cfg.signing_key(), crate::agent::ship::host_facts().hostname)?;
         tracing::info!(key = %signer.public_key(), "sessions are sealed with this host's key");
-        let index = spool::scan(&cfg.spool_dir, true)
+        let mut index = spool::scan(&cfg.spool_dir, true)
             .with_context(|| format!("recovering the spool at {}", cfg.spool_dir.display()))?;
         for p in &index.problems {
             tracing::error!("spool recovery: {p}");
         }
         let stats = Arc::new(Stats::default());
         stats.total_bytes.store(index.total_bytes, Ordering::Relaxed);
-        let writer = spool::Writer::create(
+        let mut writer = spool::Writer::create(
             &cfg.spool_dir,
             index.last_segment,
             cfg.agent.segment_bytes,
             stats.clone(),
         )?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("spool-writer".into())
-            .spawn(move || writer.run(rx))?;
 
         let mut sessions = HashMap::new();
+        let mut damage = Vec::new();
         for (id, s) in &index.sessions {
-            // The chain continues from the last chunk in the spool, or from
-            // where a carried-forward start record says it stood.
-            let carried = s.open.resume.as_ref().and_then(|(seq, h)| {
-                let h: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
-                Some((*seq, h))
-            });
-            let last_hash = match (s.chunks.last(), carried) {
-                (Some(c), Some((seq, h))) if c.seq < seq => h,
-                (Some(c), _) => chunk::hash(&spool::read_chunk(&cfg.spool_dir, c.loc)?)
-                    .with_context(|| format!("session {id}: its last spooled chunk {} is unreadable", c.seq))?,
-                (None, Some((_, h))) => h,
-                (None, None) => chunk::chain_seed(id),
+            let last_hash = match &s.damaged {
+                Some(_) => [0; 32],
+                None => last_link(&cfg.spool_dir, id, s).unwrap_or_else(|why| {
+                    damage.push(DamagedRecord {
+                        session_id: id.clone(),
+                        reason: why,
+                        unix_ms: now_ms(),
+                    });
+                    [0; 32]
+                }),
             };
+            stats
+                .holdings
+                .lock()
+                .expect("holdings lock")
+                .add(s.open.peer_uid, id, s.stored_bytes());
             sessions.insert(
                 id.clone(),
                 Session {
                     uid: s.open.peer_uid,
+                    peer_uid: s.open.via_recorder_uid.unwrap_or(s.open.peer_uid),
                     pid: s.open.peer_pid,
                     start_ticks: s.open.peer_start_ticks,
                     next_seq: s.next_seq(),
                     last_hash,
                     closed: s.close.is_some(),
                     connected: false,
+                    damaged: s.damaged.clone(),
                     who: Who::of(&s.open),
                 },
             );
         }
+        quarantine(&mut writer, &mut index, &mut sessions, damage)?;
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))?;
         let open = sessions.values().filter(|s| !s.closed).count();
+        let damaged = sessions.values().filter(|s| s.damaged.is_some()).count();
         tracing::info!(
             sessions = sessions.len(),
             open,
+            damaged,
             bytes = index.total_bytes,
             "spool recovered; open sessions wait for their recorders to reconnect"
         );
@@ -142,33 +166,29 @@ impl Agent {
                 signer.public_key(),
             )
         });
-        let recorder_uid = match nix::unistd::User::from_name(&cfg.recorder_user) {
-            Ok(Some(u)) => Some(u.uid.as_raw()),
-            _ => {
-                tracing::warn!(
-                    user = %cfg.recorder_user,
-                    "recorder_user does not exist: no connection may name the user it records, so set-uid \
-                     recorders cannot record (install the package, or fix recorder_user)"
-                );
-                None
-            }
-        };
+        let max_connections = cfg.agent.max_connections.min(fd_room());
+        let limits = Limits::new(
+            &cfg.agent,
+            cfg.shell.chunk_bytes,
+            recorder_uid(&cfg.recorder_user),
+            stats.clone(),
+            cfg.spool_dir.clone(),
+            max_connections,
+        );
         Ok(Arc::new(Agent {
-            recorder_uid,
-            watch: Mutex::new(watch::Watch::default()),
             cfg,
             sessions: Mutex::new(sessions),
-            per_uid: Mutex::new(HashMap::new()),
+            limits,
             writer: tx,
             stats,
-            disk: Mutex::new((Instant::now() - Duration::from_secs(60), u64::MAX)),
             shipper,
+            watch: Mutex::new(watch::Watch::default()),
             signer,
         }))
     }
 
     /// Seals `rec` with what the agent holds of the session's chain.
-    fn seal(&self, rec: &mut CloseRecord, view: View) {
+    pub(crate) fn seal(&self, rec: &mut CloseRecord, view: View) {
         let who = self
             .sessions
             .lock()
@@ -179,57 +199,105 @@ impl Agent {
         self.signer.seal(rec, &who, view);
     }
 
-    async fn append(&self, body: Vec<u8>) -> Result<Loc, String> {
+    pub(crate) async fn append(&self, body: Vec<u8>) -> Result<Loc, String> {
         let (done, wait) = oneshot::channel();
         self.writer
             .send(Append { body, done })
             .map_err(|_| "spool writer stopped".to_string())?;
         wait.await.map_err(|_| "spool writer stopped".to_string())?
     }
+}
 
-    /// Free bytes on the spool's filesystem (sysinfo), refreshed at most once a second.
-    fn free_bytes(&self) -> u64 {
-        let mut d = self.disk.lock().expect("disk lock");
-        if d.0.elapsed() >= Duration::from_secs(1) {
-            let dir = std::fs::canonicalize(&self.cfg.spool_dir).unwrap_or(self.cfg.spool_dir.clone());
-            d.1 = match sysinfo::Disks::new_with_refreshed_list() {
-                Ok(disks) => disks
-                    .iter()
-                    .filter(|k| dir.starts_with(k.mount_point()))
-                    .max_by_key(|k| k.mount_point().as_os_str().len())
-                    .map_or(u64::MAX, |k| k.available_space()),
-                Err(e) => {
-                    tracing::warn!("cannot read free disk space: {e}");
-                    u64::MAX
-                }
+/// The link hash a session's chain continues from: its last spooled chunk's,
+/// or where a carried-forward start record says it stood. The error says
+/// why the session's stored recording is damaged.
+fn last_link(dir: &Path, id: &str, s: &SessionEntry) -> Result<[u8; 32], String> {
+    let carried = s.open.resume.as_ref().and_then(|(seq, h)| {
+        let h: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
+        Some((*seq, h))
+    });
+    match (s.chunks.last(), carried) {
+        (Some(c), Some((seq, h))) if c.seq < seq => Ok(h),
+        (Some(c), _) => spool::read_chunk(dir, c.loc)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| chunk::check(&bytes, c.seq).map_err(|e| e.to_string()))
+            .map(|(_, hash)| hash)
+            .map_err(|e| format!("its last spooled chunk {} is unreadable: {e}", c.seq)),
+        (None, Some((_, h))) => Ok(h),
+        (None, None) => Ok(chunk::chain_seed(id)),
+    }
+}
+
+/// Records the sessions found damaged (a DAMAGED record each, durable
+/// before the agent takes connections) and marks them in the index the
+/// shipper starts from: listed as damaged, never shipped, kept.
+fn quarantine(
+    writer: &mut spool::Writer,
+    index: &mut spool::Index,
+    sessions: &mut HashMap<String, Session>,
+    damage: Vec<DamagedRecord>,
+) -> Result<()> {
+    if damage.is_empty() {
+        return Ok(());
+    }
+    let locs = writer
+        .write_now(damage.iter().map(spool::damaged_body).collect())
+        .context("recording damaged sessions in the spool")?;
+    for (d, loc) in damage.into_iter().zip(locs) {
+        tracing::error!(
+            session = %d.session_id,
+            "session damaged in the spool: {}; quarantined: listed as damaged, never shipped, kept for inspection",
+            d.reason
+        );
+        index
+            .segments
+            .entry(loc.segment)
+            .or_default()
+            .entry(d.session_id.clone())
+            .or_default();
+        if let Some(s) = index.sessions.get_mut(&d.session_id) {
+            s.damaged = Some(d.reason.clone());
+        }
+        if let Some(s) = sessions.get_mut(&d.session_id) {
+            s.damaged = Some(d.reason);
+        }
+    }
+    Ok(())
+}
+
+/// The uid of the recorder's system user: its connections name the user
+/// they record. Without it no connection may: each is recorded as its own uid.
+fn recorder_uid(name: &str) -> Option<u32> {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Some(u.uid.as_raw()),
+        other => {
+            let why = match other {
+                Err(e) => format!(": {e}"),
+                _ => String::new(),
             };
-            d.0 = Instant::now();
+            tracing::warn!(
+                user = %name,
+                "recorder_user does not exist{why}: no connection may name the user it records, so set-uid \
+                 recorders cannot record (install the package, or fix recorder_user)"
+            );
+            None
         }
-        d.1
     }
+}
 
-    /// Why a new session cannot be taken, if it cannot.
-    fn admission(&self, uid: u32) -> Option<String> {
-        let a = &self.cfg.agent;
-        let used = self.stats.total_bytes.load(Ordering::Relaxed);
-        if used >= a.spool_max_bytes {
-            return Some(format!("the spool is full ({used} of {} bytes)", a.spool_max_bytes));
-        }
-        let free = self.free_bytes();
-        if free < a.min_free_bytes {
-            return Some(format!(
-                "the spool's disk is nearly full ({free} bytes free, {} required)",
-                a.min_free_bytes
-            ));
-        }
-        let n = self.per_uid.lock().expect("uid lock").get(&uid).copied().unwrap_or(0);
-        if n >= a.max_sessions_per_uid {
-            return Some(format!(
-                "uid {uid} already has {n} recorded sessions open (max_sessions_per_uid)"
-            ));
-        }
-        None
-    }
+/// Raises the soft limit on open descriptors to the hard one and says how
+/// many connections fit under it, with room to spare for everything else.
+fn fd_room() -> u32 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return u32::MAX;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    soft.saturating_sub(SPARE_FDS).clamp(1, u64::from(u32::MAX)) as u32
 }
 
 /// Binds the socket and serves until the process is stopped.
@@ -254,17 +322,59 @@ pub async fn run(cfg: Config) -> Result<()> {
     serve(agent, listener).await
 }
 
-/// Accepts recorders forever.
+/// Accepts recorders forever. A failed accept (out of descriptors, a
+/// connection aborted before it was taken) is logged and retried after a
+/// pause, never fatal. Each peer's connections are counted as they are
+/// accepted; past its uid's cap a connection is told why and closed.
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
+    let mut pause = ACCEPT_PAUSE.0;
     loop {
-        let (stream, _) = listener.accept().await.context("accepting a recorder")?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                pause = ACCEPT_PAUSE.0;
+                stream
+            }
+            Err(e) => {
+                agent.limits.log_every("accept", |n| {
+                    tracing::error!("cannot accept recorder connections: {e} ({n} times); retrying")
+                });
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ACCEPT_PAUSE.1);
+                continue;
+            }
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: c.uid(),
+                pid: c.pid().unwrap_or(0),
+            },
+            Err(e) => {
+                agent.limits.log_every("peer_cred", |n| {
+                    tracing::warn!("connection without credentials: {e} ({n} times)")
+                });
+                continue;
+            }
+        };
+        let slot = match agent.limits.connection(peer.uid) {
+            Ok(slot) => slot,
+            Err(why) => {
+                agent.limits.log_every(&format!("conns {}", peer.uid), |n| {
+                    tracing::warn!(uid = peer.uid, "connections refused ({n} times): {why}")
+                });
+                // Best effort, never waiting: an honest recorder shows the reason.
+                let mut buf = Vec::new();
+                let refused = AgentFrame {
+                    body: Some(agent_frame::Body::Refused(Refused { reason: why })),
+                };
+                framing::encode(&refused, &mut buf);
+                let _ = stream.try_write(&buf);
+                continue;
+            }
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
-            let cred = stream.peer_cred();
-            let (uid, pid) = cred.as_ref().map_or((u32::MAX, 0), |c| (c.uid(), c.pid().unwrap_or(0)));
-            if let Err(e) = connection(&agent, stream, uid, pid).await {
-                tracing::warn!(uid, pid, "recorder connection closed: {e:#}");
-            }
+            conn::serve(agent, stream, peer).await;
+            drop(slot);
         });
     }
 }
@@ -288,7 +398,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
-fn start_ticks(pid: i32) -> Option<u64> {
+pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and ')': split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -374,6 +484,7 @@ async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), S
         peer_uid: u.uid,
         peer_pid: u.pid,
         peer_user: user,
+        via_recorder_uid: None,
         peer_start_ticks: start_ticks(u.pid).unwrap_or(0),
         opened_unix_ms: now_ms(),
         resume: None,
@@ -387,12 +498,14 @@ async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), S
         sid.clone(),
         Session {
             uid: u.uid,
+            peer_uid: u.uid,
             pid: u.pid,
             start_ticks: open.peer_start_ticks,
             next_seq: 0,
             last_hash: seed,
             closed: true,
             connected: false,
+            damaged: None,
             who: Who::of(&open),
         },
     );
@@ -428,7 +541,7 @@ async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), S
 /// Sessions whose recorder is gone without a Close get one, so they stop
 /// counting as live. The recorder's pid and start time identify it.
 async fn sweep(agent: &Agent) {
-    if let Some(rec) = agent.recorder_uid {
+    if let Some(rec) = agent.limits.recorder_uid() {
         report_unrecorded(agent, rec).await;
     }
     let gone: Vec<(String, View)> = {
@@ -472,400 +585,4 @@ async fn sweep(agent: &Agent) {
             }
         }
     }
-}
-
-/// Errors that end one connection.
-#[derive(Debug, thiserror::Error)]
-enum ConnError {
-    #[error("{0}")]
-    Frame(#[from] framing::FrameError),
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("protocol: {0}")]
-    Protocol(String),
-}
-
-struct FrameConn {
-    stream: tokio::net::unix::OwnedReadHalf,
-    buf: Vec<u8>,
-    max: usize,
-}
-
-impl FrameConn {
-    async fn next(&mut self) -> Result<Option<RecorderFrame>, ConnError> {
-        loop {
-            if let Some(f) = framing::take::<RecorderFrame>(&mut self.buf, self.max)? {
-                return Ok(Some(f));
-            }
-            let n = self.stream.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ConnError::Protocol("connection closed in the middle of a frame".into()))
-                };
-            }
-        }
-    }
-}
-
-async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, body: agent_frame::Body) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    framing::encode(&AgentFrame { body: Some(body) }, &mut buf);
-    w.write_all(&buf).await
-}
-
-/// What the ack task waits for, in order.
-enum Pending {
-    Chunk {
-        seq: u64,
-        hash: [u8; 32],
-        wait: oneshot::Receiver<Result<Loc, String>>,
-    },
-    Close {
-        rec: Box<CloseRecord>,
-        wait: oneshot::Receiver<Result<Loc, String>>,
-    },
-    /// A chunk the spool already had (resent after a reconnect).
-    Duplicate { seq: u64 },
-}
-
-/// Releases the per-uid slot and the session's "connected" mark.
-struct Slot<'a> {
-    agent: &'a Agent,
-    uid: u32,
-    session: String,
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        if let Some(n) = self.agent.per_uid.lock().expect("uid lock").get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-        }
-        if let Some(s) = self
-            .agent
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .get_mut(&self.session)
-        {
-            s.connected = false;
-        }
-    }
-}
-
-async fn connection(agent: &Arc<Agent>, stream: UnixStream, uid: u32, pid: i32) -> Result<(), ConnError> {
-    let (rd, mut wr) = stream.into_split();
-    let mut conn = FrameConn {
-        stream: rd,
-        buf: Vec::with_capacity(64 << 10),
-        max: agent.cfg.agent.max_frame_bytes as usize,
-    };
-    let first = tokio::time::timeout(OPEN_TIMEOUT, conn.next())
-        .await
-        .map_err(|_| ConnError::Protocol("no Open within 10 s".into()))??;
-    let Some(RecorderFrame {
-        body: Some(recorder_frame::Body::Open(open)),
-    }) = first
-    else {
-        return Err(ConnError::Protocol("the first frame must be Open".into()));
-    };
-    let mut meta = open.meta.unwrap_or_default();
-    // Who the session records: the set-uid recorder names the user (it ran
-    // as them until it started their program); anyone else is who the kernel
-    // says. A claim from anyone else is overwritten, never believed.
-    let uid = if Some(uid) == agent.recorder_uid { meta.uid } else { uid };
-    meta.uid = uid;
-    let id = match uuid::Uuid::parse_str(&meta.session_id) {
-        // Only the canonical form: the id names files and URLs later on.
-        Ok(u) if u.to_string() == meta.session_id => u,
-        _ => {
-            let why = "session id must be a canonical UUID".to_string();
-            send(&mut wr, agent_frame::Body::Refused(Refused { reason: why.clone() })).await?;
-            return Err(ConnError::Protocol(why));
-        }
-    };
-    let sid = meta.session_id.clone();
-
-    // Admit (new) or resume (after a reconnect) the session.
-    let outcome: Result<u64, String> = if open.resume {
-        let mut sessions = agent.sessions.lock().expect("sessions lock");
-        match sessions.get_mut(&sid) {
-            None => Err(format!("cannot resume unknown session {sid}")),
-            Some(s) if s.uid != uid || s.pid != pid => Err(format!(
-                "session {sid} belongs to another recorder (uid {}, pid {})",
-                s.uid, s.pid
-            )),
-            Some(s) if s.closed => Err(format!("session {sid} is already closed")),
-            Some(s) if s.connected => Err(format!("session {sid} is already connected")),
-            Some(s) => {
-                s.connected = true;
-                Ok(s.next_seq)
-            }
-        }
-    } else if agent.sessions.lock().expect("sessions lock").contains_key(&sid) {
-        Err(format!("session {sid} already exists"))
-    } else if let Some(why) = agent.admission(uid) {
-        Err(why)
-    } else {
-        let peer_user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_default();
-        let rec = OpenRecord {
-            meta: meta.clone(),
-            peer_uid: uid,
-            peer_pid: pid,
-            peer_user,
-            peer_start_ticks: start_ticks(pid).unwrap_or(0),
-            opened_unix_ms: now_ms(),
-            resume: None,
-        };
-        match agent.append(spool::open_body(&rec)).await {
-            Ok(loc) => {
-                if let Some(ship) = &agent.shipper {
-                    ship.opened(&rec, loc);
-                }
-                agent.sessions.lock().expect("sessions lock").insert(
-                    sid.clone(),
-                    Session {
-                        uid,
-                        pid,
-                        start_ticks: rec.peer_start_ticks,
-                        next_seq: 0,
-                        last_hash: chunk::chain_seed(&sid),
-                        closed: false,
-                        connected: true,
-                        who: Who::of(&rec),
-                    },
-                );
-                tracing::info!(session = %sid, uid, pid, user = %rec.peer_user, mode = %meta.mode, "session opened");
-                Ok(0)
-            }
-            Err(e) => Err(format!("cannot write to the spool: {e}")),
-        }
-    };
-    let next_seq = match outcome {
-        Ok(n) => n,
-        Err(reason) => {
-            tracing::warn!(session = %sid, uid, pid, "refused: {reason}");
-            send(&mut wr, agent_frame::Body::Refused(Refused { reason: reason.clone() })).await?;
-            return Ok(());
-        }
-    };
-    *agent.per_uid.lock().expect("uid lock").entry(uid).or_insert(0) += 1;
-    let _slot = Slot {
-        agent,
-        uid,
-        session: sid.clone(),
-    };
-    if open.resume {
-        tracing::info!(session = %sid, uid, pid, next_seq, "session resumed");
-    }
-    send(&mut wr, agent_frame::Body::Accepted(Accepted { next_seq })).await?;
-
-    // Acks go out in order from their own task, as the writer makes records durable.
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Pending>();
-    let acker = {
-        let agent = agent.clone();
-        let sid = sid.clone();
-        tokio::spawn(async move {
-            while let Some(p) = ack_rx.recv().await {
-                let (through, closed) = match p {
-                    Pending::Duplicate { seq } => (seq, false),
-                    Pending::Chunk { seq, hash, wait } => {
-                        let loc = match wait.await.unwrap_or(Err("spool writer stopped".into())) {
-                            Ok(loc) => loc,
-                            Err(e) => {
-                                // Nothing after this chunk is acknowledged on this
-                                // connection; closing it makes the recorder reconnect
-                                // and resend from the last durable chunk.
-                                tracing::error!(session = %sid, "spool write failed: {e}; closing the connection");
-                                let reason = format!("the agent cannot write its spool: {e}");
-                                let _ = send(&mut wr, agent_frame::Body::Refused(Refused { reason })).await;
-                                return;
-                            }
-                        };
-                        if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
-                            s.next_seq = seq + 1;
-                            s.last_hash = hash;
-                        }
-                        if let Some(ship) = &agent.shipper {
-                            ship.chunk(&sid, seq, loc);
-                        }
-                        (seq, false)
-                    }
-                    Pending::Close { rec, wait } => {
-                        let loc = match wait.await.unwrap_or(Err("spool writer stopped".into())) {
-                            Ok(loc) => loc,
-                            Err(e) => {
-                                tracing::error!(session = %sid, "spool write failed: {e}");
-                                return;
-                            }
-                        };
-                        if let Some(ship) = &agent.shipper {
-                            ship.closed(&rec, loc);
-                        }
-                        if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
-                            s.closed = true;
-                        }
-                        tracing::info!(session = %sid, "session closed");
-                        let through = agent
-                            .sessions
-                            .lock()
-                            .expect("sessions lock")
-                            .get(&sid)
-                            .map_or(0, |s| s.next_seq);
-                        (through.saturating_sub(1), true)
-                    }
-                };
-                if send(
-                    &mut wr,
-                    agent_frame::Body::Ack(Ack {
-                        through_seq: through,
-                        closed,
-                    }),
-                )
-                .await
-                .is_err()
-                {
-                    return;
-                }
-            }
-        })
-    };
-
-    // This connection's view of the chain: next seq it will accept, hash of the last one.
-    let (mut expect, mut prev) = {
-        let sessions = agent.sessions.lock().expect("sessions lock");
-        let s = &sessions[&sid];
-        (s.next_seq, s.last_hash)
-    };
-    let result = loop {
-        let frame = match conn.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        match frame.body {
-            Some(recorder_frame::Body::Chunk(c)) => {
-                let (head, _) = match chunk::parse(&c.data) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        break Err(ConnError::Protocol(format!(
-                            "session {sid}: malformed chunk {}: {e}",
-                            c.seq
-                        )));
-                    }
-                };
-                if head.seq != c.seq {
-                    break Err(ConnError::Protocol(format!(
-                        "session {sid}: frame says chunk {} but the chunk says {}",
-                        c.seq, head.seq
-                    )));
-                }
-                if c.seq < expect {
-                    if ack_tx.send(Pending::Duplicate { seq: c.seq }).is_err() {
-                        break Err(ConnError::Protocol("stopped after a failed spool write".into()));
-                    }
-                    continue;
-                }
-                // A gap is allowed: the recorder drops chunks (and names them in
-                // Close) when its memory fills while the agent is away.
-                if c.seq == expect && head.prev_hash != prev {
-                    break Err(ConnError::Protocol(format!(
-                        "session {sid}: chunk {} does not continue the hash chain",
-                        c.seq
-                    )));
-                }
-                // The recorder's word for the chunk's link hash: checking it
-                // would mean decompressing every chunk here, and the collector
-                // recomputes it anyway (a wrong one quarantines the session there).
-                let hash = match <[u8; 32]>::try_from(&c.hash[..]) {
-                    Ok(h) => h,
-                    Err(_) if c.hash.is_empty() => match chunk::hash(&c.data) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            break Err(ConnError::Protocol(format!(
-                                "session {sid}: malformed chunk {}: {e}",
-                                c.seq
-                            )));
-                        }
-                    },
-                    Err(_) => {
-                        break Err(ConnError::Protocol(format!(
-                            "session {sid}: chunk {} comes with a {}-byte hash, not 32",
-                            c.seq,
-                            c.hash.len()
-                        )));
-                    }
-                };
-                let (done, wait) = oneshot::channel();
-                if agent
-                    .writer
-                    .send(Append {
-                        body: spool::chunk_body(&id, c.seq, &c.data),
-                        done,
-                    })
-                    .is_err()
-                {
-                    break Err(ConnError::Protocol("spool writer stopped".into()));
-                }
-                if ack_tx.send(Pending::Chunk { seq: c.seq, hash, wait }).is_err() {
-                    break Err(ConnError::Protocol("stopped after a failed spool write".into()));
-                }
-                expect = c.seq + 1;
-                prev = hash;
-            }
-            Some(recorder_frame::Body::Close(close)) => {
-                let mut rec = CloseRecord {
-                    session_id: sid.clone(),
-                    close,
-                    cause: "recorder".into(),
-                    closed_unix_ms: now_ms(),
-                    seal: None,
-                };
-                // The chain as this connection queued it, in order before the Close.
-                agent.seal(
-                    &mut rec,
-                    View {
-                        next_seq: expect,
-                        last_hash: prev,
-                    },
-                );
-                let (done, wait) = oneshot::channel();
-                if agent
-                    .writer
-                    .send(Append {
-                        body: spool::close_body(&rec),
-                        done,
-                    })
-                    .is_err()
-                {
-                    break Err(ConnError::Protocol("spool writer stopped".into()));
-                }
-                if ack_tx
-                    .send(Pending::Close {
-                        rec: Box::new(rec),
-                        wait,
-                    })
-                    .is_err()
-                {
-                    break Err(ConnError::Protocol("stopped after a failed spool write".into()));
-                }
-            }
-            Some(recorder_frame::Body::Open(_)) => {
-                break Err(ConnError::Protocol("second Open on one connection".into()));
-            }
-            None => break Err(ConnError::Protocol("empty frame body".into())),
-        }
-    };
-    drop(ack_tx);
-    // Let the acks of what was already queued go out before the slot is released.
-    let _ = acker.await;
-    result.map_err(|e| match e {
-        ConnError::Protocol(m) => ConnError::Protocol(format!("{m} (uid {uid})")),
-        other => other,
-    })
 }

@@ -18,7 +18,9 @@
 //!   segment holds it. A session still open keeps its start record: it is
 //!   carried forward into the newest segment (with its resume point) first.
 //! * A session the collector rejects is quarantined: never retried, its
-//!   segments kept, the reason logged and listed.
+//!   segments kept, the reason logged and listed. So is a session damaged in
+//!   the spool (found at the agent's start, or a chunk shipping cannot
+//!   read): it is never shipped as if it were whole.
 //!
 //! ## Fairness
 //! Live sessions (little waiting) go first in every batch; the backlog an
@@ -27,7 +29,7 @@
 //! the backlog drains at full speed while a live session's chunks wait only
 //! behind the few megabytes of backlog already in flight, not behind a round.
 
-use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord, SegmentUse, Stats};
+use crate::agent::spool::{self, Append, CloseRecord, DamagedRecord, Loc, OpenRecord, SegmentUse, Stats};
 use crate::config::ShipConfig;
 use anyhow::{Context, Result, bail};
 use shelltrail_proto::v1::{
@@ -135,6 +137,8 @@ pub struct Shipper {
     /// The host's session-signing key, announced in every hello so that the
     /// collector pins it.
     signing_key: shelltrail_proto::seal::PublicKey,
+    /// Sessions found damaged while shipping, whose DAMAGED record is still to be written.
+    damaged: Mutex<Vec<DamagedRecord>>,
 }
 
 impl Shipper {
@@ -156,6 +160,7 @@ impl Shipper {
             e.chunks = s.chunks.iter().map(|c| (c.seq, c.loc)).collect();
             e.last = s.chunks.last().map(|c| (c.seq, c.loc));
             e.close = s.close.clone();
+            e.quarantine = s.damaged.as_ref().map(|d| format!("damaged in the spool: {d}"));
             cat.sessions.insert(id.clone(), e);
         }
         Arc::new(Shipper {
@@ -166,6 +171,7 @@ impl Shipper {
             stats,
             writer,
             signing_key,
+            damaged: Mutex::new(Vec::new()),
         })
     }
 
@@ -196,6 +202,7 @@ impl Shipper {
         let mut cat = self.lock();
         let u = Self::note_segment(&mut cat, loc, id);
         u.max_seq = Some(u.max_seq.map_or(seq, |m| m.max(seq)));
+        u.bytes += u64::from(loc.body_len).saturating_sub(spool::CHUNK_RECORD_OVERHEAD);
         if let Some(e) = cat.sessions.get_mut(id) {
             e.chunks.insert(seq, loc);
             if e.last.is_none_or(|(s, _)| s < seq) {
@@ -368,6 +375,7 @@ impl Shipper {
     async fn send_loop(&self, tx: mpsc::Sender<ShipRequest>) -> Result<()> {
         loop {
             let batch = self.next_batch()?;
+            self.record_damage().await?;
             if batch.is_empty() {
                 // Woken by new durable records, acks, or a periodic check.
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
@@ -452,8 +460,22 @@ impl Shipper {
             let Some((&seq, &loc)) = e.chunks.range(e.next_to_send..).next() else {
                 break;
             };
-            let data = spool::read_chunk(&self.spool_dir, loc)
-                .with_context(|| format!("reading chunk {seq} of session {id} from the spool"))?;
+            let data = match spool::read_chunk(&self.spool_dir, loc) {
+                Ok(data) => data,
+                Err(err) => {
+                    // Retrying cannot help, and failing the stream would stop
+                    // every other session's shipping: the session is set aside.
+                    let reason = format!("chunk {seq} cannot be read from the spool: {err}");
+                    tracing::error!(session = %id, "{reason}; quarantined, not shipped");
+                    e.quarantine = Some(format!("damaged in the spool: {reason}"));
+                    self.damaged.lock().expect("damaged lock").push(DamagedRecord {
+                        session_id: id.to_string(),
+                        reason,
+                        unix_ms: crate::agent::server::now_ms(),
+                    });
+                    return Ok(out.len() > len);
+                }
+            };
             let n = data.len() as u64;
             e.in_flight.insert(seq, n);
             *in_flight += n;
@@ -474,6 +496,27 @@ impl Shipper {
             out.push(req(ship_request::Body::End(c.to_end())));
         }
         Ok(out.len() > len)
+    }
+
+    /// Writes the DAMAGED records of sessions [`serve`](Self::serve) set
+    /// aside, so that listings show them and a restart keeps them aside.
+    async fn record_damage(&self) -> Result<()> {
+        let found = std::mem::take(&mut *self.damaged.lock().expect("damaged lock"));
+        for rec in found {
+            let (done, wait) = oneshot::channel();
+            self.writer
+                .send(Append {
+                    body: spool::damaged_body(&rec),
+                    done,
+                })
+                .map_err(|_| anyhow::anyhow!("spool writer stopped"))?;
+            let loc = wait
+                .await?
+                .map_err(|e| anyhow::anyhow!("recording the damage of session {}: {e}", rec.session_id))?;
+            // The record's segment holds the quarantined session: it is kept too.
+            Self::note_segment(&mut self.lock(), loc, &rec.session_id);
+        }
+        Ok(())
     }
 
     /// Deletes closed segments whose every record the collector has committed.
@@ -517,6 +560,15 @@ impl Shipper {
         );
         let mut cat = self.lock();
         if let Some(uses) = cat.segments.remove(&seg) {
+            // What the segment held no longer counts against its sessions' quotas.
+            {
+                let mut held = self.stats.holdings.lock().expect("holdings lock");
+                for (id, u) in &uses {
+                    if let Some(e) = cat.sessions.get(id) {
+                        held.release(e.open.peer_uid, id, u.bytes);
+                    }
+                }
+            }
             // Forget sessions that are fully shipped and no longer in any segment.
             for id in uses.keys() {
                 let referenced = cat.segments.values().any(|u| u.contains_key(id));

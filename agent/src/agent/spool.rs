@@ -26,6 +26,7 @@
 //!   kind 1 OPEN   payload = JSON OpenRecord  (metadata + what SO_PEERCRED proved)
 //!   kind 2 CHUNK  payload = session uuid (16 bytes) seq:u64le chunk-bytes
 //!   kind 3 CLOSE  payload = JSON CloseRecord (exit status, last seq, lost chunks, cause, seal)
+//!   kind 4 DAMAGED payload = JSON DamagedRecord (a session found damaged: quarantined)
 //! ```
 //! Chunk bytes are the recorder's chunks verbatim (a skippable zstd frame
 //! with the chunk header, then a zstd frame), so a session's chunks
@@ -42,17 +43,22 @@
 //! truncated there. A bad record in an older segment is reported with its
 //! position and the rest of that segment is skipped. New records always go to
 //! a fresh segment after start-up.
+//!
+//! A session whose records are intact but whose content is not (its last
+//! chunk does not decode, say) is the agent's to judge, not the scan's: the
+//! agent writes a DAMAGED record for it, and from then on every reader
+//! lists it as damaged and the shipper leaves it (and its segments) alone.
 
 use serde::{Deserialize, Serialize};
 use shelltrail_proto::v1::{Close, Seal, SessionEnd, SessionMeta, SessionStart};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 const MAGIC: &[u8; 8] = b"STSPOOL1";
 const RECORD_HEAD: u64 = 8;
@@ -64,6 +70,9 @@ const MAX_BATCH: usize = 8 << 20;
 pub const KIND_OPEN: u8 = 1;
 pub const KIND_CHUNK: u8 = 2;
 pub const KIND_CLOSE: u8 = 3;
+pub const KIND_DAMAGED: u8 = 4;
+/// Bytes of a chunk record's body before the chunk: kind, session, seq.
+pub const CHUNK_RECORD_OVERHEAD: u64 = 1 + 16 + 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -96,11 +105,19 @@ fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenRecord {
     pub meta: SessionMeta,
-    /// From SO_PEERCRED: the uid and pid of the recorder process.
+    /// The session's uid as the agent established it: the connection's
+    /// (SO_PEERCRED), or, for a connection of the recorder's own user, the
+    /// uid the recorder names (see `via_recorder_uid`). Limits and quotas
+    /// count against it.
     pub peer_uid: u32,
+    /// From SO_PEERCRED: the pid of the recorder process.
     pub peer_pid: i32,
     /// The login name of `peer_uid`, looked up by the agent.
     pub peer_user: String,
+    /// Set when the connection came from `recorder_user` (SO_PEERCRED said
+    /// this uid): the set-uid recorder, believed about the session's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_recorder_uid: Option<u32>,
     /// Start time of the recorder process (/proc/PID/stat), to tell a vanished
     /// recorder from a new process that reused its pid.
     pub peer_start_ticks: u64,
@@ -153,6 +170,16 @@ impl CloseRecord {
     }
 }
 
+/// DAMAGED: the agent found the session's stored recording damaged (at
+/// start-up, or when shipping could not read a chunk). It is quarantined:
+/// listed as damaged, never shipped, its segments kept for an operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DamagedRecord {
+    pub session_id: String,
+    pub reason: String,
+    pub unix_ms: i64,
+}
+
 /// Where a record's body lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
@@ -171,6 +198,12 @@ pub fn open_body(r: &OpenRecord) -> Vec<u8> {
 
 pub fn close_body(r: &CloseRecord) -> Vec<u8> {
     let mut b = vec![KIND_CLOSE];
+    serde_json::to_writer(&mut b, r).expect("serialising to a Vec cannot fail");
+    b
+}
+
+pub fn damaged_body(r: &DamagedRecord) -> Vec<u8> {
+    let mut b = vec![KIND_DAMAGED];
     serde_json::to_writer(&mut b, r).expect("serialising to a Vec cannot fail");
     b
 }
@@ -220,6 +253,8 @@ pub struct SessionEntry {
     pub open: OpenRecord,
     pub chunks: Vec<ChunkEntry>,
     pub close: Option<CloseRecord>,
+    /// Why the agent quarantined the session, if it did (a DAMAGED record).
+    pub damaged: Option<String>,
 }
 
 impl SessionEntry {
@@ -255,6 +290,8 @@ pub struct Index {
     orphans: BTreeMap<String, Vec<ChunkEntry>>,
     /// Likewise for end records.
     orphan_closes: BTreeMap<String, CloseRecord>,
+    /// Likewise for damage records.
+    orphan_damage: BTreeMap<String, String>,
 }
 
 /// One session's records in one segment.
@@ -263,6 +300,9 @@ pub struct SegmentUse {
     pub open: bool,
     pub max_seq: Option<u64>,
     pub close: bool,
+    /// Chunk bytes of the session in the segment: what deleting the
+    /// segment gives back to the session's and its user's quotas.
+    pub bytes: u64,
 }
 
 /// Walks the whole spool. `repair` (the agent, at start-up, before writing)
@@ -347,6 +387,11 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
             }
         }
     }
+    for id in std::mem::take(&mut index.orphan_damage).keys() {
+        index
+            .problems
+            .push(format!("damage record of session {id} whose start record is missing"));
+    }
     for id in std::mem::take(&mut index.orphan_closes).keys() {
         index
             .problems
@@ -404,6 +449,7 @@ impl Index {
                     open,
                     chunks: Vec::new(),
                     close: None,
+                    damaged: None,
                 });
                 for c in self.orphans.remove(&id).unwrap_or_default() {
                     if let Err(at) = s.chunks.binary_search_by_key(&c.seq, |x| x.seq) {
@@ -412,6 +458,9 @@ impl Index {
                 }
                 if let Some(close) = self.orphan_closes.remove(&id) {
                     s.close.get_or_insert(close);
+                }
+                if let Some(why) = self.orphan_damage.remove(&id) {
+                    s.damaged.get_or_insert(why);
                 }
             }
             KIND_CHUNK => {
@@ -424,6 +473,7 @@ impl Index {
                 let seq = u64::from_le_bytes(payload[16..24].try_into().expect("8"));
                 let u = self.uses(loc.segment, &id);
                 u.max_seq = Some(u.max_seq.map_or(seq, |m| m.max(seq)));
+                u.bytes += payload.len() as u64 - 24;
                 // Usually in order; after a failed write (disk full) a session
                 // resends from its last durable chunk, so a later chunk can
                 // precede an earlier one and appear twice. Keep one of each, in order.
@@ -447,6 +497,18 @@ impl Index {
                     Some(s) => s.close = Some(close),
                     None => {
                         self.orphan_closes.insert(close.session_id.clone(), close);
+                    }
+                }
+            }
+            KIND_DAMAGED => {
+                let d: DamagedRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                self.uses(loc.segment, &d.session_id);
+                match self.sessions.get_mut(&d.session_id) {
+                    Some(s) => {
+                        s.damaged.get_or_insert(d.reason);
+                    }
+                    None => {
+                        self.orphan_damage.entry(d.session_id).or_insert(d.reason);
                     }
                 }
             }
@@ -492,6 +554,54 @@ pub struct Stats {
     pub records: AtomicU64,
     /// The segment being written: older ones are closed and may be deleted once shipped.
     pub active_segment: AtomicU64,
+    /// What each session and each uid holds in the spool, for the quotas.
+    pub holdings: Mutex<Holdings>,
+}
+
+/// Chunk bytes (compressed recording) each session and each uid holds in
+/// the spool: what `spool_max_bytes_per_session` and `_per_uid` count. The
+/// agent adds a chunk when it queues it for writing (and takes it back if
+/// the write fails); the shipper gives back what a deleted segment held.
+#[derive(Debug, Default)]
+pub struct Holdings {
+    per_uid: HashMap<u32, u64>,
+    per_session: HashMap<String, u64>,
+}
+
+impl Holdings {
+    pub fn add(&mut self, uid: u32, session: &str, n: u64) {
+        *self.per_uid.entry(uid).or_default() += n;
+        match self.per_session.get_mut(session) {
+            Some(b) => *b += n,
+            None => {
+                self.per_session.insert(session.to_string(), n);
+            }
+        }
+    }
+
+    /// Gives back `n` bytes; entries that reach zero are forgotten.
+    pub fn release(&mut self, uid: u32, session: &str, n: u64) {
+        if let Some(b) = self.per_uid.get_mut(&uid) {
+            *b = b.saturating_sub(n);
+            if *b == 0 {
+                self.per_uid.remove(&uid);
+            }
+        }
+        if let Some(b) = self.per_session.get_mut(session) {
+            *b = b.saturating_sub(n);
+            if *b == 0 {
+                self.per_session.remove(session);
+            }
+        }
+    }
+
+    pub fn uid(&self, uid: u32) -> u64 {
+        self.per_uid.get(&uid).copied().unwrap_or(0)
+    }
+
+    pub fn session(&self, session: &str) -> u64 {
+        self.per_session.get(session).copied().unwrap_or(0)
+    }
 }
 
 /// The single writer: owns the newest segment.
@@ -518,6 +628,20 @@ impl Writer {
             segment_bytes,
             stats,
         })
+    }
+
+    /// Writes and syncs `bodies` now, on the calling thread: for what the
+    /// agent records at start-up, before the writer thread takes over.
+    pub fn write_now(&mut self, bodies: Vec<Vec<u8>>) -> Result<Vec<Loc>, SpoolError> {
+        let batch: Vec<Append> = bodies
+            .into_iter()
+            .map(|body| Append {
+                body,
+                done: tokio::sync::oneshot::channel().0,
+            })
+            .collect();
+        let mut buf = Vec::new();
+        self.commit(&batch, &mut buf)
     }
 
     /// Runs the group-commit loop until every sender is gone.
@@ -657,6 +781,7 @@ pub(crate) mod tests {
             peer_uid: 1000,
             peer_pid: 42,
             peer_user: "u".into(),
+            via_recorder_uid: None,
             peer_start_ticks: 7,
             opened_unix_ms: 1,
             resume: None,
@@ -798,7 +923,8 @@ pub(crate) mod tests {
             SegmentUse {
                 open: false,
                 max_seq: Some(6),
-                close: false
+                close: false,
+                bytes: 7,
             }
         );
         assert!(ix.segments[&2][&id.to_string()].open);

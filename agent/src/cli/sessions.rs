@@ -48,6 +48,10 @@ pub struct Row {
     /// damaged, or a seal that does not check out.
     #[serde(default)]
     pub quarantine: String,
+    /// Why the agent quarantined the session as damaged in its spool, if it
+    /// did (never shipped; kept for inspection).
+    #[serde(default)]
+    pub damaged: String,
 }
 
 impl Row {
@@ -134,12 +138,13 @@ fn build(
         lost_seqs: close.map_or_else(Vec::new, |(c, _, _)| c.lost_seqs.clone()),
         last_seq: close.map(|(c, _, _)| c.last_seq),
         quarantine: String::new(),
+        damaged: String::new(),
     }
 }
 
 pub fn from_spool(s: &SessionEntry) -> Row {
     let close = s.close.as_ref().map(|c| (&c.close, c.cause.as_str(), c.closed_unix_ms));
-    build(
+    let mut row = build(
         &s.open.meta,
         "",
         Verified {
@@ -151,7 +156,9 @@ pub fn from_spool(s: &SessionEntry) -> Row {
         close,
         s.stored_bytes(),
         s.chunks.len(),
-    )
+    );
+    row.damaged = s.damaged.clone().unwrap_or_default();
+    row
 }
 
 pub fn from_collector(i: &SessionInfo) -> Row {
@@ -202,8 +209,10 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
     )?;
     for r in rows {
         let state = match (r.live, r.exit_status) {
+            _ if !r.damaged.is_empty() => "damaged".to_string(),
             // Refused, damaged, or a seal that does not check out: see `verify`.
             _ if !r.quarantine.is_empty() => "flagged".to_string(),
+            _ if r.end_cause.as_deref().is_some_and(|c| c.starts_with("stopped")) => "stopped".to_string(),
             (true, _) => "live".to_string(),
             (false, Some(-1)) => "lost".to_string(),
             (false, Some(c)) => format!("exit {c}"),

@@ -1395,6 +1395,8 @@ fn recorder_meta(id: &str) -> SessionMeta {
         session_id: id.to_string(),
         host: DRAIN_HOST.into(),
         user: "bench".into(),
+        // The agent refuses a session naming a uid other than the connection's.
+        uid: nix::unistd::getuid().as_raw(),
         mode: "pty".into(),
         command: "simulated".into(),
         start_unix_ms: (unix_now() * 1e3) as i64,
@@ -1614,7 +1616,13 @@ fn drain(
         "[ship]\ncollector = \"https://127.0.0.1:{port}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
         tls.ca, tls.cert, tls.key
     );
-    let agent = Agent::start_with(cli, &dir.join("agent"), "", "max_sessions_per_uid = 4096", &ship)?;
+    let agent = Agent::start_with(
+        cli,
+        &dir.join("agent"),
+        "",
+        "max_sessions_per_uid = 4096\nmax_connections = 8192\nmax_connections_per_uid = 8192",
+        &ship,
+    )?;
     let apid = agent.pid();
     let socket = agent.dir.join("agent.sock");
 

@@ -142,6 +142,8 @@ fn build_script(i: usize, ticks: usize) -> Script {
         meta: SessionMeta {
             session_id: id,
             user: "bench".into(),
+            // The agent refuses a session naming a uid other than the connection's.
+            uid: nix::unistd::getuid().as_raw(),
             mode: "pty".into(),
             command: "simulated".into(),
             recorder_version: "scale-bench".into(),
@@ -338,7 +340,12 @@ fn phase(
     seconds: u64,
     with_strace: bool,
 ) -> Result<Phase, String> {
-    let agent = Agent::start(cli, dir, "", "max_sessions_per_uid = 2000")?;
+    let agent = Agent::start(
+        cli,
+        dir,
+        "",
+        "max_sessions_per_uid = 2000\nmax_connections_per_uid = 4096",
+    )?;
     let apid = agent.pid();
     let socket = agent.dir.join("agent.sock");
     let rt = tokio::runtime::Builder::new_multi_thread()
