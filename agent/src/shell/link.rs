@@ -7,6 +7,13 @@
 //! policy decides: `deny` makes the session wait (output stalls until the
 //! agent catches up), `allow` drops the chunk and names it in the session's
 //! Close message, so the gap is recorded, never silent.
+//!
+//! The agent enforces its limits (quotas, the spool's cap) on every chunk.
+//! When it holds the session (`Held`), the budget is treated as full at
+//! once, so the same policy applies without first filling memory; a new
+//! connection lifts the hold. When it stops the session's recording
+//! (`Stopped`, under `deny` after a bounded wait), the user is told and the
+//! session is ended as a `kill` of the recorder would end it.
 
 use crate::shell::syslog;
 use shelltrail_cast::chunk::Chunk;
@@ -119,6 +126,8 @@ pub struct Budget {
     cap: u64,
     /// Set when the session is over: waiting for room makes no sense any more.
     abandoned: AtomicBool,
+    /// Set while the agent holds the session: no room, whatever is used.
+    held: AtomicBool,
 }
 
 impl Budget {
@@ -128,13 +137,14 @@ impl Budget {
             freed: Condvar::new(),
             cap,
             abandoned: AtomicBool::new(false),
+            held: AtomicBool::new(false),
         })
     }
 
     /// Takes `n` bytes if they fit.
     pub fn try_take(&self, n: u64) -> bool {
         let mut used = self.used.lock().expect("budget lock");
-        if *used + n > self.cap && *used > 0 {
+        if self.held.load(Ordering::Relaxed) || (*used + n > self.cap && *used > 0) {
             return false;
         }
         *used += n;
@@ -146,7 +156,7 @@ impl Budget {
     /// session whose user has gone must not hang forever on an absent agent.
     pub fn take_waiting(&self, n: u64) -> bool {
         let mut used = self.used.lock().expect("budget lock");
-        while *used + n > self.cap && *used > 0 {
+        while self.held.load(Ordering::Relaxed) || (*used + n > self.cap && *used > 0) {
             if self.abandoned.load(Ordering::Relaxed) {
                 return false;
             }
@@ -158,6 +168,12 @@ impl Budget {
         }
         *used += n;
         true
+    }
+
+    /// The agent holds the session (true) or takes it again (false).
+    fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
+        self.freed.notify_all();
     }
 
     /// The session has ended: stop waiting for room.
@@ -186,6 +202,16 @@ pub enum ToLink {
     },
     ReaderDone {
         epoch: u64,
+    },
+    /// The agent holds the session at a limit.
+    Held {
+        epoch: u64,
+        reason: String,
+    },
+    /// The agent ended the session's recording.
+    Stopped {
+        epoch: u64,
+        reason: String,
     },
 }
 
@@ -222,6 +248,8 @@ pub fn run(
         backoff: Duration::from_millis(50),
         warned: false,
         opened: false,
+        stopped: false,
+        discarded: Vec::new(),
     };
     if let Some(c) = conn {
         link.attach(c);
@@ -235,22 +263,38 @@ pub fn run(
         };
         let wait = close_deadline.map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
         match rx.recv_timeout(wait) {
+            Ok(ToLink::Chunk(c)) if link.stopped => {
+                link.budget.give_back(c.bytes.len() as u64);
+                link.discarded.push(c.seq);
+            }
             Ok(ToLink::Chunk(c)) => {
                 link.send_chunk(&c);
                 link.unacked.push_back(c);
             }
-            Ok(ToLink::Close(c)) => {
+            Ok(ToLink::Close(mut c)) => {
+                // Chunks let go of after the agent stopped the recording are lost too.
+                c.lost_seqs.append(&mut link.discarded);
+                c.lost_seqs.sort_unstable();
+                c.lost_seqs.dedup();
                 link.close = Some(c);
                 link.send_close();
                 close_deadline = Some(Instant::now() + close_timeout);
             }
             Ok(ToLink::Acked { epoch, through, closed }) if epoch == link.epoch => link.acked(through, closed),
             Ok(ToLink::ReaderDone { epoch }) if epoch == link.epoch => link.lost("the agent closed the connection"),
+            Ok(ToLink::Held { epoch, reason }) if epoch == link.epoch && !link.stopped => {
+                syslog::warning(&format!(
+                    "session {}: the agent holds the recording: {reason}",
+                    link.meta.session_id
+                ));
+                link.budget.hold(true);
+            }
+            Ok(ToLink::Stopped { epoch, reason }) if epoch == link.epoch => link.stop(&reason),
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        if link.stream.is_none() && Instant::now() >= link.retry_at {
+        if link.stream.is_none() && !link.stopped && Instant::now() >= link.retry_at {
             link.reconnect();
         }
         if link.close_acked {
@@ -284,11 +328,17 @@ struct Link {
     /// while the agent was down (`on_agent_unavailable = allow`) is
     /// delivered whole when the agent comes back.
     opened: bool,
+    /// The agent stopped the session's recording: no more chunks are sent,
+    /// only the Close, and there is no reconnecting.
+    stopped: bool,
+    /// Seqs of the chunks let go of since.
+    discarded: Vec<u64>,
 }
 
 impl Link {
     fn attach(&mut self, conn: Connection) {
         self.opened = true;
+        self.budget.hold(false);
         self.epoch += 1;
         let epoch = self.epoch;
         // Everything below next_seq is durable at the agent: forget it.
@@ -322,6 +372,24 @@ impl Link {
                                 Some(agent_frame::Body::Refused(r)) => {
                                     syslog::warning(&format!("agent refused to go on: {}", r.reason));
                                     break;
+                                }
+                                Some(agent_frame::Body::Held(h)) => {
+                                    let msg = ToLink::Held {
+                                        epoch,
+                                        reason: h.reason,
+                                    };
+                                    if tx.send(msg).is_err() {
+                                        return;
+                                    }
+                                }
+                                Some(agent_frame::Body::Stopped(s)) => {
+                                    let msg = ToLink::Stopped {
+                                        epoch,
+                                        reason: s.reason,
+                                    };
+                                    if tx.send(msg).is_err() {
+                                        return;
+                                    }
                                 }
                                 _ => {}
                             }
@@ -389,6 +457,27 @@ impl Link {
             ));
             self.retry_at = Instant::now();
         }
+    }
+
+    /// The agent stopped the session's recording: tell the user, let go of
+    /// what is held, and end the session the way a signal to the recorder
+    /// ends it (the child is hung up, the session's end runs as usual and
+    /// its Close, naming what was not stored, still goes to the agent).
+    fn stop(&mut self, reason: &str) {
+        self.stopped = true;
+        let msg = format!(
+            "session {}: the shelltrail agent stopped recording this session: {reason}. The session ends.",
+            self.meta.session_id
+        );
+        syslog::error(&msg);
+        // The user's terminal may be in raw mode: end lines with CR LF.
+        let _ = write!(std::io::stderr(), "\r\nshelltrail: {msg}\r\n");
+        while let Some(c) = self.unacked.pop_front() {
+            self.budget.give_back(c.bytes.len() as u64);
+            self.discarded.push(c.seq);
+        }
+        self.budget.abandon();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
     }
 
     fn reconnect(&mut self) {
