@@ -31,6 +31,13 @@
 //!   login script that stops the recorder and runs a shell on `$SSH_TTY`, a
 //!   process holding sshd's terminal from before the recorder started,
 //!   another session of the user reaching for the terminal or the recorder.
+//! * [`agent_limits`]: what a local user can throw at the agent's socket: a
+//!   flood of connections (and the agent out of descriptors), 300 frames held
+//!   half-sent, chunks that are not what they claim; and a spool damaged by
+//!   such a chunk. The agent stays up and small; other users are recorded.
+//! * [`quotas`]: a `base64 /dev/urandom` hog held at its user's spool quota,
+//!   ended with a message under `deny`, its gap recorded under `allow`,
+//!   while another user logs in and is recorded.
 //! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through
 //!   a fault-injecting proxy: collector refused, killed and restarted, agent
 //!   killed, link cut a hundred times, stalled and black-holed, the spool
@@ -45,11 +52,13 @@
 //!   spool; a good one passes, and so does one whose recorder was killed
 //!   (sealed by the agent's sweep). No sshd.
 
+mod agent_limits;
 mod durability;
 mod exec;
 mod identity;
 mod interactive;
 mod privsep;
+mod quotas;
 mod sealing;
 mod security;
 mod shipping;

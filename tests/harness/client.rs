@@ -61,6 +61,13 @@ impl Ssh {
         }
     }
 
+    /// Logs in as `user` instead of the world's user (sshd takes the
+    /// world's key for any account).
+    pub fn as_user(mut self, user: &str) -> Self {
+        self.user = user.to_string();
+        self
+    }
+
     /// An extra client argument (before the destination), e.g. `-n`.
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_string());

@@ -302,6 +302,25 @@ impl World {
         *slot = Some(child);
     }
 
+    /// The running agent's pid (panics if it is not running).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent
+            .lock()
+            .expect("agent lock")
+            .as_ref()
+            .expect("the agent is not running")
+            .id()
+    }
+
+    /// Whether the agent is still running (it has not exited).
+    pub fn agent_running(&self) -> bool {
+        self.agent
+            .lock()
+            .expect("agent lock")
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Kills the agent with SIGKILL (a crash: no shutdown code runs).
     pub fn kill_agent(&self) {
         let mut slot = self.agent.lock().expect("agent lock");
