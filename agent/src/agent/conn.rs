@@ -1,13 +1,12 @@
 //! One recorder connection: the Open handshake, then the session's chunks
 //! in order until Close.
 //!
-//! Three tasks serve a connection. The reader takes frames off the socket,
-//! each one's bytes held in the connection's memory budget
-//! ([`ConnMemory`](crate::agent::limits::ConnMemory)) from its length
-//! prefix until it is durable or dropped. The session task (this module's
-//! [`serve`]) checks each chunk, charges it to the quotas and queues it for
-//! the spool writer. The acker sends acknowledgements in order as the
-//! writer makes records durable.
+//! Two tasks serve a connection. The session task (this module's
+//! [`serve`]) takes frames off the socket, each one's bytes held in the
+//! connection's memory budget ([`ConnMemory`](crate::agent::limits::ConnMemory))
+//! from its length prefix until it is durable or dropped, checks each
+//! chunk, charges it to the quotas and queues it for the spool writer. The
+//! acker sends acknowledgements in order as the writer makes records durable.
 //!
 //! What a connection must do, or be closed:
 //! * a complete Open within [`OPEN_TIMEOUT`], at most [`MAX_OPEN_FRAME`] bytes;
@@ -85,55 +84,87 @@ pub enum ConnError {
     Protocol(String),
 }
 
-/// A frame with its memory reservation, boxed: channels allocate their
-/// slots 32 at a time, and a frame in place is most of a kilobyte.
-type Frame = Result<Option<Box<(RecorderFrame, Reservation)>>, ConnError>;
+type Frame = Result<Option<(RecorderFrame, Reservation)>, ConnError>;
 
 /// Takes frames off the socket without holding more than the budget allows.
+///
+/// Cancel-safe: what it has read of a frame (and the frame's reservation)
+/// stays here, so the session task can wait on it and on a timer at once
+/// without a task of its own for reading (one more task wake per frame
+/// doubled the agent's CPU per chunk).
 struct FrameReader {
     rd: OwnedReadHalf,
     mem: ConnMemory,
+    prefix: [u8; framing::PREFIX],
+    got: usize,
+    /// The frame being read: its bytes, how many arrived, its reservation
+    /// and when all of it must be there.
+    body: Vec<u8>,
+    filled: usize,
+    held: Option<Reservation>,
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl FrameReader {
+    fn new(rd: OwnedReadHalf, mem: ConnMemory) -> FrameReader {
+        FrameReader {
+            rd,
+            mem,
+            prefix: [0; framing::PREFIX],
+            got: 0,
+            body: Vec::new(),
+            filled: 0,
+            held: None,
+            deadline: None,
+        }
+    }
+
     /// The next frame with its memory reservation, or None at a clean end.
     ///
     /// The length prefix is read first and checked against `max`; the body
     /// is read only once its bytes fit the budget (until then the socket is
     /// not read at all), and must arrive within [`FRAME_TIMEOUT`].
     async fn next(&mut self, max: usize) -> Frame {
-        let mut prefix = [0u8; framing::PREFIX];
-        let mut got = 0;
-        while got < prefix.len() {
-            match self.rd.read(&mut prefix[got..]).await? {
-                0 if got == 0 => return Ok(None),
-                0 => return Err(ConnError::Protocol("connection closed in the middle of a frame".into())),
-                n => got += n,
+        let torn = || ConnError::Protocol("connection closed in the middle of a frame".into());
+        while self.got < self.prefix.len() {
+            match self.rd.read(&mut self.prefix[self.got..]).await? {
+                0 if self.got == 0 => return Ok(None),
+                0 => return Err(torn()),
+                n => self.got += n,
             }
         }
-        let len = u32::from_be_bytes(prefix) as usize;
+        let len = u32::from_be_bytes(self.prefix) as usize;
         if len > max {
             return Err(framing::FrameError::TooLarge { len, max }.into());
         }
         if len == 0 {
             return Err(framing::FrameError::Empty.into());
         }
-        let held = self.mem.reserve(len).await;
-        let mut body = vec![0u8; len];
-        match tokio::time::timeout(FRAME_TIMEOUT, self.rd.read_exact(&mut body)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ConnError::Protocol("connection closed in the middle of a frame".into()));
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(ConnError::Protocol(format!(
-                    "a frame of {len} bytes did not arrive whole within {} s",
-                    FRAME_TIMEOUT.as_secs()
-                )));
+        if self.held.is_none() {
+            self.held = Some(self.mem.reserve(len).await);
+            self.body = vec![0u8; len];
+            self.filled = 0;
+            self.deadline = Some(tokio::time::Instant::now() + FRAME_TIMEOUT);
+        }
+        let deadline = self.deadline.expect("set with the reservation");
+        while self.filled < len {
+            match tokio::time::timeout_at(deadline, self.rd.read(&mut self.body[self.filled..])).await {
+                Ok(Ok(0)) => return Err(torn()),
+                Ok(Ok(n)) => self.filled += n,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(ConnError::Protocol(format!(
+                        "a frame of {len} bytes did not arrive whole within {} s",
+                        FRAME_TIMEOUT.as_secs()
+                    )));
+                }
             }
         }
-        Ok(Some(Box::new((framing::decode(&body)?, held))))
+        self.got = 0;
+        self.deadline = None;
+        let held = self.held.take().expect("reserved above");
+        let frame = framing::decode(&std::mem::take(&mut self.body))?;
+        Ok(Some((frame, held)))
     }
 }
 
@@ -201,10 +232,7 @@ async fn refuse(w: &mut OwnedWriteHalf, sid: &str, peer: Peer, reason: String) -
 
 async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Result<(), ConnError> {
     let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader {
-        rd,
-        mem: agent.limits.conn_memory(peer.uid),
-    };
+    let mut reader = FrameReader::new(rd, agent.limits.conn_memory(peer.uid));
     let first = tokio::time::timeout(OPEN_TIMEOUT, reader.next(MAX_OPEN_FRAME))
         .await
         .map_err(|_| ConnError::Protocol(format!("no complete Open within {} s", OPEN_TIMEOUT.as_secs())))??;
@@ -213,7 +241,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
             body: Some(recorder_frame::Body::Open(open)),
         },
         _,
-    )) = first.map(|f| *f)
+    )) = first
     else {
         return Err(ConnError::Protocol("the first frame must be Open".into()));
     };
@@ -254,20 +282,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
     let failed = Arc::new(AtomicBool::new(false));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
     let acker = tokio::spawn(acker(agent.clone(), sid.clone(), who.uid, wr, ack_rx, failed.clone()));
-    // One frame read ahead of the one being checked, no more: the budget
-    // holds what is queued for the writer, the channel at most one frame.
-    let (frame_tx, mut frames) = mpsc::channel::<Frame>(1);
     let max_frame = agent.cfg.agent.max_frame_bytes as usize;
-    let reading = tokio::spawn(async move {
-        loop {
-            let f = reader.next(max_frame).await;
-            let end = !matches!(f, Ok(Some(_)));
-            if frame_tx.send(f).await.is_err() || end {
-                return;
-            }
-        }
-    });
-
     let mut session = SessionTask {
         agent,
         sid: &sid,
@@ -292,7 +307,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
             ));
         }
         let frame = tokio::select! {
-            f = frames.recv() => f,
+            f = reader.next(max_frame) => f,
             _ = tick.tick(), if session.held.is_some() => {
                 match session.held_check(deny, wait) {
                     Some(outcome) => break outcome,
@@ -301,9 +316,9 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
             }
         };
         let (frame, mem) = match frame {
-            Some(Ok(Some(f))) => *f,
-            Some(Ok(None)) | None => break Ok(()),
-            Some(Err(e)) => break Err(e),
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         };
         match frame.body {
             Some(recorder_frame::Body::Chunk(c)) => {
@@ -333,8 +348,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
     // reconnects as soon as it sees the end).
     let wr = acker.await.ok();
     drop(connected);
-    reading.abort();
-    let _ = reading.await;
+    drop(reader);
     drop(wr);
     result.map_err(|e| match e {
         ConnError::Protocol(m) => ConnError::Protocol(format!("{m} (uid {})", who.uid)),
