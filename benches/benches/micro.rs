@@ -5,6 +5,10 @@
 //! * `chunk/*`: `shelltrail_cast::Chunker` cutting chunks of the recorder's
 //!   default size (`chunk_bytes`) of encoded asciicast at its default zstd
 //!   level, in MB/s of encoded text; the compression ratio is printed.
+//! * `check/*`: what the agent spends checking each chunk as it arrives
+//!   (`shelltrail_cast::chunk::check`: decompress within the size cap, the
+//!   link hash over header and content), on chunks of the recorder's default
+//!   size and level, in MB/s of asciicast; the time per chunk is printed.
 //! * `run/compact`: what the collector's compaction does per MiB of content:
 //!   16 chunks of the default size decompressed and their link hashes
 //!   checked, merged into a run at level 3, and the run unpacked again to
@@ -70,6 +74,51 @@ fn encode(c: &mut Criterion) {
                 out.clear();
                 encode_all(&mut enc, black_box(&data), &mut out, &mut t);
                 black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn check(c: &mut Criterion) {
+    let (chunk_bytes, level) = recorder();
+    let mut g = c.benchmark_group("check");
+    for (name, data) in inputs() {
+        let mut enc = Encoder::new();
+        let mut encoded = Vec::new();
+        let mut t = Duration::ZERO;
+        while encoded.len() < 4 * chunk_bytes {
+            encode_all(&mut enc, &data, &mut encoded, &mut t);
+        }
+        let mut chunker = Chunker::new("00000000-0000-7000-8000-000000000000", level);
+        let chunks: Vec<(u64, Vec<u8>)> = encoded
+            .chunks(chunk_bytes)
+            .filter(|p| p.len() == chunk_bytes)
+            .map(|p| {
+                chunker.buffer().extend_from_slice(p);
+                let ch = chunker.cut(0, 1).expect("a chunk");
+                (ch.seq, ch.bytes)
+            })
+            .collect();
+        let n = 200;
+        let start = Instant::now();
+        for k in 0..n {
+            let (seq, bytes) = &chunks[k % chunks.len()];
+            black_box(shelltrail_cast::chunk::check(bytes, *seq).expect("a good chunk"));
+        }
+        println!(
+            "check/{name}: {:.0} us per {} KiB chunk ({} bytes compressed)",
+            start.elapsed().as_secs_f64() * 1e6 / n as f64,
+            chunk_bytes >> 10,
+            chunks[0].1.len()
+        );
+        g.throughput(Throughput::Bytes(chunk_bytes as u64));
+        let mut i = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let (seq, bytes) = &chunks[i % chunks.len()];
+                i += 1;
+                black_box(shelltrail_cast::chunk::check(bytes, *seq).map(|(_, h)| h[0]))
             })
         });
     }
@@ -264,6 +313,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = encode, chunk, run_compact, spool_writes
+    targets = encode, chunk, check, run_compact, spool_writes
 }
 criterion_main!(benches);
