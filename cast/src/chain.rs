@@ -1,5 +1,8 @@
-//! Walking a stored session's hash chain: the one walker every verifier
-//! uses (`shelltrail verify`, on a spool or a collector).
+//! A session's hash chain: [`Chain`], the one link check every component
+//! applies as chunks arrive (the agent's connections and start-up, the
+//! shipper, the collector's append, re-index and compaction), and
+//! [`Walker`], built on it, which every verifier uses (`shelltrail verify`,
+//! on a spool or a collector) to walk a stored session and report.
 //!
 //! Feed it the session's stored bytes in order (recorder's chunks, or runs
 //! of them as the collector keeps ended sessions); it checks that every
@@ -14,8 +17,93 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::chunk::{ChunkError, chain_seed};
+use crate::chunk::{ChunkError, ChunkHeader, chain_seed};
 use crate::run;
+
+/// Where a session's chain stands: the seq it expects next and the link
+/// hash that chunk must name as its `prev_hash`. Two words, so it is what
+/// the spool stores as a session's resume point and what a stream resumes
+/// from, with no chunk decompressed to find it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    next_seq: u64,
+    last_hash: [u8; 32],
+}
+
+/// How a chunk relates to the chain it was offered to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The next chunk, linked to the one before: the chain advanced.
+    Next,
+    /// A chunk after a gap (`missing`): the chain advanced past it, its link
+    /// unchecked (nothing to check it against). Whether the gap is allowed
+    /// (the recorder declared those chunks lost) is the caller's to judge.
+    AfterGap { missing: std::ops::Range<u64> },
+    /// A chunk already accepted (a resend): nothing changed.
+    Repeat,
+}
+
+/// A chunk in the next position that does not name the chain's last link.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("chunk {seq} does not continue the hash chain (its prev_hash is not the link hash of chunk {before})", before = seq.wrapping_sub(1))]
+pub struct Unlinked {
+    pub seq: u64,
+}
+
+impl Chain {
+    /// A new session's chain: chunk 0 follows the session's seed.
+    pub fn new(session_id: &str) -> Chain {
+        Chain {
+            next_seq: 0,
+            last_hash: chain_seed(session_id),
+        }
+    }
+
+    /// A chain known to stand at `next_seq`, after a chunk whose link hash is `last_hash`.
+    pub fn resume(next_seq: u64, last_hash: [u8; 32]) -> Chain {
+        Chain { next_seq, last_hash }
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The link hash of the last chunk accepted (the seed before any).
+    pub fn last_hash(&self) -> [u8; 32] {
+        self.last_hash
+    }
+
+    /// Offers the chunk with `header` whose link hash is `hash` (see
+    /// [`crate::chunk::link_hash`]): advances the chain if it continues it.
+    pub fn accept(&mut self, header: &ChunkHeader, hash: [u8; 32]) -> Result<Step, Unlinked> {
+        let seq = header.seq;
+        if seq < self.next_seq {
+            return Ok(Step::Repeat);
+        }
+        let step = if seq == self.next_seq {
+            if header.prev_hash != self.last_hash {
+                return Err(Unlinked { seq });
+            }
+            Step::Next
+        } else {
+            Step::AfterGap {
+                missing: self.next_seq..seq,
+            }
+        };
+        self.next_seq = seq + 1;
+        self.last_hash = hash;
+        Ok(step)
+    }
+
+    /// Whether `accept` would take the chunk with `header` as the next one
+    /// (or as a repeat or after a gap), without advancing.
+    pub fn check(&self, header: &ChunkHeader) -> Result<(), Unlinked> {
+        if header.seq == self.next_seq && header.prev_hash != self.last_hash {
+            return Err(Unlinked { seq: header.seq });
+        }
+        Ok(())
+    }
+}
 
 /// Something wrong with the stored chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,6 +359,38 @@ impl Walker {
             self.walk.final_hash = h;
         }
         self.walk
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    fn header(seq: u64, prev: [u8; 32]) -> ChunkHeader {
+        ChunkHeader {
+            seq,
+            prev_hash: prev,
+            start_ms: 0,
+            end_ms: 0,
+            raw_len: 0,
+        }
+    }
+
+    #[test]
+    fn chain_advances_repeats_gaps_and_refuses_a_broken_link() {
+        let mut c = Chain::new("s");
+        assert_eq!(c.accept(&header(0, chain_seed("s")), [1; 32]), Ok(Step::Next));
+        assert_eq!(c.accept(&header(0, chain_seed("s")), [1; 32]), Ok(Step::Repeat));
+        assert_eq!(c.accept(&header(1, [9; 32]), [2; 32]), Err(Unlinked { seq: 1 }));
+        assert_eq!(c, Chain::resume(1, [1; 32]), "a refused chunk changes nothing");
+        assert_eq!(c.accept(&header(1, [1; 32]), [2; 32]), Ok(Step::Next));
+        assert_eq!(
+            c.accept(&header(5, [7; 32]), [5; 32]),
+            Ok(Step::AfterGap { missing: 2..5 })
+        );
+        assert_eq!((c.next_seq(), c.last_hash()), (6, [5; 32]));
+        assert!(c.check(&header(6, [0; 32])).is_err());
+        assert!(c.check(&header(6, [5; 32])).is_ok());
     }
 }
 
