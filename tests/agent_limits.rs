@@ -306,7 +306,7 @@ fn a_session_damaged_in_the_spool_is_quarantined_at_start() {
         spool::Writer::create(&w.spool, last, 64 << 20, Default::default()).expect("a segment for the poison");
     let uuid = uuid::Uuid::parse_str(&victim.id).unwrap();
     writer
-        .write_now(vec![spool::chunk_body(&uuid, next, &poisoned)])
+        .write_now(vec![spool::chunk_body(&uuid, next, &[0; 32], &poisoned)])
         .expect("writing the poisoned chunk");
     drop(writer);
 

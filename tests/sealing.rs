@@ -526,7 +526,10 @@ fn a_rewritten_spool_fails_verify() {
     }
     let uuid = uuid::Uuid::parse_str(&id).unwrap();
     let mut bodies = vec![spool::open_body(&entry.open)];
-    bodies.extend(forged.iter().map(|(seq, bytes)| spool::chunk_body(&uuid, *seq, bytes)));
+    bodies.extend(forged.iter().map(|(seq, bytes)| {
+        let hash = shelltrail_cast::chunk::hash(bytes).expect("a forged chunk");
+        spool::chunk_body(&uuid, *seq, &hash, bytes)
+    }));
     bodies.push(spool::close_body(&close));
     write_segment(&h.spool, bodies);
 
@@ -572,7 +575,9 @@ fn a_session_whose_recorder_vanished_is_sealed_as_the_agent_holds_it() {
         .expect("killing the recorder");
     let _ = session.wait(TIMEOUT);
     let ended = shelltrail_tests::wait_until("the agent's sweep", Duration::from_secs(30), || {
-        h.sessions().into_iter().find(|r| r.id == row.id && !r.live)
+        h.sessions()
+            .into_iter()
+            .find(|r| r.id == row.id && !r.live && r.end_cause.is_some())
     });
     assert_eq!(ended.end_cause.as_deref(), Some("recorder vanished"), "{ended:#?}");
     let v = run(h.cli(&["verify", &row.id]), TIMEOUT);

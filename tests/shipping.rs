@@ -263,7 +263,7 @@ fn spool_cap_refuses_sessions_until_shipping_drains_it() {
     w.assert_shipped(&h, &big_id, &big.expected(), SHIP_TIMEOUT);
     // Room for a chunk again, by deleting shipped segments.
     let drained = poll_until(Duration::from_secs(30), || {
-        (h.spool_bytes() < CAP - (512 << 10) && h.agent_log_text().contains("deleted a fully shipped spool segment"))
+        (h.spool_bytes() < CAP - (512 << 10) && h.agent_log_text().contains("deleted fully shipped spool segments"))
             .then_some(())
     });
     assert!(
@@ -315,7 +315,7 @@ fn spool_listing_stays_true_after_shipped_segments_are_deleted() {
     w.assert_shipped(&h, &id, &big.expected(), SHIP_TIMEOUT);
     wait_until("a shipped segment to be deleted", Duration::from_secs(20), || {
         h.agent_log_text()
-            .contains("deleted a fully shipped spool segment")
+            .contains("deleted fully shipped spool segments")
             .then_some(())
     });
     let out = shelltrail_tests::proc::run_ok(h.cli(&["sessions", "--json"]), TIMEOUT);
@@ -504,8 +504,12 @@ fn only_certified_hosts_ship_and_only_their_own_sessions() {
     );
 
     // host-a's spool replayed by an agent certified as host-b: refused.
+    // Replayed as it stood before the collector confirmed the session (the
+    // copy leaves out that it was shipped, or host-b would not send it).
     a.kill_agent();
-    let b = w.host("host-b").spool_copy_of(&a).build();
+    let b = w.host("host-b").spool_copy_of(&a).agent_down().build();
+    forget_shipping(&b.spool);
+    b.start_agent();
     wait_until("host-b's agent to be refused", Duration::from_secs(30), || {
         let log = b.agent_log_text();
         (log.contains("rejected the session") && log.contains(&id_a)).then_some(())
@@ -678,4 +682,30 @@ fn hosts_ship_and_operators_read_never_the_other_way_round() {
     std::fs::copy(&nk, &ok).expect("replacing the key");
     old.start_agent();
     w.assert_shipped(&old, &id_old, &so.expected(), SHIP_TIMEOUT);
+}
+
+/// Rewrites a spool as one segment holding each session's start, chunks
+/// and end: what it held before the collector confirmed anything.
+fn forget_shipping(dir: &std::path::Path) {
+    use shelltrail::agent::spool;
+    let index = spool::scan(dir, false).expect("reading the spool");
+    let mut bodies = Vec::new();
+    for (id, s) in &index.sessions {
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        bodies.push(spool::open_body(&s.open));
+        for c in &s.chunks {
+            let data = spool::read_chunk(dir, c.loc).expect("a spooled chunk");
+            let hash = c.hash.expect("a chunk record with its hash");
+            bodies.push(spool::chunk_body(&uuid, c.seq, &hash, &data));
+        }
+        if let Some(close) = &s.close {
+            bodies.push(spool::close_body(close));
+        }
+    }
+    for seg in spool::segments(dir).expect("listing the spool") {
+        std::fs::remove_file(spool::segment_path(dir, seg)).expect("removing a segment");
+    }
+    let stats = std::sync::Arc::new(spool::Stats::default());
+    let mut w = spool::Writer::create(dir, 0, 64 << 20, stats).expect("a spool writer");
+    w.write_now(bodies).expect("writing the spool");
 }

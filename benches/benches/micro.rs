@@ -251,7 +251,7 @@ fn spool_round(tx: &std::sync::mpsc::Sender<Append>, producers: u64, total: u64,
                 for seq in 0..per {
                     let (done, wait) = tokio::sync::oneshot::channel();
                     tx.send(Append {
-                        body: spool::chunk_body(&id, seq, body),
+                        body: spool::chunk_body(&id, seq, &[0; 32], body),
                         done,
                     })
                     .expect("writer running");

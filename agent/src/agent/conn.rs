@@ -29,10 +29,11 @@
 //! session.
 
 use crate::agent::limits::{ConnMemory, Reservation};
-use crate::agent::server::{Agent, Session, now_ms, start_ticks};
-use crate::agent::signer::{View, Who};
-use crate::agent::spool::{self, Append, CloseRecord, Loc, OpenRecord};
+use crate::agent::server::{Agent, now_ms, start_ticks};
+use crate::agent::signer::View;
+use crate::agent::spool::{self, CloseRecord, Loc, OpenRecord};
 use crate::config::Unavailable;
+use shelltrail_cast::chain::Chain;
 use shelltrail_cast::chunk::{self, ChunkError, ChunkHeader};
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{
@@ -212,13 +213,7 @@ struct Connected<'a> {
 
 impl Drop for Connected<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self
-            .agent
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .get_mut(&self.session)
-        {
+        if let Some(s) = self.agent.spool.lock().sessions.get_mut(&self.session) {
             s.connected = false;
         }
     }
@@ -291,11 +286,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
         ack: &ack_tx,
         held: None,
         closed: false,
-        chain: {
-            let sessions = agent.sessions.lock().expect("sessions lock");
-            let s = &sessions[&sid];
-            (s.next_seq, s.last_hash)
-        },
+        chain: agent.spool.lock().sessions[&sid].chain,
     };
     let deny = agent.cfg.shell.on_agent_unavailable == Unavailable::Deny;
     let wait = Duration::from_secs(agent.cfg.agent.quota_wait_secs);
@@ -364,7 +355,7 @@ async fn admit(
     who: &Identity,
     meta: &SessionMeta,
 ) -> Result<(u64, crate::agent::limits::SessionSlot), String> {
-    if agent.sessions.lock().expect("sessions lock").contains_key(sid) {
+    if agent.spool.lock().sessions.contains_key(sid) {
         return Err(format!("session {sid} already exists"));
     }
     if let Some(why) = agent.limits.admission(who.uid) {
@@ -381,28 +372,11 @@ async fn admit(
         opened_unix_ms: now_ms(),
         resume: None,
     };
-    let loc = agent
-        .append(spool::open_body(&rec))
+    agent
+        .spool
+        .open(rec)
         .await
         .map_err(|e| format!("cannot write to the spool: {e}"))?;
-    if let Some(ship) = &agent.shipper {
-        ship.opened(&rec, loc);
-    }
-    agent.sessions.lock().expect("sessions lock").insert(
-        sid.to_string(),
-        Session {
-            uid: who.uid,
-            peer_uid: peer.uid,
-            pid: peer.pid,
-            start_ticks: rec.peer_start_ticks,
-            next_seq: 0,
-            last_hash: chunk::chain_seed(sid),
-            closed: false,
-            connected: true,
-            damaged: None,
-            who: Who::of(&rec),
-        },
-    );
     tracing::info!(session = %sid, uid = who.uid, pid = peer.pid, user = %who.user, mode = %meta.mode, "session opened");
     Ok((0, slot))
 }
@@ -414,15 +388,16 @@ fn resume(
     peer: Peer,
     who: &Identity,
 ) -> Result<(u64, crate::agent::limits::SessionSlot), String> {
-    let mut sessions = agent.sessions.lock().expect("sessions lock");
-    let s = match sessions.get_mut(sid) {
+    let mut cat = agent.spool.lock();
+    let s = match cat.sessions.get_mut(sid) {
         None => return Err(format!("cannot resume unknown session {sid}")),
         Some(s) => s,
     };
-    if s.peer_uid != peer.uid || s.pid != peer.pid || s.uid != who.uid {
+    if s.connection_uid() != peer.uid || s.open.peer_pid != peer.pid || s.uid() != who.uid {
         return Err(format!(
             "session {sid} belongs to another recorder (uid {}, pid {})",
-            s.uid, s.pid
+            s.uid(),
+            s.open.peer_pid
         ));
     }
     if let Some(why) = &s.damaged {
@@ -430,7 +405,7 @@ fn resume(
             "session {sid} is damaged in the spool ({why}); its recording cannot go on"
         ));
     }
-    if s.closed {
+    if s.closed() {
         return Err(format!("session {sid} is already closed"));
     }
     if s.connected {
@@ -438,14 +413,15 @@ fn resume(
     }
     let slot = agent.limits.session(who.uid)?;
     s.connected = true;
-    Ok((s.next_seq, slot))
+    Ok((s.chain.next_seq(), slot))
 }
 
 /// What the acker waits for and sends, in order.
 enum Pending {
     Chunk {
         seq: u64,
-        hash: [u8; 32],
+        /// The chain once this chunk is durable.
+        chain: Chain,
         /// Bytes charged to the quotas, given back if the write fails.
         charged: u64,
         wait: oneshot::Receiver<Result<Loc, String>>,
@@ -495,7 +471,8 @@ struct SessionTask<'a> {
     ack: &'a mpsc::UnboundedSender<Pending>,
     held: Option<Hold>,
     /// The next seq this connection stores and the link hash of the chunk before it.
-    chain: (u64, [u8; 32]),
+    /// The chain as this connection queued it (ahead of what is durable).
+    chain: Chain,
     /// The recorder's Close has arrived: nothing may follow it.
     closed: bool,
 }
@@ -517,8 +494,7 @@ impl SessionTask<'_> {
         if self.closed {
             return Err(format!("session {}: chunk {} after Close", self.sid, c.seq));
         }
-        let (expect, prev) = self.chain;
-        if c.seq < expect {
+        if c.seq < self.chain.next_seq() {
             return self.pend(Pending::Duplicate { seq: c.seq });
         }
         let (data, checked) = check(self.agent, c.data, c.seq).await;
@@ -537,11 +513,8 @@ impl SessionTask<'_> {
         }
         // A gap is allowed: the recorder drops chunks (and names them in
         // Close) when its memory fills while the agent is away.
-        if c.seq == expect && header.prev_hash != prev {
-            return self.refuse(format!(
-                "session {}: chunk {} does not continue the hash chain",
-                self.sid, c.seq
-            ));
+        if let Err(e) = self.chain.check(&header) {
+            return self.refuse(format!("session {}: {e}", self.sid));
         }
         if let Some(h) = &mut self.held {
             if h.seen.len() < MAX_LISTED {
@@ -570,17 +543,18 @@ impl SessionTask<'_> {
                 reason,
             });
         }
-        let (done, wait) = oneshot::channel();
-        let body = spool::chunk_body(&self.id, c.seq, &data);
+        let body = spool::chunk_body(&self.id, c.seq, &hash, &data);
         drop(data);
-        if self.agent.writer.send(Append { body, done }).is_err() {
+        let Ok(wait) = self.agent.spool.queue(body) else {
             self.agent.limits.refund(self.uid, self.sid, n);
             return Err("spool writer stopped".into());
-        }
-        self.chain = (c.seq + 1, hash);
+        };
+        self.chain
+            .accept(&header, hash)
+            .expect("checked above: the chunk continues the chain");
         self.pend(Pending::Chunk {
             seq: c.seq,
-            hash,
+            chain: self.chain,
             charged: n,
             wait,
             _mem: mem,
@@ -612,14 +586,7 @@ impl SessionTask<'_> {
         };
         // The chain as this connection queued it, in order before the Close.
         self.agent.seal(&mut rec, self.view());
-        let (done, wait) = oneshot::channel();
-        self.agent
-            .writer
-            .send(Append {
-                body: spool::close_body(&rec),
-                done,
-            })
-            .map_err(|_| "spool writer stopped".to_string())?;
+        let wait = self.agent.spool.queue(spool::close_body(&rec))?;
         self.pend(Pending::Close {
             rec: Box::new(rec),
             wait,
@@ -665,8 +632,8 @@ impl SessionTask<'_> {
     /// The chain as this connection stored it, for a seal.
     fn view(&self) -> View {
         View {
-            next_seq: self.chain.0,
-            last_hash: self.chain.1,
+            next_seq: self.chain.next_seq(),
+            last_hash: self.chain.last_hash(),
         }
     }
 
@@ -677,7 +644,11 @@ impl SessionTask<'_> {
             session_id: self.sid.to_string(),
             close: Close {
                 exit_status: -1,
-                last_seq: seen.iter().copied().max().unwrap_or(self.chain.0.saturating_sub(1)),
+                last_seq: seen
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(self.chain.next_seq().saturating_sub(1)),
                 lost_seqs: seen,
                 end_unix_ms: now_ms(),
                 ..Default::default()
@@ -687,14 +658,11 @@ impl SessionTask<'_> {
             seal: None,
         };
         self.agent.seal(&mut rec, self.view());
-        let (done, wait) = oneshot::channel();
-        self.agent
-            .writer
-            .send(Append {
-                body: spool::close_body(&rec),
-                done,
-            })
-            .map_err(|_| ConnError::Protocol("spool writer stopped".into()))?;
+        let wait = self
+            .agent
+            .spool
+            .queue(spool::close_body(&rec))
+            .map_err(ConnError::Protocol)?;
         self.pend(Pending::Close {
             rec: Box::new(rec),
             wait,
@@ -744,19 +712,13 @@ async fn acker(
             })),
             Pending::Chunk {
                 seq,
-                hash,
+                chain,
                 charged,
                 wait,
                 _mem,
             } => match wait.await.unwrap_or(Err("spool writer stopped".into())) {
                 Ok(loc) if !done => {
-                    if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&sid) {
-                        s.next_seq = seq + 1;
-                        s.last_hash = hash;
-                    }
-                    if let Some(ship) = &agent.shipper {
-                        ship.chunk(&sid, seq, loc);
-                    }
+                    agent.spool.chunk_durable(&sid, seq, chain, loc);
                     Some(agent_frame::Body::Ack(Ack {
                         through_seq: seq,
                         closed: false,
@@ -778,16 +740,7 @@ async fn acker(
             },
             Pending::Close { rec, wait } => match wait.await.unwrap_or(Err("spool writer stopped".into())) {
                 Ok(loc) => {
-                    if let Some(ship) = &agent.shipper {
-                        ship.closed(&rec, loc);
-                    }
-                    let through = {
-                        let mut sessions = agent.sessions.lock().expect("sessions lock");
-                        sessions.get_mut(&sid).map_or(0, |s| {
-                            s.closed = true;
-                            s.next_seq
-                        })
-                    };
+                    let through = agent.spool.close_durable(&rec, loc);
                     tracing::info!(session = %sid, "session closed");
                     Some(agent_frame::Body::Ack(Ack {
                         through_seq: through.saturating_sub(1),

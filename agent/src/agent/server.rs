@@ -19,21 +19,19 @@ use crate::agent::conn::{self, Peer};
 use crate::agent::limits::Limits;
 use crate::agent::ship::Shipper;
 use crate::agent::signer::{Signer, View, Who};
-use crate::agent::spool::{self, Append, CloseRecord, DamagedRecord, Loc, OpenRecord, SessionEntry, Stats};
+use crate::agent::spool::{CloseRecord, OpenRecord, Spool, Stats};
 use crate::agent::watch;
 use crate::config::Config;
 use anyhow::{Context, Result};
-use shelltrail_cast::chunk;
+use shelltrail_cast::chain::Chain;
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{AgentFrame, Close, Refused, agent_frame};
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::UnixListener;
-use tokio::sync::oneshot;
 
 /// How often sessions whose recorder died without closing are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -51,31 +49,12 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What the agent tracks per session (durable state only).
-pub(crate) struct Session {
-    /// The session's user (the uid the recorder names when it connects as
-    /// `recorder_user`), and the uid and pid of the connection.
-    pub uid: u32,
-    pub peer_uid: u32,
-    pub pid: i32,
-    pub start_ticks: u64,
-    /// First seq not yet durable, and the hash of the last durable chunk.
-    pub next_seq: u64,
-    pub last_hash: [u8; 32],
-    pub closed: bool,
-    pub connected: bool,
-    /// Why the session is quarantined, if it is damaged in the spool.
-    pub damaged: Option<String>,
-    /// Who opened it, for its seal.
-    pub who: Who,
-}
-
 /// Shared agent state.
 pub struct Agent {
     pub(crate) cfg: Config,
-    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    /// The spool and its one catalogue of sessions.
+    pub(crate) spool: Arc<Spool>,
     pub(crate) limits: Arc<Limits>,
-    pub(crate) writer: std::sync::mpsc::Sender<Append>,
     pub stats: Arc<Stats>,
     /// Ships durable records to the collector, when one is configured.
     pub shipper: Option<Arc<Shipper>>,
@@ -89,83 +68,36 @@ impl Agent {
     /// Recovers the spool and starts the writer thread. A session whose
     /// stored recording is damaged is quarantined, never a reason not to start.
     pub fn start(cfg: Config) -> Result<Arc<Agent>> {
-        spool::prepare_dir(&cfg.spool_dir)?;
         let signer = Signer::load_or_create(&cfg.signing_key(), crate::agent::ship::host_facts().hostname)?;
         tracing::info!(key = %signer.public_key(), "sessions are sealed with this host's key");
-        let mut index = spool::scan(&cfg.spool_dir, true)
+        let (spool, recovered) = Spool::recover(&cfg.spool_dir, cfg.agent.segment_bytes, now_ms())
             .with_context(|| format!("recovering the spool at {}", cfg.spool_dir.display()))?;
-        for p in &index.problems {
+        for p in &recovered.problems {
             tracing::error!("spool recovery: {p}");
         }
-        let stats = Arc::new(Stats::default());
-        stats.total_bytes.store(index.total_bytes, Ordering::Relaxed);
-        let mut writer = spool::Writer::create(
-            &cfg.spool_dir,
-            index.last_segment,
-            cfg.agent.segment_bytes,
-            stats.clone(),
-        )?;
-
-        let mut sessions = HashMap::new();
-        let mut damage = Vec::new();
-        for (id, s) in &index.sessions {
-            let last_hash = match &s.damaged {
-                Some(_) => [0; 32],
-                None => last_link(&cfg.spool_dir, id, s).unwrap_or_else(|why| {
-                    damage.push(DamagedRecord {
-                        session_id: id.clone(),
-                        reason: why,
-                        unix_ms: now_ms(),
-                    });
-                    [0; 32]
-                }),
-            };
-            stats
-                .holdings
-                .lock()
-                .expect("holdings lock")
-                .add(s.open.peer_uid, id, s.stored_bytes());
-            sessions.insert(
-                id.clone(),
-                Session {
-                    uid: s.open.peer_uid,
-                    peer_uid: s.open.via_recorder_uid.unwrap_or(s.open.peer_uid),
-                    pid: s.open.peer_pid,
-                    start_ticks: s.open.peer_start_ticks,
-                    next_seq: s.next_seq(),
-                    last_hash,
-                    closed: s.close.is_some(),
-                    connected: false,
-                    damaged: s.damaged.clone(),
-                    who: Who::of(&s.open),
-                },
+        for d in &recovered.damaged {
+            tracing::error!(
+                session = %d.session_id,
+                "session damaged in the spool: {}; quarantined: listed as damaged, never shipped, kept for inspection",
+                d.reason
             );
         }
-        quarantine(&mut writer, &mut index, &mut sessions, damage)?;
-
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("spool-writer".into())
-            .spawn(move || writer.run(rx))?;
-        let open = sessions.values().filter(|s| !s.closed).count();
-        let damaged = sessions.values().filter(|s| s.damaged.is_some()).count();
-        tracing::info!(
-            sessions = sessions.len(),
-            open,
-            damaged,
-            bytes = index.total_bytes,
-            "spool recovered; open sessions wait for their recorders to reconnect"
-        );
-        let shipper = (!cfg.ship.collector.is_empty()).then(|| {
-            Shipper::new(
-                cfg.ship.clone(),
-                cfg.spool_dir.clone(),
-                &index,
-                stats.clone(),
-                tx.clone(),
-                signer.public_key(),
-            )
-        });
+        let spool = Arc::new(spool);
+        let stats = spool.stats.clone();
+        {
+            let cat = spool.lock();
+            let open = cat.sessions.values().filter(|s| !s.closed()).count();
+            let damaged = cat.sessions.values().filter(|s| s.damaged.is_some()).count();
+            tracing::info!(
+                sessions = cat.sessions.len(),
+                open,
+                damaged,
+                bytes = recovered.bytes,
+                "spool recovered; open sessions wait for their recorders to reconnect"
+            );
+        }
+        let shipper = (!cfg.ship.collector.is_empty())
+            .then(|| Shipper::new(cfg.ship.clone(), spool.clone(), signer.public_key()));
         let max_connections = cfg.agent.max_connections.min(fd_room());
         let limits = Limits::new(
             &cfg.agent,
@@ -177,9 +109,8 @@ impl Agent {
         );
         Ok(Arc::new(Agent {
             cfg,
-            sessions: Mutex::new(sessions),
+            spool,
             limits,
-            writer: tx,
             stats,
             shipper,
             watch: Mutex::new(watch::Watch::default()),
@@ -190,79 +121,14 @@ impl Agent {
     /// Seals `rec` with what the agent holds of the session's chain.
     pub(crate) fn seal(&self, rec: &mut CloseRecord, view: View) {
         let who = self
-            .sessions
+            .spool
             .lock()
-            .expect("sessions lock")
+            .sessions
             .get(&rec.session_id)
-            .map(|s| s.who.clone())
+            .map(|s| Who::of(&s.open))
             .unwrap_or_default();
         self.signer.seal(rec, &who, view);
     }
-
-    pub(crate) async fn append(&self, body: Vec<u8>) -> Result<Loc, String> {
-        let (done, wait) = oneshot::channel();
-        self.writer
-            .send(Append { body, done })
-            .map_err(|_| "spool writer stopped".to_string())?;
-        wait.await.map_err(|_| "spool writer stopped".to_string())?
-    }
-}
-
-/// The link hash a session's chain continues from: its last spooled chunk's,
-/// or where a carried-forward start record says it stood. The error says
-/// why the session's stored recording is damaged.
-fn last_link(dir: &Path, id: &str, s: &SessionEntry) -> Result<[u8; 32], String> {
-    let carried = s.open.resume.as_ref().and_then(|(seq, h)| {
-        let h: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
-        Some((*seq, h))
-    });
-    match (s.chunks.last(), carried) {
-        (Some(c), Some((seq, h))) if c.seq < seq => Ok(h),
-        (Some(c), _) => spool::read_chunk(dir, c.loc)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| chunk::check(&bytes, c.seq).map_err(|e| e.to_string()))
-            .map(|(_, hash)| hash)
-            .map_err(|e| format!("its last spooled chunk {} is unreadable: {e}", c.seq)),
-        (None, Some((_, h))) => Ok(h),
-        (None, None) => Ok(chunk::chain_seed(id)),
-    }
-}
-
-/// Records the sessions found damaged (a DAMAGED record each, durable
-/// before the agent takes connections) and marks them in the index the
-/// shipper starts from: listed as damaged, never shipped, kept.
-fn quarantine(
-    writer: &mut spool::Writer,
-    index: &mut spool::Index,
-    sessions: &mut HashMap<String, Session>,
-    damage: Vec<DamagedRecord>,
-) -> Result<()> {
-    if damage.is_empty() {
-        return Ok(());
-    }
-    let locs = writer
-        .write_now(damage.iter().map(spool::damaged_body).collect())
-        .context("recording damaged sessions in the spool")?;
-    for (d, loc) in damage.into_iter().zip(locs) {
-        tracing::error!(
-            session = %d.session_id,
-            "session damaged in the spool: {}; quarantined: listed as damaged, never shipped, kept for inspection",
-            d.reason
-        );
-        index
-            .segments
-            .entry(loc.segment)
-            .or_default()
-            .entry(d.session_id.clone())
-            .or_default();
-        if let Some(s) = index.sessions.get_mut(&d.session_id) {
-            s.damaged = Some(d.reason.clone());
-        }
-        if let Some(s) = sessions.get_mut(&d.session_id) {
-            s.damaged = Some(d.reason);
-        }
-    }
-    Ok(())
 }
 
 /// The uid of the recorder's system user: its connections name the user
@@ -408,7 +274,7 @@ pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
 /// Whether the recorder process still runs: same pid and same start time
 /// (a reused pid is another process). Where /proc hides other users'
 /// processes (hidepid), fall back to kill(pid, 0): EPERM still means alive.
-fn alive(pid: i32, ticks: u64) -> bool {
+pub(crate) fn alive(pid: i32, ticks: u64) -> bool {
     match start_ticks(pid) {
         Some(t) => t == ticks,
         None => {
@@ -421,8 +287,12 @@ fn alive(pid: i32, ticks: u64) -> bool {
 /// Logs SSH sessions running without a recording (see [`watch`]).
 async fn report_unrecorded(agent: &Agent, recorder_uid: u32) {
     let recorded: std::collections::HashSet<i32> = {
-        let sessions = agent.sessions.lock().expect("sessions lock");
-        sessions.values().filter(|s| !s.closed).map(|s| s.pid).collect()
+        let cat = agent.spool.lock();
+        cat.sessions
+            .values()
+            .filter(|s| !s.closed())
+            .map(|s| s.open.peer_pid)
+            .collect()
     };
     let found = tokio::task::spawn_blocking(move || watch::unrecorded(recorder_uid, &recorded, UNRECORDED_GRACE_TICKS))
         .await
@@ -489,26 +359,9 @@ async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), S
         opened_unix_ms: now_ms(),
         resume: None,
     };
-    let loc = agent.append(spool::open_body(&open)).await?;
-    if let Some(ship) = &agent.shipper {
-        ship.opened(&open, loc);
-    }
-    let seed = chunk::chain_seed(&sid);
-    agent.sessions.lock().expect("sessions lock").insert(
-        sid.clone(),
-        Session {
-            uid: u.uid,
-            peer_uid: u.uid,
-            pid: u.pid,
-            start_ticks: open.peer_start_ticks,
-            next_seq: 0,
-            last_hash: seed,
-            closed: true,
-            connected: false,
-            damaged: None,
-            who: Who::of(&open),
-        },
-    );
+    // Catalogued as connected until its end is recorded: the sweep leaves it alone.
+    agent.spool.open(open).await?;
+    let seed = Chain::new(&sid).last_hash();
     let why = if u.stopped_recorder {
         "not recorded: its recorder was stopped before it took the terminal"
     } else {
@@ -531,11 +384,12 @@ async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), S
             last_hash: seed,
         },
     );
-    let loc = agent.append(spool::close_body(&close)).await?;
-    if let Some(ship) = &agent.shipper {
-        ship.closed(&close, loc);
+    let id = close.session_id.clone();
+    let closed = agent.spool.close(&close).await;
+    if let Some(s) = agent.spool.lock().sessions.get_mut(&id) {
+        s.connected = false;
     }
-    Ok(())
+    closed
 }
 
 /// Sessions whose recorder is gone without a Close get one, so they stop
@@ -545,15 +399,15 @@ async fn sweep(agent: &Agent) {
         report_unrecorded(agent, rec).await;
     }
     let gone: Vec<(String, View)> = {
-        let sessions = agent.sessions.lock().expect("sessions lock");
-        sessions
+        let cat = agent.spool.lock();
+        cat.sessions
             .iter()
-            .filter(|(_, s)| !s.closed && !s.connected)
-            .filter(|(_, s)| !alive(s.pid, s.start_ticks))
+            .filter(|(_, s)| !s.closed() && !s.connected)
+            .filter(|(_, s)| !alive(s.open.peer_pid, s.open.peer_start_ticks))
             .map(|(id, s)| {
                 let view = View {
-                    next_seq: s.next_seq,
-                    last_hash: s.last_hash,
+                    next_seq: s.chain.next_seq(),
+                    last_hash: s.chain.last_hash(),
                 };
                 (id.clone(), view)
             })
@@ -575,14 +429,9 @@ async fn sweep(agent: &Agent) {
             seal: None,
         };
         agent.seal(&mut rec, view);
-        if let Ok(loc) = agent.append(spool::close_body(&rec)).await {
-            if let Some(ship) = &agent.shipper {
-                ship.closed(&rec, loc);
-            }
-            tracing::warn!(session = %id, "recorder vanished without closing; session marked ended");
-            if let Some(s) = agent.sessions.lock().expect("sessions lock").get_mut(&id) {
-                s.closed = true;
-            }
+        match agent.spool.close(&rec).await {
+            Ok(()) => tracing::warn!(session = %id, "recorder vanished without closing; session marked ended"),
+            Err(e) => tracing::error!(session = %id, "cannot record that the recorder vanished: {e}"),
         }
     }
 }

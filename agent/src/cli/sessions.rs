@@ -35,7 +35,12 @@ pub struct Row {
     pub duration_ms: i64,
     pub stored_bytes: u64,
     pub bytes_out: u64,
+    /// No end recorded and its recorder is running.
     pub live: bool,
+    /// The collector holds the whole session (read from a spool; a
+    /// collector's own rows are always whole).
+    #[serde(default)]
+    pub shipped: bool,
     pub exit_status: Option<i32>,
     pub end_cause: Option<String>,
     pub chunks: usize,
@@ -131,6 +136,7 @@ fn build(
         stored_bytes,
         bytes_out: close.map_or(0, |(c, _, _)| c.bytes_out),
         live: close.is_none(),
+        shipped: false,
         exit_status: close.map(|(c, _, _)| c.exit_status),
         end_cause: close.map(|(_, cause, _)| cause.to_string()),
         chunks,
@@ -158,6 +164,12 @@ pub fn from_spool(s: &SessionEntry) -> Row {
         s.chunks.len(),
     );
     row.damaged = s.damaged.clone().unwrap_or_default();
+    row.shipped = s.shipped;
+    // Live exactly while its recorder runs: one that died without an end
+    // is not live, whatever the agent has had time to record about it.
+    if row.live && !crate::agent::server::alive(s.open.peer_pid, s.open.peer_start_ticks) {
+        row.live = false;
+    }
     row
 }
 
@@ -214,9 +226,11 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
             _ if !r.quarantine.is_empty() => "flagged".to_string(),
             _ if r.end_cause.as_deref().is_some_and(|c| c.starts_with("stopped")) => "stopped".to_string(),
             (true, _) => "live".to_string(),
+            _ if r.shipped => "shipped".to_string(),
+            // No end recorded, recorder gone: the agent records its end soon.
+            (false, None) => "gone".to_string(),
             (false, Some(-1)) => "lost".to_string(),
             (false, Some(c)) => format!("exit {c}"),
-            (false, None) => "ended".to_string(),
         };
         let mut cmd = cut(&shown(&r.command), 60);
         if r.lost_chunks > 0 {

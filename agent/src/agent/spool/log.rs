@@ -1,60 +1,20 @@
-//! The agent's durable spool: every recording, persisted before it is acknowledged.
+//! The log: segment files, their records, recovery, and the one writer.
 //!
-//! # Design
-//!
-//! All sessions share one append-only log, cut into segment files. Sharing
-//! the log is what makes group commit possible: the writer thread takes every
-//! record queued by every session, writes them with one `write` and makes
-//! them durable with one `fdatasync`, then acknowledges them all. A thousand
-//! busy sessions cost one fsync per flush, not a thousand.
-//!
-//! ## Invariants
-//! * A record is acknowledged only after the `fdatasync` that covers it returned.
-//! * A session's chunks are acknowledged in sequence order. A chunk may be in
-//!   the log more than once, or after a later one (resent after a failed
-//!   write); readers keep the first copy of each sequence number, in order.
-//! * Recovery never invents data: a record whose checksum fails is cut off (torn
-//!   tail of the newest segment) or reported (anywhere else), never replayed.
-//!
-//! ## On-disk format
 //! ```text
 //! spool_dir/
 //!   00000000000000000001.seg     segment files, numbered, written in order
 //! segment  = b"STSPOOL1" record*
-//! record   = body_len:u32le crc32(body):u32le body
-//! body     = kind:u8 payload
-//!   kind 1 OPEN   payload = JSON OpenRecord  (metadata + what SO_PEERCRED proved)
-//!   kind 2 CHUNK  payload = session uuid (16 bytes) seq:u64le chunk-bytes
-//!   kind 3 CLOSE  payload = JSON CloseRecord (exit status, last seq, lost chunks, cause, seal)
-//!   kind 4 DAMAGED payload = JSON DamagedRecord (a session found damaged: quarantined)
+//! record   = body_len:u32le crc32(body):u32le body      (body: see `records`)
 //! ```
-//! Chunk bytes are the recorder's chunks verbatim (a skippable zstd frame
-//! with the chunk header, then a zstd frame), so a session's chunks
-//! concatenated in order are a zstd-compressed asciicast file.
-//!
-//! ## Lifecycle
-//! write (group commit, [`Writer`]) → acknowledged to the recorder → read by
-//! the CLI ([`scan`], [`read_chunk`]) → (shipping, later) deleted segment by
-//! segment once every chunk in it is shipped.
-//!
-//! ## Recovery
-//! [`scan`] with `repair` (the agent at start-up) walks every segment; the
-//! first bad record in the newest segment marks a torn write and the file is
-//! truncated there. A bad record in an older segment is reported with its
-//! position and the rest of that segment is skipped. New records always go to
-//! a fresh segment after start-up.
-//!
-//! A session whose records are intact but whose content is not (its last
-//! chunk does not decode, say) is the agent's to judge, not the scan's: the
-//! agent writes a DAMAGED record for it, and from then on every reader
-//! lists it as damaged and the shipper leaves it (and its segments) alone.
+//! This module is the only one that names segment files.
 
-use serde::{Deserialize, Serialize};
-use shelltrail_proto::v1::{Close, Seal, SessionEnd, SessionMeta, SessionStart};
+use super::disk::{Disk, SegmentFile};
+use super::records::{self, CloseRecord, OpenRecord, Record};
+use shelltrail_cast::chain::Chain;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -66,13 +26,6 @@ const RECORD_HEAD: u64 = 8;
 pub const MAX_RECORD: u32 = 64 << 20;
 /// Most bytes one group commit writes before syncing.
 const MAX_BATCH: usize = 8 << 20;
-
-pub const KIND_OPEN: u8 = 1;
-pub const KIND_CHUNK: u8 = 2;
-pub const KIND_CLOSE: u8 = 3;
-pub const KIND_DAMAGED: u8 = 4;
-/// Bytes of a chunk record's body before the chunk: kind, session, seq.
-pub const CHUNK_RECORD_OVERHEAD: u64 = 1 + 16 + 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -88,7 +41,7 @@ pub enum SpoolError {
     Corrupt { path: PathBuf, offset: u64, why: String },
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
+pub(super) fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
     if source.kind() == std::io::ErrorKind::PermissionDenied {
         SpoolError::Permission {
             path: path.to_path_buf(),
@@ -101,85 +54,6 @@ fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
     }
 }
 
-/// OPEN: what the recorder claimed, and what the agent knows for certain.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OpenRecord {
-    pub meta: SessionMeta,
-    /// The session's uid as the agent established it: the connection's
-    /// (SO_PEERCRED), or, for a connection of the recorder's own user, the
-    /// uid the recorder names (see `via_recorder_uid`). Limits and quotas
-    /// count against it.
-    pub peer_uid: u32,
-    /// From SO_PEERCRED: the pid of the recorder process.
-    pub peer_pid: i32,
-    /// The login name of `peer_uid`, looked up by the agent.
-    pub peer_user: String,
-    /// Set when the connection came from `recorder_user` (SO_PEERCRED said
-    /// this uid): the set-uid recorder, believed about the session's user.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub via_recorder_uid: Option<u32>,
-    /// Start time of the recorder process (/proc/PID/stat), to tell a vanished
-    /// recorder from a new process that reused its pid.
-    pub peer_start_ticks: u64,
-    pub opened_unix_ms: i64,
-    /// Set on a copy of this record carried forward when the segment holding
-    /// the session's first records is deleted after shipping: where the
-    /// session continues (next seq, hex link hash of its last chunk).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume: Option<(u64, String)>,
-}
-
-/// CLOSE: how the session ended.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CloseRecord {
-    pub session_id: String,
-    pub close: Close,
-    /// "recorder": the recorder said so. "recorder vanished": it died without closing.
-    pub cause: String,
-    pub closed_unix_ms: i64,
-    /// The agent's signature over the session's chain and this end (see
-    /// `agent::signer`). None: written by an agent older than sealing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seal: Option<Seal>,
-}
-
-impl OpenRecord {
-    /// The start as shipped to the collector: what the agent verified is
-    /// what a seal signs (uid, user, open time), read back from either copy.
-    pub fn to_start(&self) -> SessionStart {
-        SessionStart {
-            meta: Some(self.meta.clone()),
-            verified_uid: self.peer_uid,
-            verified_user: self.peer_user.clone(),
-            verified_pid: self.peer_pid,
-            opened_unix_ms: self.opened_unix_ms,
-        }
-    }
-}
-
-impl CloseRecord {
-    /// The end as shipped to the collector.
-    pub fn to_end(&self) -> SessionEnd {
-        SessionEnd {
-            session_id: self.session_id.clone(),
-            close: Some(self.close.clone()),
-            cause: self.cause.clone(),
-            closed_unix_ms: self.closed_unix_ms,
-            seal: self.seal.clone(),
-        }
-    }
-}
-
-/// DAMAGED: the agent found the session's stored recording damaged (at
-/// start-up, or when shipping could not read a chunk). It is quarantined:
-/// listed as damaged, never shipped, its segments kept for an operator.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DamagedRecord {
-    pub session_id: String,
-    pub reason: String,
-    pub unix_ms: i64,
-}
-
 /// Where a record's body lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
@@ -189,36 +63,13 @@ pub struct Loc {
     pub body_len: u32,
 }
 
-/// Encodes a record body.
-pub fn open_body(r: &OpenRecord) -> Vec<u8> {
-    let mut b = vec![KIND_OPEN];
-    serde_json::to_writer(&mut b, r).expect("serialising to a Vec cannot fail");
-    b
-}
-
-pub fn close_body(r: &CloseRecord) -> Vec<u8> {
-    let mut b = vec![KIND_CLOSE];
-    serde_json::to_writer(&mut b, r).expect("serialising to a Vec cannot fail");
-    b
-}
-
-pub fn damaged_body(r: &DamagedRecord) -> Vec<u8> {
-    let mut b = vec![KIND_DAMAGED];
-    serde_json::to_writer(&mut b, r).expect("serialising to a Vec cannot fail");
-    b
-}
-
-pub fn chunk_body(session: &uuid::Uuid, seq: u64, chunk: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(1 + 16 + 8 + chunk.len());
-    b.push(KIND_CHUNK);
-    b.extend_from_slice(session.as_bytes());
-    b.extend_from_slice(&seq.to_le_bytes());
-    b.extend_from_slice(chunk);
-    b
-}
-
 fn segment_name(id: u64) -> String {
     format!("{id:020}.seg")
+}
+
+/// The path of segment `id` in `dir`.
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(segment_name(id))
 }
 
 /// Segment ids present in `dir`, in order.
@@ -245,19 +96,47 @@ pub struct ChunkEntry {
     pub loc: Loc,
     /// Bytes of chunk data (compressed).
     pub len: u64,
+    /// Its link hash, as the agent checked it on arrival (None: an older
+    /// agent's record, which did not keep it).
+    pub hash: Option<[u8; 32]>,
 }
 
-/// Everything the spool knows about one session.
+/// Everything the spool holds of one session.
 #[derive(Debug, Clone)]
 pub struct SessionEntry {
     pub open: OpenRecord,
+    /// The chunks still in the spool, in order (those before were shipped
+    /// and their segments deleted).
     pub chunks: Vec<ChunkEntry>,
     pub close: Option<CloseRecord>,
     /// Why the agent quarantined the session, if it did (a DAMAGED record).
     pub damaged: Option<String>,
+    /// The collector holds the whole session (a SHIPPED record, or a state
+    /// record that says so).
+    pub shipped: bool,
+    /// Where a carried state record says the chain stood (next seq, hash).
+    pub carried: Option<(u64, [u8; 32])>,
+    /// The segment holding the session's newest start or state record.
+    pub head_segment: u64,
 }
 
 impl SessionEntry {
+    fn new(open: OpenRecord, head_segment: u64) -> SessionEntry {
+        let carried = open
+            .resume
+            .as_ref()
+            .and_then(|(seq, h)| Some((*seq, records::parse_hash(h)?)));
+        SessionEntry {
+            open,
+            chunks: Vec::new(),
+            close: None,
+            damaged: None,
+            shipped: false,
+            carried,
+            head_segment,
+        }
+    }
+
     pub fn id(&self) -> &str {
         &self.open.meta.session_id
     }
@@ -267,8 +146,22 @@ impl SessionEntry {
     }
     /// The next chunk sequence the session expects.
     pub fn next_seq(&self) -> u64 {
-        let carried = self.open.resume.as_ref().map_or(0, |r| r.0);
+        let carried = self.carried.map_or(0, |r| r.0);
         self.chunks.last().map_or(carried, |c| (c.seq + 1).max(carried))
+    }
+    /// Where the session's chain stands, from the records alone: its newest
+    /// chunk's stored hash, or the carried state's, or the seed. Err: the
+    /// newest chunk is an older agent's record without its hash.
+    pub fn chain(&self) -> Result<Chain, ChunkEntry> {
+        match (self.chunks.last(), self.carried) {
+            (Some(c), Some((next, h))) if c.seq < next => Ok(Chain::resume(next, h)),
+            (Some(c), _) => match c.hash {
+                Some(h) => Ok(Chain::resume(c.seq + 1, h)),
+                None => Err(c.clone()),
+            },
+            (None, Some((next, h))) => Ok(Chain::resume(next, h)),
+            (None, None) => Ok(Chain::new(self.id())),
+        }
     }
 }
 
@@ -285,19 +178,17 @@ pub struct Index {
     /// What each segment holds, per session: what shipping must have
     /// confirmed before the segment can be deleted.
     pub segments: BTreeMap<u64, BTreeMap<String, SegmentUse>>,
-    /// Chunks met before their session's OPEN (possible after an OPEN was
-    /// carried forward into a newer segment); attached when it turns up.
-    orphans: BTreeMap<String, Vec<ChunkEntry>>,
-    /// Likewise for end records.
-    orphan_closes: BTreeMap<String, CloseRecord>,
-    /// Likewise for damage records.
-    orphan_damage: BTreeMap<String, String>,
+    /// Records met before their session's start or state record (possible
+    /// after one was carried forward into a newer segment); attached when
+    /// it turns up.
+    orphans: BTreeMap<String, Vec<(Record, Loc)>>,
 }
 
 /// One session's records in one segment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SegmentUse {
-    pub open: bool,
+    /// A start or state record.
+    pub head: bool,
     pub max_seq: Option<u64>,
     pub close: bool,
     /// Chunk bytes of the session in the segment: what deleting the
@@ -387,20 +278,10 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
             }
         }
     }
-    for id in std::mem::take(&mut index.orphan_damage).keys() {
-        index
-            .problems
-            .push(format!("damage record of session {id} whose start record is missing"));
-    }
-    for id in std::mem::take(&mut index.orphan_closes).keys() {
-        index
-            .problems
-            .push(format!("end record of session {id} whose start record is missing"));
-    }
-    for (id, chunks) in std::mem::take(&mut index.orphans) {
+    for (id, recs) in std::mem::take(&mut index.orphans) {
         index.problems.push(format!(
-            "{} chunks of session {id} whose start record is missing",
-            chunks.len()
+            "{} records of session {id} whose start record is missing",
+            recs.len()
         ));
     }
     Ok(index)
@@ -439,82 +320,81 @@ impl Index {
     }
 
     fn apply(&mut self, body: &[u8], loc: Loc) -> Result<(), String> {
-        let (kind, payload) = body.split_first().ok_or("empty body")?;
-        match *kind {
-            KIND_OPEN => {
-                let open: OpenRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-                let id = open.meta.session_id.clone();
-                self.uses(loc.segment, &id).open = true;
-                let s = self.sessions.entry(id.clone()).or_insert(SessionEntry {
-                    open,
-                    chunks: Vec::new(),
-                    close: None,
-                    damaged: None,
-                });
-                for c in self.orphans.remove(&id).unwrap_or_default() {
-                    if let Err(at) = s.chunks.binary_search_by_key(&c.seq, |x| x.seq) {
-                        s.chunks.insert(at, c);
-                    }
-                }
-                if let Some(close) = self.orphan_closes.remove(&id) {
-                    s.close.get_or_insert(close);
-                }
-                if let Some(why) = self.orphan_damage.remove(&id) {
-                    s.damaged.get_or_insert(why);
-                }
+        let rec = Record::decode(body)?;
+        let id = rec.session().to_string();
+        let u = self.uses(loc.segment, &id);
+        match &rec {
+            Record::Open(_) | Record::State(_) => u.head = true,
+            Record::Chunk { seq, len, .. } => {
+                u.max_seq = Some(u.max_seq.map_or(*seq, |m| m.max(*seq)));
+                u.bytes += len;
             }
-            KIND_CHUNK => {
-                if payload.len() < 24 {
-                    return Err("short chunk record".into());
+            Record::Close(_) => u.close = true,
+            Record::Damaged(_) | Record::Shipped(_) => {}
+        }
+        match self.sessions.get_mut(&id) {
+            Some(s) => attach(s, rec, loc),
+            None => match rec {
+                Record::Open(open) => {
+                    self.new_session(SessionEntry::new(open, loc.segment), &id);
                 }
-                let id = uuid::Uuid::from_slice(&payload[..16])
-                    .map_err(|e| e.to_string())?
-                    .to_string();
-                let seq = u64::from_le_bytes(payload[16..24].try_into().expect("8"));
-                let u = self.uses(loc.segment, &id);
-                u.max_seq = Some(u.max_seq.map_or(seq, |m| m.max(seq)));
-                u.bytes += payload.len() as u64 - 24;
-                // Usually in order; after a failed write (disk full) a session
-                // resends from its last durable chunk, so a later chunk can
-                // precede an earlier one and appear twice. Keep one of each, in order.
-                let entry = ChunkEntry {
-                    seq,
-                    loc,
-                    len: payload.len() as u64 - 24,
-                };
-                let chunks = match self.sessions.get_mut(&id) {
-                    Some(s) => &mut s.chunks,
-                    None => self.orphans.entry(id).or_default(),
-                };
-                if let Err(at) = chunks.binary_search_by_key(&seq, |c| c.seq) {
-                    chunks.insert(at, entry);
+                Record::State(st) => {
+                    let mut s = SessionEntry::new(st.open.clone(), loc.segment);
+                    attach(&mut s, Record::State(st), loc);
+                    self.new_session(s, &id);
                 }
-            }
-            KIND_CLOSE => {
-                let close: CloseRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-                self.uses(loc.segment, &close.session_id).close = true;
-                match self.sessions.get_mut(&close.session_id) {
-                    Some(s) => s.close = Some(close),
-                    None => {
-                        self.orphan_closes.insert(close.session_id.clone(), close);
-                    }
-                }
-            }
-            KIND_DAMAGED => {
-                let d: DamagedRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-                self.uses(loc.segment, &d.session_id);
-                match self.sessions.get_mut(&d.session_id) {
-                    Some(s) => {
-                        s.damaged.get_or_insert(d.reason);
-                    }
-                    None => {
-                        self.orphan_damage.entry(d.session_id).or_insert(d.reason);
-                    }
-                }
-            }
-            k => return Err(format!("unknown record kind {k}")),
+                other => self.orphans.entry(id).or_default().push((other, loc)),
+            },
         }
         Ok(())
+    }
+
+    fn new_session(&mut self, mut s: SessionEntry, id: &str) {
+        for (rec, loc) in self.orphans.remove(id).unwrap_or_default() {
+            attach(&mut s, rec, loc);
+        }
+        self.sessions.insert(id.to_string(), s);
+    }
+}
+
+/// Applies one record to its session.
+fn attach(s: &mut SessionEntry, rec: Record, loc: Loc) {
+    match rec {
+        // A second start record is an older agent's carried copy.
+        Record::Open(open) => {
+            if let Some(r) = open
+                .resume
+                .as_ref()
+                .and_then(|(seq, h)| Some((*seq, records::parse_hash(h)?)))
+            {
+                s.carried = Some(s.carried.map_or(r, |c| c.max(r)));
+            }
+            s.head_segment = s.head_segment.max(loc.segment);
+        }
+        Record::State(st) => {
+            if let Some(h) = records::parse_hash(&st.resume.1) {
+                let r = (st.resume.0, h);
+                s.carried = Some(s.carried.map_or(r, |c| if r.0 >= c.0 { r } else { c }));
+            }
+            if s.close.is_none() {
+                s.close = st.close.clone();
+            }
+            s.shipped |= st.shipped;
+            s.head_segment = s.head_segment.max(loc.segment);
+        }
+        Record::Chunk { seq, hash, len, .. } => {
+            // Usually in order; after a failed write (disk full) a session
+            // resends from its last durable chunk, so a later chunk can
+            // precede an earlier one and appear twice. Keep one of each, in order.
+            if let Err(at) = s.chunks.binary_search_by_key(&seq, |c| c.seq) {
+                s.chunks.insert(at, ChunkEntry { seq, loc, len, hash });
+            }
+        }
+        Record::Close(close) => s.close = Some(close),
+        Record::Damaged(d) => {
+            s.damaged.get_or_insert(d.reason);
+        }
+        Record::Shipped(_) => s.shipped = true,
     }
 }
 
@@ -529,14 +409,14 @@ pub fn read_chunk(dir: &Path, loc: Loc) -> Result<Vec<u8>, SpoolError> {
         offset: loc.offset,
         why,
     })?;
-    if body.first() != Some(&KIND_CHUNK) || body.len() < 25 {
-        return Err(SpoolError::Corrupt {
+    match records::chunk_data(&body) {
+        Some(data) => Ok(data.to_vec()),
+        None => Err(SpoolError::Corrupt {
             path,
             offset: loc.offset,
             why: "not a chunk record".into(),
-        });
+        }),
     }
-    Ok(body[25..].to_vec())
 }
 
 /// A request to the writer thread.
@@ -607,8 +487,10 @@ impl Holdings {
 /// The single writer: owns the newest segment.
 pub struct Writer {
     dir: PathBuf,
-    file: File,
+    disk: Arc<dyn Disk>,
+    file: Box<dyn SegmentFile>,
     segment: u64,
+    /// Bytes of the active segment known durable.
     len: u64,
     segment_bytes: u64,
     stats: Arc<Stats>,
@@ -617,11 +499,24 @@ pub struct Writer {
 impl Writer {
     /// Starts a fresh segment after `last_segment`.
     pub fn create(dir: &Path, last_segment: u64, segment_bytes: u64, stats: Arc<Stats>) -> Result<Writer, SpoolError> {
-        let (file, segment) = new_segment(dir, last_segment + 1)?;
+        Writer::on(Arc::new(super::disk::RealDisk), dir, last_segment, segment_bytes, stats)
+    }
+
+    /// [`create`](Self::create) on a given [`Disk`] (tests inject faults with it).
+    pub fn on(
+        disk: Arc<dyn Disk>,
+        dir: &Path,
+        last_segment: u64,
+        segment_bytes: u64,
+        stats: Arc<Stats>,
+    ) -> Result<Writer, SpoolError> {
+        let segment = last_segment + 1;
+        let file = new_segment(&*disk, dir, segment)?;
         stats.active_segment.store(segment, Ordering::Relaxed);
         stats.total_bytes.fetch_add(MAGIC.len() as u64, Ordering::Relaxed);
         Ok(Writer {
             dir: dir.to_path_buf(),
+            disk,
             file,
             segment,
             len: MAGIC.len() as u64,
@@ -711,10 +606,16 @@ impl Writer {
         if buf.is_empty() {
             return Ok(());
         }
-        let written = self.file.write_all(buf).and_then(|_| self.file.sync_data());
+        let written = write_all(&mut *self.file, buf).and_then(|_| self.file.sync_data());
         if let Err(e) = written {
-            let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(SeekFrom::Start(self.len));
+            // If even the cut fails, the torn bytes are past the durable
+            // length: a later record overwrites nothing, and recovery cuts
+            // them as a torn tail (or reports them, in an older segment).
+            if let Err(cut) = self.file.set_len(self.len) {
+                tracing::error!(segment = self.segment, "cannot cut back a failed write: {cut}");
+                // Nothing more may go into this segment: start a new one.
+                let _ = self.rotate();
+            }
             return Err(io_err(&self.dir.join(segment_name(self.segment)), e));
         }
         self.len += buf.len() as u64;
@@ -725,9 +626,9 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> Result<(), SpoolError> {
-        let (file, segment) = new_segment(&self.dir, self.segment + 1)?;
+        let segment = self.segment + 1;
+        self.file = new_segment(&*self.disk, &self.dir, segment)?;
         self.stats.active_segment.store(segment, Ordering::Relaxed);
-        self.file = file;
         self.segment = segment;
         self.len = MAGIC.len() as u64;
         self.stats.total_bytes.fetch_add(self.len, Ordering::Relaxed);
@@ -735,20 +636,63 @@ impl Writer {
     }
 }
 
-fn new_segment(dir: &Path, id: u64) -> Result<(File, u64), SpoolError> {
+/// `write` until all of `buf` is written: a short write is not an error.
+fn write_all(f: &mut dyn SegmentFile, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match f.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn new_segment(disk: &dyn Disk, dir: &Path, id: u64) -> Result<Box<dyn SegmentFile>, SpoolError> {
     let path = dir.join(segment_name(id));
-    let mut f = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .mode(0o640)
-        .open(&path)
-        .map_err(|e| io_err(&path, e))?;
-    f.write_all(MAGIC)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io_err(&path, e))?;
+    let mut f = disk.create(&path).map_err(|e| io_err(&path, e))?;
+    if let Err(e) = write_all(&mut *f, MAGIC).and_then(|_| f.sync_data()) {
+        // A segment without its magic would be reported as foreign: remove it.
+        let _ = std::fs::remove_file(&path);
+        return Err(io_err(&path, e));
+    }
     // The new name must survive a crash too.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))?;
-    Ok((f, id))
+    disk.sync_dir(dir).map_err(|e| io_err(dir, e))?;
+    Ok(f)
+}
+
+/// Deletes segments (fully shipped), one directory sync for all. Returns
+/// the bytes freed. A segment already gone counts as deleted.
+pub fn delete_segments(dir: &Path, ids: &[u64]) -> Result<u64, SpoolError> {
+    let mut freed = 0;
+    for &id in ids {
+        let path = dir.join(segment_name(id));
+        match std::fs::metadata(&path) {
+            Ok(m) => freed += m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path, e)),
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path, e)),
+        }
+    }
+    if !ids.is_empty() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))?;
+    }
+    Ok(freed)
+}
+
+/// Bytes of all segment files in `dir` (for tests and `doctor`-style checks).
+pub fn disk_usage(dir: &Path) -> Result<u64, SpoolError> {
+    let mut n = 0;
+    for id in segments(dir)? {
+        let path = dir.join(segment_name(id));
+        n += std::fs::metadata(&path).map_err(|e| io_err(&path, e))?.len();
+    }
+    Ok(n)
 }
 
 /// Creates the spool directory if needed and makes sure users cannot read it.
@@ -770,6 +714,13 @@ pub fn prepare_dir(dir: &Path) -> Result<(), SpoolError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::agent::spool::records::{chunk_body as chunk_record, open_body};
+    use shelltrail_proto::v1::SessionMeta;
+
+    /// A chunk record with a made-up hash (the log does not check chunks).
+    pub(crate) fn chunk_body(id: &uuid::Uuid, seq: u64, data: &[u8]) -> Vec<u8> {
+        chunk_record(id, seq, &[seq as u8; 32], data)
+    }
 
     /// An open record for session `id` (shared with the shipper's tests).
     pub(crate) fn open_rec(id: &str) -> OpenRecord {
@@ -837,7 +788,7 @@ pub(crate) mod tests {
         let seg = dir.path().join(segment_name(1));
         let full = std::fs::read(&seg).unwrap();
         // Every possible torn length of the last record.
-        let last_start = full.len() - (RECORD_HEAD as usize + 1 + 24 + 1000);
+        let last_start = full.len() - (RECORD_HEAD as usize + 1 + 56 + 1000);
         for cut in last_start..full.len() {
             std::fs::write(&seg, &full[..cut]).unwrap();
             let ix = scan(dir.path(), true).unwrap();
@@ -901,33 +852,43 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn carried_forward_start_adopts_earlier_chunks_and_resume_point() {
+    fn carried_state_adopts_earlier_chunks_and_resume_point() {
         let dir = tempfile::tempdir().unwrap();
         let id = uuid::Uuid::now_v7();
         // Segment 1 (as if its OPEN and chunks 0..=4 were shipped and deleted):
-        // chunks 5 and 6 come before the carried-forward OPEN in segment 2.
+        // chunks 5 and 6 come before the carried state in segment 2.
         write_all(
             dir.path(),
             vec![chunk_body(&id, 5, b"five"), chunk_body(&id, 6, b"six")],
         );
-        let mut open = open_rec(&id.to_string());
-        open.resume = Some((5, hex::encode([9u8; 32])));
-        write_all(dir.path(), vec![open_body(&open)]);
+        let state = crate::agent::spool::StateRecord {
+            open: open_rec(&id.to_string()),
+            resume: (5, hex::encode([9u8; 32])),
+            close: None,
+            shipped: false,
+        };
+        write_all(dir.path(), vec![crate::agent::spool::records::state_body(&state)]);
         let ix = scan(dir.path(), false).unwrap();
         assert!(ix.problems.is_empty(), "{:?}", ix.problems);
         let s = &ix.sessions[&id.to_string()];
         assert_eq!(s.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5, 6]);
         assert_eq!(s.next_seq(), 7);
         assert_eq!(
+            s.chain().unwrap(),
+            Chain::resume(7, [6u8; 32]),
+            "the newest chunk's stored hash"
+        );
+        assert_eq!(s.head_segment, 2);
+        assert_eq!(
             ix.segments[&1][&id.to_string()],
             SegmentUse {
-                open: false,
+                head: false,
                 max_seq: Some(6),
                 close: false,
                 bytes: 7,
             }
         );
-        assert!(ix.segments[&2][&id.to_string()].open);
+        assert!(ix.segments[&2][&id.to_string()].head);
     }
 
     #[test]
