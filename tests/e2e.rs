@@ -38,6 +38,11 @@
 //! * [`quotas`]: a `base64 /dev/urandom` hog held at its user's spool quota,
 //!   ended with a message under `deny`, its gap recorded under `allow`,
 //!   while another user logs in and is recorded.
+//! * [`lifecycle`]: an interactive session left open and idle while waves
+//!   of megabyte sessions come, end and ship, and the agent is restarted
+//!   (SIGTERM, SIGKILL, SIGTERM): the spool drains back to a few segments
+//!   after every wave, the host lists no ghost, and the idle session, ended
+//!   at last, is whole at the collector.
 //! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through
 //!   a fault-injecting proxy: collector refused, killed and restarted, agent
 //!   killed, link cut a hundred times, stalled and black-holed, the spool
@@ -57,6 +62,7 @@ mod durability;
 mod exec;
 mod identity;
 mod interactive;
+mod lifecycle;
 mod privsep;
 mod quotas;
 mod sealing;

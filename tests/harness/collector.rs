@@ -28,7 +28,7 @@
 
 use crate::faultproxy::FaultProxy;
 use crate::proc::{Output, Running, poll_until, run, run_ok};
-use crate::world::{SessionRow, local_recorder, sessions_json, set_mode};
+use crate::world::{SessionRow, files_bytes, local_recorder, sessions_json, set_mode, spool_segments};
 use crate::{TIMEOUT, bin_dir, strip_ansi};
 use std::fs::File;
 use std::net::SocketAddr;
@@ -392,8 +392,15 @@ impl ShipWorld {
     /// Returns the collector's row.
     #[track_caller]
     pub fn assert_shipped(&self, host: &Host, id: &str, expected: &[u8], timeout: Duration) -> SessionRow {
+        self.assert_shipped_from(&host.name, id, expected, timeout)
+    }
+
+    /// [`ShipWorld::assert_shipped`] for a session of the host named `host`
+    /// (a [`World`](crate::World) shipping here, say).
+    #[track_caller]
+    pub fn assert_shipped_from(&self, host: &str, id: &str, expected: &[u8], timeout: Duration) -> SessionRow {
         let r = self.wait_remote(&format!("session {id} ended"), timeout, |r| r.id == id && !r.live);
-        assert_eq!(r.host, host.name, "stored under the wrong host: {r:#?}");
+        assert_eq!(r.host, host, "stored under the wrong host: {r:#?}");
         assert_eq!(r.exit_status, Some(0), "{r:#?}");
         assert_eq!(r.end_cause.as_deref(), Some("recorder"), "{r:#?}");
         assert_eq!(r.lost_chunks, 0, "{r:#?}");
@@ -412,7 +419,7 @@ impl ShipWorld {
             .collector
             .data_dir
             .join("sessions")
-            .join(&host.name)
+            .join(host)
             .join(id)
             .join("runs.zst");
         poll_until(timeout, || runs.exists().then_some(()))
@@ -699,25 +706,12 @@ impl Host {
 
     /// The spool's segment files, oldest first.
     pub fn segments(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.spool)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        spool_segments(&self.spool)
     }
 
     /// Bytes in the spool's segments.
     pub fn spool_bytes(&self) -> u64 {
-        self.segments()
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
+        files_bytes(&self.segments())
     }
 }
 

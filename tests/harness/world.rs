@@ -22,6 +22,7 @@
 
 use crate::cast::Cast;
 use crate::client::{Ssh, ssh_options};
+use crate::collector::ShipWorld;
 use crate::proc::{describe, poll_until, run, run_ok};
 use crate::sshd::{Sshd, SshdSpec, keygen};
 use crate::users::TestUser;
@@ -45,6 +46,7 @@ pub struct WorldBuilder {
     sshd: bool,
     user: Option<TestUser>,
     user_ca: bool,
+    tables: Vec<String>,
 }
 
 impl WorldBuilder {
@@ -90,6 +92,18 @@ impl WorldBuilder {
     /// that nothing but the certificate can log in.
     pub fn user_ca(mut self) -> Self {
         self.user_ca = true;
+        self
+    }
+
+    /// Ships to `ship`'s collector directly (not through its proxy), as the
+    /// host `host`: a `[ship]` table with a host certificate naming it.
+    pub fn ship_to(mut self, ship: &ShipWorld, host: &str) -> Self {
+        let (cert, key) = ship.pki.issue(host, "host", &[host]);
+        self.tables.push(format!(
+            "[ship]\ncollector = {collector:?}\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            collector = ship.collector.url(),
+            ca = ship.pki.ca()
+        ));
         self
     }
 
@@ -140,6 +154,7 @@ impl World {
             sshd: true,
             user: None,
             user_ca: false,
+            tables: Vec::new(),
         }
     }
 
@@ -193,6 +208,10 @@ impl World {
         for l in &b.agent {
             text.push_str(l);
             text.push('\n');
+        }
+        for t in &b.tables {
+            text.push('\n');
+            text.push_str(t);
         }
         std::fs::write(&config, text).expect("writing the config");
         set_mode(&config, 0o644);
@@ -329,6 +348,30 @@ impl World {
         let _ = child.wait();
     }
 
+    /// Stops the agent as a service manager does: SIGTERM, then waits for it
+    /// to exit (panics if it is still running after 30 s).
+    pub fn stop_agent(&self) {
+        let mut slot = self.agent.lock().expect("agent lock");
+        let mut child = slot.take().expect("the agent is not running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the agent");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "the agent did not exit within 30 s of SIGTERM\n--- agent.log ---\n{}",
+                        self.agent_log_text()
+                    );
+                }
+            }
+        }
+    }
+
     /// Freezes the agent (SIGSTOP) for `pause`, from a thread: it neither
     /// reads nor acknowledges meanwhile, as an agent stuck on a slow disk.
     pub fn pause_agent(&self, pause: Duration) -> std::thread::JoinHandle<()> {
@@ -351,6 +394,16 @@ impl World {
     pub fn restart_agent(&self) {
         self.kill_agent();
         self.start_agent();
+    }
+
+    /// The spool's segment files, oldest first.
+    pub fn segments(&self) -> Vec<PathBuf> {
+        spool_segments(&self.spool)
+    }
+
+    /// Bytes in the spool's segments.
+    pub fn spool_bytes(&self) -> u64 {
+        files_bytes(&self.segments())
     }
 
     /// The agent's log (colour codes removed).
@@ -626,6 +679,29 @@ pub fn local_recorder(shell_bin: &Path, config: &Path, command: &str) -> Command
         c.env_remove(v);
     }
     c
+}
+
+/// The segment files (`*.seg`) in a spool directory, oldest first.
+pub fn spool_segments(spool: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(spool)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The sizes of `files` added up (files gone meanwhile count nothing).
+pub fn files_bytes(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Runs a `shelltrail ... sessions --json` command and parses its rows.
