@@ -179,9 +179,9 @@ impl Catalogue {
     /// What can be retired now: every segment before `active` whose records
     /// the collector all holds (each session's chunks in it committed, its
     /// end in it shipped, nothing of a quarantined session), and, for each
-    /// session whose newest start or state record goes with them but which
-    /// must outlive them (not yet shipped whole, or with records in a
-    /// segment that stays), its state to carry forward.
+    /// session with records in them that must outlive them (not yet shipped
+    /// whole, or with records in a segment that stays), its state to carry
+    /// forward.
     pub fn plan_retire(&self, active: u64) -> Retire {
         let mut plan = Retire::default();
         for (&seg, uses) in self.segments.range(..active) {
@@ -196,9 +196,10 @@ impl Catalogue {
         }
         for id in touched {
             let Some(s) = self.sessions.get(id) else { continue };
-            if !gone.contains(&s.head_segment) {
-                continue;
-            }
+            // Whatever of it goes (its start or last state, its newest
+            // chunks and with them where its chain stands, its end, the
+            // word that it was shipped) is summed up in one state record,
+            // unless nothing of it is left to need one.
             let stays = self
                 .segments
                 .iter()

@@ -212,6 +212,8 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
         let len = f.metadata().map_err(|e| io_err(&path, e))?.len();
         index.total_bytes += len;
         index.last_segment = id;
+        // Listed even when empty (a start-up's fresh segment): retirable.
+        index.segments.entry(id).or_default();
         let mut r = BufReader::with_capacity(256 << 10, &mut f);
         let mut magic = [0u8; 8];
         if len < MAGIC.len() as u64 || r.read_exact(&mut magic).is_err() || &magic != MAGIC {

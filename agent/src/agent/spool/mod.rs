@@ -48,6 +48,8 @@
 pub mod catalogue;
 pub mod disk;
 pub mod log;
+#[cfg(test)]
+mod model_tests;
 pub mod records;
 
 pub use catalogue::{Catalogue, Retire, Session};
@@ -255,13 +257,14 @@ impl Spool {
 
     /// The collector holds session `id` whole: recorded (a SHIPPED record,
     /// so the host lists it as shipped and never sends it again), and its
-    /// segments may go.
-    pub fn shipped(self: &Arc<Self>, id: &str, now_ms: i64) {
+    /// segments may go. The record is written in the background; the
+    /// handle says when (tests wait for it).
+    pub fn shipped(self: &Arc<Self>, id: &str, now_ms: i64) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut cat = self.lock();
-            let Some(s) = cat.sessions.get_mut(id) else { return };
+            let s = cat.sessions.get_mut(id)?;
             if s.shipped {
-                return;
+                return None;
             }
             s.shipped = true;
             s.unshipped.clear();
@@ -270,18 +273,16 @@ impl Spool {
             session_id: id.to_string(),
             unix_ms: now_ms,
         };
-        let Ok(wait) = self.queue(records::shipped_body(&rec)) else {
-            return;
-        };
+        let wait = self.queue(records::shipped_body(&rec)).ok()?;
         let me = self.clone();
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             match wait.await {
                 Ok(Ok(loc)) => me.lock().note(&rec.session_id, loc, |_| {}),
                 // Not recorded: a restart asks the collector again.
                 _ => tracing::warn!(session = %rec.session_id, "could not record that the session is shipped"),
             }
             me.retire_wake.notify_one();
-        });
+        }))
     }
 
     /// The collector committed something: a segment may be retirable.
@@ -297,7 +298,20 @@ impl Spool {
     /// forward what must outlive them, then deletes them. Returns how many
     /// segments it deleted.
     pub async fn retire(&self) -> Result<usize, String> {
-        let active = self.stats.active_segment.load(Ordering::Relaxed);
+        let mut deleted = 0;
+        // Carrying states forward can fill the active segment and roll it
+        // over: the one it was is then closed and retirable at once.
+        for _ in 0..4 {
+            let active = self.stats.active_segment.load(Ordering::Relaxed);
+            deleted += self.retire_before(active).await?;
+            if self.stats.active_segment.load(Ordering::Relaxed) == active {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn retire_before(&self, active: u64) -> Result<usize, String> {
         let plan = self.lock().plan_retire(active);
         if plan.segments.is_empty() {
             return Ok(0);
