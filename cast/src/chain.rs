@@ -209,8 +209,7 @@ pub struct Walker {
     partial: bool,
     started: bool,
     /// The next seq expected, and the link hash it must follow.
-    expect: u64,
-    prev: [u8; 32],
+    chain: Chain,
     /// Every chunk's hash, so that one read twice is told from one replaced:
     /// a collector that compacts the session while it is read answers the
     /// next read with a run that starts before it.
@@ -228,8 +227,7 @@ impl Walker {
             lost: lost_seqs.iter().copied().collect(),
             partial: false,
             started: false,
-            expect: 0,
-            prev: seed,
+            chain: Chain::new(session_id),
             seen: HashMap::new(),
             last: None,
             walk: Walk {
@@ -263,19 +261,18 @@ impl Walker {
             self.started = true;
             if self.partial && seq != 0 {
                 self.walk.notes.push(Note::StartsAt { seq });
-                self.expect = seq;
                 self.walk.first_seq = seq;
                 self.walk.lost_before_first = self.lost.range(..seq).count() as u64;
-                if let Some(p) = stored.as_ref().ok().and_then(|u| u.parts.first()) {
-                    self.prev = p.header.prev_hash;
-                }
+                let from = stored.as_ref().ok().and_then(|u| u.parts.first());
+                let prev = from.map_or(self.chain.last_hash(), |p| p.header.prev_hash);
+                self.chain = Chain::resume(seq, prev);
             }
         }
         let stored = match stored {
             Ok(u) => u,
             Err(ChunkError::Altered { seq: at }) => {
                 self.walk.problems.push(Problem::Altered { seq: at });
-                self.expect = self.expect.max(at + 1);
+                self.skip_to(at + 1);
                 return;
             }
             Err(e) => {
@@ -283,7 +280,7 @@ impl Walker {
                     seq,
                     error: e.to_string(),
                 });
-                self.expect = self.expect.max(seq + 1);
+                self.skip_to(seq + 1);
                 return;
             }
         };
@@ -297,36 +294,40 @@ impl Walker {
         }
         for part in &stored.parts {
             let seq = part.header.seq;
-            if seq < self.expect && self.seen.get(&seq) == Some(&part.hash) {
+            if seq < self.chain.next_seq() && self.seen.get(&seq) == Some(&part.hash) {
                 continue;
             }
             self.walk.chunks += 1;
             self.seen.insert(seq, part.hash);
-            if seq < self.expect {
-                self.walk.problems.push(Problem::Duplicated {
-                    seq,
-                    after: self.expect - 1,
-                });
-            } else if seq > self.expect {
-                if self.lost.range(self.expect..seq).count() as u64 == seq - self.expect {
-                    self.walk.notes.push(Note::Lost {
-                        first: self.expect,
-                        last: seq - 1,
-                    });
-                } else {
-                    self.walk.problems.push(Problem::Missing {
-                        first: self.expect,
-                        last: seq - 1,
-                    });
+            let after = self.chain.next_seq().wrapping_sub(1);
+            match self.chain.accept(&part.header, part.hash) {
+                Ok(Step::Next) => {}
+                Ok(Step::Repeat) => self.walk.problems.push(Problem::Duplicated { seq, after }),
+                Ok(Step::AfterGap { missing }) => {
+                    let (first, last) = (missing.start, missing.end - 1);
+                    if self.lost.range(missing.clone()).count() as u64 == missing.end - missing.start {
+                        self.walk.notes.push(Note::Lost { first, last });
+                    } else {
+                        self.walk.problems.push(Problem::Missing { first, last });
+                    }
                 }
-            } else if part.header.prev_hash != self.prev {
-                self.walk.problems.push(Problem::Unlinked { seq });
+                Err(Unlinked { seq }) => {
+                    self.walk.problems.push(Problem::Unlinked { seq });
+                    // Walks on from the chunk as stored: one bad link is one problem.
+                    self.chain = Chain::resume(seq + 1, part.hash);
+                }
             }
-            self.prev = part.hash;
             if self.last.is_none_or(|(s, _)| seq >= s) {
                 self.last = Some((seq, part.hash));
             }
-            self.expect = self.expect.max(seq + 1);
+        }
+    }
+
+    /// Past stored bytes that could not be read, up to `next`: the chunk
+    /// after them is checked against the last link read (there is no other).
+    fn skip_to(&mut self, next: u64) {
+        if next > self.chain.next_seq() {
+            self.chain = Chain::resume(next, self.chain.last_hash());
         }
     }
 
@@ -334,25 +335,19 @@ impl Walker {
     /// record (None while it is live); missing chunks before it, not
     /// declared lost, are a truncation.
     pub fn finish(mut self, last_seq: Option<u64>) -> Walk {
+        let next = self.chain.next_seq();
         if let Some(last) = last_seq
-            && self.expect <= last
+            && next <= last
         {
             // Walks the declared seqs, not the range: a forged huge last_seq costs nothing.
-            let tail_lost =
-                self.lost.range(self.expect..=last).count() as u64 == (last - self.expect).saturating_add(1);
+            let tail_lost = self.lost.range(next..=last).count() as u64 == (last - next).saturating_add(1);
             // An ended session with no chunk at all says last_seq 0 (its
             // seal says 0 chunks: one whose only chunk was deleted fails there).
             let empty = !self.started && last == 0;
             if tail_lost {
-                self.walk.notes.push(Note::Lost {
-                    first: self.expect,
-                    last,
-                });
+                self.walk.notes.push(Note::Lost { first: next, last });
             } else if !empty {
-                self.walk.problems.push(Problem::Truncated {
-                    first: self.expect,
-                    last,
-                });
+                self.walk.problems.push(Problem::Truncated { first: next, last });
             }
         }
         if let Some((_, h)) = self.last {
@@ -455,6 +450,15 @@ mod tests {
         let w = walk("s", &[&s[0], &s[2], &s[1]], &[], Some(2));
         assert!(w.problems.contains(&Problem::Missing { first: 1, last: 1 }), "{w:?}");
         assert!(w.problems.contains(&Problem::Duplicated { seq: 1, after: 2 }), "{w:?}");
+        // A chunk met again leaves the chain where it was: the next one links.
+        let w = walk("s", &[&s[0], &s[1], &s[3], &s[2], &s[4], &s[5]], &[], Some(5));
+        assert_eq!(
+            w.problems,
+            vec![
+                Problem::Missing { first: 2, last: 2 },
+                Problem::Duplicated { seq: 2, after: 3 }
+            ]
+        );
         // Lost at the tail: a note, and the final hash is the last one held.
         let w = walk("s", &s[..4].iter().collect::<Vec<_>>(), &[4, 5], Some(5));
         assert!(w.is_ok(), "{w:?}");
