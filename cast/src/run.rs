@@ -36,6 +36,7 @@
 
 use std::ops::Range;
 
+use crate::chain::{Chain, Step};
 use crate::chunk::{self, ChunkError, ChunkHeader, link_hash};
 
 /// Tag of a run's skippable frame.
@@ -144,18 +145,17 @@ pub fn merge(chunks: &[(ChunkHeader, &[u8])], level: i32) -> Result<Vec<u8>, Chu
     }
     let mut table = Vec::with_capacity(chunks.len() * 8);
     let mut content = Vec::with_capacity(total);
-    let mut prev_hash = first.0.prev_hash;
+    let mut chain = Chain::resume(first.0.seq, first.0.prev_hash);
     let mut prev_start = 0u64;
-    for (i, (h, raw)) in chunks.iter().enumerate() {
-        if h.seq != first.0.seq.wrapping_add(i as u64) {
-            return Err(bad(format!(
-                "chunk {} where chunk {} should follow",
-                h.seq,
-                first.0.seq + i as u64
-            )));
-        }
-        if h.prev_hash != prev_hash {
-            return Err(bad(format!("chunk {} does not link to the chunk before it", h.seq)));
+    for (h, raw) in chunks {
+        let want = chain.next_seq();
+        let hash = link_hash(h, raw);
+        match chain.accept(h, hash) {
+            Ok(Step::Next) => {}
+            Ok(Step::AfterGap { .. } | Step::Repeat) => {
+                return Err(bad(format!("chunk {} where chunk {want} should follow", h.seq)));
+            }
+            Err(_) => return Err(bad(format!("chunk {} does not link to the chunk before it", h.seq))),
         }
         if h.raw_len as usize != raw.len() {
             return Err(ChunkError::LengthMismatch {
@@ -163,14 +163,12 @@ pub fn merge(chunks: &[(ChunkHeader, &[u8])], level: i32) -> Result<Vec<u8>, Chu
                 actual: raw.len(),
             });
         }
-        let hash = link_hash(h, raw);
         put_varint(&mut table, zigzag(h.start_ms.wrapping_sub(prev_start) as i64));
         put_varint(&mut table, zigzag(h.end_ms.wrapping_sub(h.start_ms) as i64));
         put_varint(&mut table, u64::from(h.raw_len));
         table.extend_from_slice(&hash[..HASH_PREFIX]);
         content.extend_from_slice(raw);
         prev_start = h.start_ms;
-        prev_hash = hash;
     }
     let mut compressor = zstd::bulk::Compressor::new(level).map_err(|e| ChunkError::Zstd(e.to_string()))?;
     compressor
@@ -187,7 +185,7 @@ pub fn merge(chunks: &[(ChunkHeader, &[u8])], level: i32) -> Result<Vec<u8>, Chu
     out.extend_from_slice(&first.0.seq.to_le_bytes());
     out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
     out.extend_from_slice(&first.0.prev_hash);
-    out.extend_from_slice(&prev_hash);
+    out.extend_from_slice(&chain.last_hash());
     out.extend_from_slice(&table);
     out.extend_from_slice(&frame);
     Ok(out)
