@@ -103,6 +103,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
+use shelltrail_cast::chain::{Chain, Step};
 use shelltrail_cast::chunk::{self, ChunkError};
 use shelltrail_cast::run;
 use shelltrail_proto::seal;
@@ -574,10 +575,12 @@ struct SessionState {
     parts: u64,
     /// The session is stored as runs (`runs.zst`), for good.
     compacted: bool,
+    /// The next chunk wanted: past `chain`'s next seq only by the seqs an
+    /// end skipped as declared lost (all in `missing`).
     next_seq: u64,
-    /// Hash of the last stored chunk, or the chain seed: what the next
-    /// chunk's prev_hash must be.
-    last_hash: [u8; 32],
+    /// The stored chunks' chain: the link hash of the last one (or the
+    /// chain seed), what the next chunk's prev_hash must be.
+    chain: Chain,
     missing: Vec<SeqRange>,
     /// Chunks ahead of a gap, with their link hashes.
     held: BTreeMap<u64, (Vec<u8>, [u8; 32])>,
@@ -596,7 +599,7 @@ impl SessionState {
             parts: 0,
             compacted: false,
             next_seq: 0,
-            last_hash: chunk::chain_seed(id),
+            chain: Chain::new(id),
             missing: Vec::new(),
             held: BTreeMap::new(),
             held_bytes: 0,
@@ -686,7 +689,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Chunks accepted by one call, not yet written.
 struct Batch {
     next_seq: u64,
-    last_hash: [u8; 32],
+    chain: Chain,
     chunks_len: u64,
     writes: Vec<(IndexRecord, Vec<u8>)>,
     new_missing: Vec<SeqRange>,
@@ -696,7 +699,7 @@ impl Batch {
     fn new(st: &SessionState) -> Batch {
         Batch {
             next_seq: st.next_seq,
-            last_hash: st.last_hash,
+            chain: st.chain,
             chunks_len: st.chunks_len,
             writes: Vec::new(),
             new_missing: Vec::new(),
@@ -708,20 +711,25 @@ impl Batch {
     fn push(&mut self, seq: u64, data: Vec<u8>, sha256: [u8; 32], restart: bool) -> Result<(), String> {
         debug_assert_eq!(seq, self.next_seq);
         let (header, _) = chunk::parse(&data).map_err(|e| format!("chunk {seq} is malformed: {e}"))?;
-        if !restart && header.prev_hash != self.last_hash {
-            let what = if seq == 0 {
-                "the chain seed of this session id (chunk of another session?)".to_owned()
-            } else {
-                format!(
-                    "the link hash of stored chunk {} ({})",
-                    seq - 1,
-                    short_hex(&self.last_hash)
-                )
-            };
-            return Err(format!(
-                "hash chain broken at chunk {seq}: its prev_hash {} is not {what}",
-                short_hex(&header.prev_hash)
-            ));
+        let mut chain = self.chain;
+        match chain.accept(&header, sha256) {
+            Ok(Step::Next) => {}
+            Ok(Step::AfterGap { .. }) if restart => {}
+            Ok(_) | Err(_) => {
+                let what = if seq == 0 {
+                    "the chain seed of this session id (chunk of another session?)".to_owned()
+                } else {
+                    format!(
+                        "the link hash of stored chunk {} ({})",
+                        seq - 1,
+                        short_hex(&self.chain.last_hash())
+                    )
+                };
+                return Err(format!(
+                    "hash chain broken at chunk {seq}: its prev_hash {} is not {what}",
+                    short_hex(&header.prev_hash)
+                ));
+            }
         }
         let len = u32::try_from(data.len()).map_err(|_| format!("chunk {seq} is larger than 4 GiB"))?;
         let rec = IndexRecord {
@@ -731,8 +739,8 @@ impl Batch {
             sha256,
         };
         self.chunks_len += u64::from(len);
-        self.last_hash = sha256;
-        self.next_seq = seq + 1;
+        self.chain = chain;
+        self.next_seq = chain.next_seq();
         self.writes.push((rec, data));
         Ok(())
     }
@@ -1261,7 +1269,7 @@ impl Store {
             st.chunks_len = batch.chunks_len;
             st.records += batch.writes.len() as u64;
             st.parts += batch.writes.len() as u64;
-            st.last_hash = batch.last_hash;
+            st.chain = batch.chain;
         }
         st.next_seq = batch.next_seq;
         for r in batch.new_missing {
@@ -1369,7 +1377,7 @@ impl Store {
             }
             Err(e) => return Some(format!("cannot read the pinned key of host {}: {e}", slot.host)),
         };
-        let facts = seal::Facts::of(&slot.start, end, st.parts, st.last_hash);
+        let facts = seal::Facts::of(&slot.start, end, st.parts, st.chain.last_hash());
         match seal::check(seal, &facts, &key) {
             Err(e) => Some(e.to_string()),
             Ok(()) if seal.close_check() == CloseCheck::Disagreed => {
@@ -1980,8 +1988,8 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
                 "the stored bytes of chunk {last_seq} do not match its index record"
             ));
         }
-        st.last_hash = last.sha256;
-        st.next_seq = last_seq + 1;
+        st.chain = Chain::resume(last_seq + 1, last.sha256);
+        st.next_seq = st.chain.next_seq();
     }
     let mut expect = 0u64;
     for &(first, last) in &spans {
@@ -2098,9 +2106,9 @@ fn reindex_tail(
     let mut tail = vec![0u8; (file_len - from) as usize];
     f.read_exact_at(&mut tail, from)
         .map_err(|e| format!("cannot read {}: {e}", chunks_path.display()))?;
-    let (mut next, mut prev_hash) = match last {
-        Some(r) => (r.seq + 1, r.sha256),
-        None => (0, chunk::chain_seed(id)),
+    let mut chain = match last {
+        Some(r) => Chain::resume(r.seq + 1, r.sha256),
+        None => Chain::new(id),
     };
     let mut found = Vec::new();
     let mut pos = 0usize;
@@ -2110,21 +2118,20 @@ fn reindex_tail(
         let Ok((header, raw)) = chunk::decompress(bytes) else {
             break;
         };
-        if header.seq < next || (header.seq == next && header.prev_hash != prev_hash) {
-            break;
-        }
         let Ok(len32) = u32::try_from(len) else {
             break;
         };
         let sha256 = chunk::link_hash(&header, &raw);
+        // After `last`: the next chunk, linked, or one after a gap.
+        let Ok(Step::Next | Step::AfterGap { .. }) = chain.accept(&header, sha256) else {
+            break;
+        };
         found.push(IndexRecord {
             seq: header.seq,
             offset: from + pos as u64,
             len: len32,
             sha256,
         });
-        next = header.seq + 1;
-        prev_hash = sha256;
         pos += len;
     }
     let rest = &tail[pos..];
