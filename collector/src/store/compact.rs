@@ -173,7 +173,7 @@ fn compact_once(slot: &Slot, level: i32, run_raw: usize) -> Result<Option<(u64, 
         group.clear();
         Ok(())
     };
-    let mut last_hash = [0u8; 32];
+    let mut chain = Chain::new(&slot.id);
     for rec in &records {
         let bytes = files.read_at(rec.offset, rec.len as usize)?;
         let (header, raw) =
@@ -185,18 +185,21 @@ fn compact_once(slot: &Slot, level: i32, run_raw: usize) -> Result<Option<(u64, 
                 format!("chunk {} does not match its index record", rec.seq),
             ));
         }
-        let follows = group
-            .last()
-            .is_some_and(|(h, _)| h.seq + 1 == header.seq && header.prev_hash == last_hash);
+        // A run holds chunks that follow on, linked: after a gap (the chain
+        // restarts past chunks the recorder declared lost) a new one starts.
+        let group_hash = chain.last_hash();
+        let follows = matches!(chain.accept(&header, hash), Ok(Step::Next));
+        if !follows {
+            chain = Chain::resume(header.seq + 1, hash);
+        }
         if !group.is_empty() && (!follows || group_raw + raw.len() > run_raw || group.len() >= run::MAX_PARTS) {
-            flush(&mut group, last_hash)?;
+            flush(&mut group, group_hash)?;
             group_raw = 0;
         }
         group_raw += raw.len();
         group.push((header, raw));
-        last_hash = hash;
     }
-    flush(&mut group, last_hash)?;
+    flush(&mut group, chain.last_hash())?;
     out.sync_all().map_err(|e| io_err(&runs_tmp, e))?;
     drop(out);
     let index_tmp = dir.join(RUNS_INDEX_TMP);
