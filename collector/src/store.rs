@@ -103,7 +103,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
-use shelltrail_cast::chain::{Chain, Step};
+use shelltrail_cast::chain::{Chain, Step, Unlinked};
 use shelltrail_cast::chunk::{self, ChunkError};
 use shelltrail_cast::run;
 use shelltrail_proto::seal;
@@ -2341,8 +2341,9 @@ pub fn verify_dir(dir: &Path) -> Result<Report, StoreError> {
 }
 
 /// Chunks a record holds, for [`verify_impl`]: first seq, last seq, the
-/// first's prev_hash when it could be read, the last's hash.
-type Held = (u64, u64, Option<[u8; 32]>, [u8; 32]);
+/// first's header when it could be read (with the seq of its place), the
+/// last's hash.
+type Held = (u64, u64, Option<chunk::ChunkHeader>, [u8; 32]);
 
 fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreError> {
     let id = dir
@@ -2406,9 +2407,9 @@ fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreErr
         }
     };
 
-    let seed = chunk::chain_seed(&id);
-    // (seq, actual hash) of the previous stored chunk.
-    let mut prev: Option<(u64, [u8; 32])> = None;
+    // The stored chunks' chain, and whether it holds one yet.
+    let mut chain = Chain::new(&id);
+    let mut walked = false;
     let mut expected_offset = 0u64;
     let mut lost_ranges = Vec::new();
     // Reports the seqs in first..=last: declared lost, or missing. Returns
@@ -2486,12 +2487,13 @@ fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreErr
                     }
                     // Placed where the index says; a header that disagrees
                     // is the WrongChunk above.
-                    held.extend(
-                        u.parts
-                            .iter()
-                            .zip(rec.seq..)
-                            .map(|(p, seq)| (seq, seq, Some(p.header.prev_hash), p.hash)),
-                    );
+                    held.extend(u.parts.iter().zip(rec.seq..).map(|(p, seq)| {
+                        let header = chunk::ChunkHeader {
+                            seq,
+                            ..p.header.clone()
+                        };
+                        (seq, seq, Some(header), p.hash)
+                    }));
                 }
                 Err(e) => {
                     report.problems.push(match e {
@@ -2505,42 +2507,51 @@ fn verify_impl(dir: &Path, limit: Option<(u64, u64)>) -> Result<Report, StoreErr
                 }
             }
         }
-        for (first, last, prev_hash, hash) in held {
+        for (first, last, header, hash) in held {
             report.chunks += last.saturating_sub(first) + 1;
-            let prev_seq = prev.map(|p| p.0);
-            if let Some(p) = prev_seq
-                && first <= p
-            {
+            let next = chain.next_seq();
+            if walked && first < next {
+                // Met again: the chain stays where it was.
                 report.problems.push(Problem::OutOfOrder {
                     record: i as u64,
                     seq: first,
-                    after: p,
+                    after: next - 1,
                 });
+                continue;
             }
-            let gap_first = prev_seq.map_or(0, |p| p + 1);
-            let restart = first > gap_first && gap(gap_first, first - 1, &mut report);
+            let restart = first > next && gap(next, first - 1, &mut report);
             if restart {
                 report.chain_restarts.push(first);
             }
-            let expected_prev = match prev {
-                _ if restart => None,
-                None if first == 0 => Some((None, seed)),
-                // A gap at the very start that was not declared lost:
-                // already reported; there is nothing to link to.
-                None => None,
-                Some((p, h)) => Some((Some(p), h)),
+            let Some(header) = header else {
+                // Unreadable: the chain goes on from the hash its record names.
+                chain = Chain::resume(last + 1, hash);
+                walked = true;
+                continue;
             };
-            if let (Some((previous, h)), Some(ph)) = (expected_prev, prev_hash)
-                && ph != h
-            {
-                report.problems.push(Problem::ChainBroken { seq: first, previous });
+            // After a gap that was not declared lost (already reported)
+            // the chunk must still link to the one before it, as if the
+            // gap were not there; at the very start there is nothing to
+            // link to, and after a declared gap the chain restarts.
+            if first > next && !restart && walked && Chain::resume(first, chain.last_hash()).check(&header).is_err() {
+                report.problems.push(Problem::ChainBroken {
+                    seq: first,
+                    previous: Some(next - 1),
+                });
             }
-            prev = Some((last, hash));
+            if let Err(Unlinked { seq }) = chain.accept(&header, hash) {
+                report.problems.push(Problem::ChainBroken {
+                    seq,
+                    previous: seq.checked_sub(1),
+                });
+                chain = Chain::resume(seq + 1, hash);
+            }
+            walked = true;
         }
     }
     if let (Some(last_seq), true) = (report.last_seq, report.ended) {
-        let next = prev.map_or(0, |p| p.0 + 1);
-        let empty = prev.is_none() && last_seq == 0 && !lost.contains(&0);
+        let next = chain.next_seq();
+        let empty = !walked && last_seq == 0 && !lost.contains(&0);
         if next <= last_seq && !empty {
             gap(next, last_seq, &mut report);
         }

@@ -711,6 +711,26 @@ fn verify_names_reordered_chunks() {
         seq: 2,
         after: 3
     }));
+    // Chunk 2 met after 3 leaves the chain at 3: chunk 4 links to it, and
+    // 3 is not reported missing.
+    assert_eq!(
+        report.problems,
+        vec![
+            Problem::Missing {
+                range: SeqRange { first: 2, last: 2 }
+            },
+            Problem::ChainBroken {
+                seq: 3,
+                previous: Some(1)
+            },
+            Problem::OutOfOrder {
+                record: 3,
+                seq: 2,
+                after: 3
+            },
+        ],
+        "{report}"
+    );
 }
 
 #[test]
