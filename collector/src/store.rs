@@ -707,15 +707,15 @@ impl Batch {
     }
 
     /// Adds the chunk `seq == self.next_seq` after checking that it links to
-    /// the previous one (unless the chain restarts after declared-lost chunks).
-    fn push(&mut self, seq: u64, data: Vec<u8>, sha256: [u8; 32], restart: bool) -> Result<(), String> {
+    /// the previous one; after seqs an end skipped as declared lost (the
+    /// only gap below `next_seq`), the chain restarts at it.
+    fn push(&mut self, seq: u64, data: Vec<u8>, sha256: [u8; 32]) -> Result<(), String> {
         debug_assert_eq!(seq, self.next_seq);
         let (header, _) = chunk::parse(&data).map_err(|e| format!("chunk {seq} is malformed: {e}"))?;
         let mut chain = self.chain;
         match chain.accept(&header, sha256) {
-            Ok(Step::Next) => {}
-            Ok(Step::AfterGap { .. }) if restart => {}
-            Ok(_) | Err(_) => {
+            Ok(Step::Next | Step::AfterGap { .. }) => {}
+            Ok(Step::Repeat) | Err(_) => {
                 let what = if seq == 0 {
                     "the chain seed of this session id (chunk of another session?)".to_owned()
                 } else {
@@ -1123,7 +1123,7 @@ impl Store {
                 }
             };
             if seq == batch.next_seq {
-                if let Err(why) = batch.push(seq, data, hash, false) {
+                if let Err(why) = batch.push(seq, data, hash) {
                     failure = Some(why);
                     break;
                 }
@@ -1192,20 +1192,17 @@ impl Store {
         batch: &mut Batch,
         lost: Option<(&HashSet<u64>, u64)>,
     ) -> Result<(), String> {
-        let mut restart = false;
         loop {
             let seq = batch.next_seq;
             if let Some((data, hash)) = st.held.remove(&seq) {
                 st.held_bytes -= data.len();
                 self.held_total.fetch_sub(data.len(), Ordering::Relaxed);
-                batch.push(seq, data, hash, restart)?;
-                restart = false;
+                batch.push(seq, data, hash)?;
                 continue;
             }
             match lost {
                 Some((lost, last_seq)) if seq <= last_seq && lost.contains(&seq) => {
                     batch.skip_lost();
-                    restart = true;
                 }
                 _ => return Ok(()),
             }

@@ -407,6 +407,27 @@ fn an_end_before_its_chunks_waits_for_them() {
 }
 
 #[test]
+fn chunks_resent_after_an_end_skipped_lost_ones_restart_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let rec = recording(6);
+    started(&store, &rec);
+    store.append(HOST, &rec.id, rec.pairs([0, 1])).unwrap();
+    // The recorder lost 2 and 3; 4 and 5 are not here yet (dropped from the
+    // hold, or still on their way): the end skips the lost ones and waits.
+    let out = store.end(HOST, &end_msg(&rec.id, 5, vec![2, 3])).unwrap();
+    assert!(!out.ended);
+    assert_eq!((out.next_seq, out.resend_from), (4, Some(4)));
+    // Chunk 4, sent again from there, follows the lost 3, not 1.
+    let out = store.append(HOST, &rec.id, rec.pairs([4, 5])).unwrap();
+    assert_eq!((out.next_seq, out.stored), (6, 2));
+    assert!(store.end(HOST, &end_msg(&rec.id, 5, vec![2, 3])).unwrap().ended);
+    let report = store.verify(&rec.id).unwrap();
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.chain_restarts, vec![4]);
+}
+
+#[test]
 fn broken_chains_and_malformed_chunks_are_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
