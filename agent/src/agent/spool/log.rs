@@ -494,6 +494,9 @@ pub struct Writer {
     segment: u64,
     /// Bytes of the active segment known durable.
     len: u64,
+    /// The active segment holds bytes past `len` that could not be cut
+    /// off: nothing more goes into it, the next write starts a new one.
+    torn: bool,
     segment_bytes: u64,
     stats: Arc<Stats>,
 }
@@ -522,6 +525,7 @@ impl Writer {
             file,
             segment,
             len: MAGIC.len() as u64,
+            torn: false,
             segment_bytes,
             stats,
         })
@@ -578,6 +582,9 @@ impl Writer {
     /// delete; a cap only drains if segments stay small).
     fn commit(&mut self, batch: &[Append], buf: &mut Vec<u8>) -> Result<Vec<Loc>, SpoolError> {
         buf.clear();
+        if self.torn {
+            self.rotate()?;
+        }
         let mut locs = Vec::with_capacity(batch.len());
         for a in batch {
             if self.len + buf.len() as u64 >= self.segment_bytes {
@@ -615,7 +622,9 @@ impl Writer {
             // them as a torn tail (or reports them, in an older segment).
             if let Err(cut) = self.file.set_len(self.len) {
                 tracing::error!(segment = self.segment, "cannot cut back a failed write: {cut}");
-                // Nothing more may go into this segment: start a new one.
+                // Nothing more may go into this segment: start a new one
+                // (now, or before the next write if that fails too).
+                self.torn = true;
                 let _ = self.rotate();
             }
             return Err(io_err(&self.dir.join(segment_name(self.segment)), e));
@@ -633,6 +642,7 @@ impl Writer {
         self.stats.active_segment.store(segment, Ordering::Relaxed);
         self.segment = segment;
         self.len = MAGIC.len() as u64;
+        self.torn = false;
         self.stats.total_bytes.fetch_add(self.len, Ordering::Relaxed);
         Ok(())
     }

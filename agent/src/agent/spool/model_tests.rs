@@ -137,10 +137,10 @@ impl Harness {
         let (spool, _) = Spool::recover(self.dir.path(), SEGMENT_BYTES, 0).expect("recovery");
         let spool = Arc::new(spool);
         for m in &self.models {
-            if let Some(c) = m.committed {
-                if let Some(s) = spool.lock().sessions.get_mut(&m.id) {
-                    s.commit_through(c);
-                }
+            if let Some(c) = m.committed
+                && let Some(s) = spool.lock().sessions.get_mut(&m.id)
+            {
+                s.commit_through(c);
             }
             if m.shipped
                 && let Some(h) = spool.shipped(&m.id, 0)
