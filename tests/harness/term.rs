@@ -146,7 +146,13 @@ impl Term {
         let deadline = Instant::now() + timeout;
         loop {
             match self.child.try_wait() {
-                Ok(Some(st)) => return st.exit_code(),
+                Ok(Some(st)) => {
+                    // What the program wrote before it exited may still be on
+                    // its way from the PTY: read until the PTY says it ended
+                    // (a short wait: its last writer is gone).
+                    self.out.wait_for(Instant::now() + Duration::from_secs(2), |_| false);
+                    return st.exit_code();
+                }
                 Ok(None) => {}
                 Err(e) => panic!("waiting for {}: {e}", self.what),
             }
