@@ -43,6 +43,10 @@
 //!   (SIGTERM, SIGKILL, SIGTERM): the spool drains back to a few segments
 //!   after every wave, the host lists no ghost, and the idle session, ended
 //!   at last, is whole at the collector.
+//! * [`live`]: live response on a host: `sessions --live`, `kill` (the
+//!   user told, the recording and the end record say who and why, audited),
+//!   `--lock` until `unlock` (across an agent restart), and the recorded
+//!   user refused all of it while a member of `admin_group` is not.
 //! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through
 //!   a fault-injecting proxy: collector refused, killed and restarted, agent
 //!   killed, link cut a hundred times, stalled and black-holed, the spool
@@ -63,6 +67,7 @@ mod exec;
 mod identity;
 mod interactive;
 mod lifecycle;
+mod live;
 mod privsep;
 mod quotas;
 mod sealing;

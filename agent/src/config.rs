@@ -167,6 +167,9 @@ pub struct AgentConfig {
     /// Recording (compressed) one session may hold in the spool.
     #[serde(deserialize_with = "bytes")]
     pub spool_max_bytes_per_session: u64,
+    /// Members of this group (besides root) may list live sessions, end
+    /// them and lock users out through the agent (`shelltrail kill`).
+    pub admin_group: String,
     /// How long a session held at a limit may wait for room under
     /// `on_agent_unavailable = "deny"` before the agent ends its recording
     /// (and the recorder the session). Under "allow" it waits as long as
@@ -250,6 +253,7 @@ impl Default for AgentConfig {
             spool_max_bytes_per_uid: 2 << 30,
             spool_max_bytes_per_session: 1 << 30,
             quota_wait_secs: 30,
+            admin_group: "shelltrail-admin".into(),
         }
     }
 }

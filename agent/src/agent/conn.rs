@@ -28,6 +28,7 @@
 //! records the end itself. Under `allow` the hold lasts as long as the
 //! session.
 
+use crate::agent::control;
 use crate::agent::limits::{ConnMemory, Reservation};
 use crate::agent::server::{Agent, now_ms, start_ticks};
 use crate::agent::signer::View;
@@ -37,7 +38,8 @@ use shelltrail_cast::chain::Chain;
 use shelltrail_cast::chunk::{self, ChunkError, ChunkHeader};
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{
-    Accepted, Ack, AgentFrame, Close, Held, RecorderFrame, Refused, SessionMeta, Stopped, agent_frame, recorder_frame,
+    Accepted, Ack, AgentFrame, Close, Ended, Held, RecorderFrame, Refused, SessionMeta, Stopped, agent_frame,
+    recorder_frame,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -215,6 +217,7 @@ impl Drop for Connected<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.agent.spool.lock().sessions.get_mut(&self.session) {
             s.connected = false;
+            s.control = None;
         }
     }
 }
@@ -231,14 +234,24 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
     let first = tokio::time::timeout(OPEN_TIMEOUT, reader.next(MAX_OPEN_FRAME))
         .await
         .map_err(|_| ConnError::Protocol(format!("no complete Open within {} s", OPEN_TIMEOUT.as_secs())))??;
-    let Some((
-        RecorderFrame {
-            body: Some(recorder_frame::Body::Open(open)),
-        },
-        _,
-    )) = first
-    else {
-        return Err(ConnError::Protocol("the first frame must be Open".into()));
+    let open = match first {
+        Some((
+            RecorderFrame {
+                body: Some(recorder_frame::Body::Open(open)),
+            },
+            _,
+        )) => open,
+        Some((
+            RecorderFrame {
+                body: Some(recorder_frame::Body::Control(req)),
+            },
+            _,
+        )) => {
+            let reply = control::handle(agent, peer, req);
+            send(&mut wr, agent_frame::Body::ControlReply(reply)).await?;
+            return Ok(());
+        }
+        _ => return Err(ConnError::Protocol("the first frame must be Open".into())),
     };
     let mut meta = open.meta.unwrap_or_default();
     let who = identity(agent, peer, &meta);
@@ -278,6 +291,13 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
     let acker = tokio::spawn(acker(agent.clone(), sid.clone(), who.uid, wr, ack_rx, failed.clone()));
     let max_frame = agent.cfg.agent.max_frame_bytes as usize;
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ended>();
+    let chain = {
+        let mut cat = agent.spool.lock();
+        let s = cat.sessions.get_mut(&sid).expect("admitted or resumed: catalogued");
+        s.control = Some(ctl_tx);
+        s.chain
+    };
     let mut session = SessionTask {
         agent,
         sid: &sid,
@@ -286,7 +306,8 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
         ack: &ack_tx,
         held: None,
         closed: false,
-        chain: agent.spool.lock().sessions[&sid].chain,
+        chain,
+        ended_by: None,
     };
     let deny = agent.cfg.shell.on_agent_unavailable == Unavailable::Deny;
     let wait = Duration::from_secs(agent.cfg.agent.quota_wait_secs);
@@ -304,6 +325,12 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
                     Some(outcome) => break outcome,
                     None => continue,
                 }
+            }
+            Some(ended) = ctl_rx.recv() => {
+                if let Err(why) = session.end(ended) {
+                    break Err(ConnError::Protocol(why));
+                }
+                continue;
             }
         };
         let (frame, mem) = match frame {
@@ -326,8 +353,10 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
                     break Err(ConnError::Protocol(why));
                 }
             }
-            Some(recorder_frame::Body::Open(_)) => {
-                break Err(ConnError::Protocol("second Open on one connection".into()));
+            Some(recorder_frame::Body::Open(_) | recorder_frame::Body::Control(_)) => {
+                break Err(ConnError::Protocol(
+                    "a second Open (or a Control) on a session's connection".into(),
+                ));
             }
             None => break Err(ConnError::Protocol("empty frame body".into())),
         }
@@ -359,6 +388,9 @@ async fn admit(
         return Err(format!("session {sid} already exists"));
     }
     if let Some(why) = agent.limits.admission(who.uid) {
+        return Err(why);
+    }
+    if let Some(why) = agent.locks.refusal(who.uid) {
         return Err(why);
     }
     let slot = agent.limits.session(who.uid)?;
@@ -446,6 +478,8 @@ enum Pending {
     Stop {
         reason: String,
     },
+    /// An administrator ended the session.
+    Ended(Ended),
 }
 
 /// A session held at a limit.
@@ -475,9 +509,22 @@ struct SessionTask<'a> {
     chain: Chain,
     /// The recorder's Close has arrived: nothing may follow it.
     closed: bool,
+    /// An administrator ended the session: who, and why.
+    ended_by: Option<Ended>,
 }
 
 impl SessionTask<'_> {
+    /// Passes an administrator's end on to the recorder, and remembers it
+    /// for the end record.
+    fn end(&mut self, e: Ended) -> Result<(), String> {
+        if self.closed {
+            return Ok(());
+        }
+        tracing::warn!(session = %self.sid, uid = self.uid, by = %e.by, "session ended by an administrator: {}", e.reason);
+        self.ended_by = Some(e.clone());
+        self.pend(Pending::Ended(e))
+    }
+
     fn pend(&self, p: Pending) -> Result<(), String> {
         self.ack
             .send(p)
@@ -552,6 +599,10 @@ impl SessionTask<'_> {
         self.chain
             .accept(&header, hash)
             .expect("checked above: the chunk continues the chain");
+        if let Some(s) = self.agent.spool.lock().sessions.get_mut(self.sid) {
+            s.activity.last_unix_ms = now_ms();
+            s.activity.bytes += u64::from(header.raw_len);
+        }
         self.pend(Pending::Chunk {
             seq: c.seq,
             chain: self.chain,
@@ -576,6 +627,9 @@ impl SessionTask<'_> {
                 Some((_, reason)) => format!("stopped by the agent: {reason}"),
                 None => format!("recorder; chunks from {} not stored: {}", h.from_seq, h.reason),
             };
+        }
+        if let Some(e) = &self.ended_by {
+            cause = format!("ended by {}: {}", e.by, e.reason);
         }
         let mut rec = CloseRecord {
             session_id: self.sid.to_string(),
@@ -759,6 +813,7 @@ async fn acker(
             Pending::Held { from_seq, reason } => Some(agent_frame::Body::Held(Held { from_seq, reason })),
             Pending::Refuse { reason } => Some(agent_frame::Body::Refused(Refused { reason })),
             Pending::Stop { reason } => Some(agent_frame::Body::Stopped(Stopped { reason })),
+            Pending::Ended(e) => Some(agent_frame::Body::Ended(e)),
         };
         let Some(frame) = frame.filter(|_| !done) else {
             continue;

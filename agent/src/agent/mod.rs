@@ -4,6 +4,7 @@
 //! them on to the collector.
 
 pub mod conn;
+pub mod control;
 pub mod limits;
 pub mod server;
 pub mod ship;

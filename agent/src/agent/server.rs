@@ -62,6 +62,8 @@ pub struct Agent {
     watch: Mutex<watch::Watch>,
     /// Seals every session as it ends.
     signer: Signer,
+    /// Users an administrator locked out (`shelltrail kill --lock`).
+    pub(crate) locks: crate::agent::control::Locks,
 }
 
 impl Agent {
@@ -98,6 +100,7 @@ impl Agent {
         }
         let shipper = (!cfg.ship.collector.is_empty())
             .then(|| Shipper::new(cfg.ship.clone(), spool.clone(), signer.public_key()));
+        let locks = crate::agent::control::Locks::load(cfg.spool_dir.parent().unwrap_or(Path::new("/")));
         let max_connections = cfg.agent.max_connections.min(fd_room());
         let limits = Limits::new(
             &cfg.agent,
@@ -115,6 +118,7 @@ impl Agent {
             shipper,
             watch: Mutex::new(watch::Watch::default()),
             signer,
+            locks,
         }))
     }
 

@@ -89,12 +89,37 @@ enum Cmd {
         /// One JSON array of every field, for scripts
         #[arg(long)]
         json: bool,
+        /// Only the sessions being recorded right now, with how long each has
+        /// been idle and how much it recorded (asks this host's agent; with
+        /// --collector, the sessions not ended there)
+        #[arg(long)]
+        live: bool,
         /// Only this user's sessions: the user the agent verified (a login
         /// name, or uid:N), never the name the recorder claims
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// End a live session on this host (root or [agent] admin_group): the
+    /// user sees the reason, the recording says who ended it and why.
+    Kill {
+        /// Session id, or a fragment naming exactly one live session
+        id: String,
+        /// Why: shown to the user, recorded, logged
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Also refuse the user's new sessions on this host until `unlock`
+        #[arg(long)]
+        lock: bool,
+        /// Lock for this long only (90s, 15m, 2h, 1d); implies --lock
+        #[arg(long = "for", value_name = "DURATION", value_parser = cli::live::duration)]
+        lock_for: Option<std::time::Duration>,
+    },
+    /// Let a user locked out by `kill --lock` log in again.
+    Unlock {
+        /// Login name, or uid:N
+        user: String,
     },
     /// Write a session's recording out.
     Export {
@@ -240,11 +265,25 @@ fn run(args: Args) -> Result<i32> {
             })?;
             Ok(0)
         }
-        Cmd::Sessions { json, user, remote } => {
+        Cmd::Sessions {
+            json,
+            live,
+            user,
+            remote,
+        } => {
+            let remote = remote.or(&outer);
+            if live && remote.collector.is_none() {
+                let cfg = cli::load_config(config)?;
+                cli::live::list(&cfg, user.as_deref(), json, &mut std::io::stdout().lock())?;
+                return Ok(0);
+            }
             let mut src = source(remote)?;
             let mut rows = src.list()?;
             if let Some(user) = &user {
                 rows.retain(|r| &r.user == user);
+            }
+            if live {
+                rows.retain(|r| r.live);
             }
             cli::sessions::run(&rows, json, &mut std::io::stdout().lock())?;
             if let Some(url) = src.ships_to()
@@ -255,6 +294,19 @@ fn run(args: Args) -> Result<i32> {
                      list them with `shelltrail --collector {url} sessions`)"
                 );
             }
+            Ok(0)
+        }
+        Cmd::Kill {
+            id,
+            reason,
+            lock,
+            lock_for,
+        } => {
+            cli::live::kill(&cli::load_config(config)?, &id, &reason, lock, lock_for)?;
+            Ok(0)
+        }
+        Cmd::Unlock { user } => {
+            cli::live::unlock(&cli::load_config(config)?, &user)?;
             Ok(0)
         }
         Cmd::Export {

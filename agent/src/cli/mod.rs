@@ -7,6 +7,7 @@
 
 pub mod demo;
 pub mod export;
+pub mod live;
 pub mod play;
 pub mod sessions;
 pub mod shown;

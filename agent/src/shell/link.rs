@@ -15,6 +15,7 @@
 //! (`Stopped`, under `deny` after a bounded wait), the user is told and the
 //! session is ended as a `kill` of the recorder would end it.
 
+use crate::shell::record::Event;
 use crate::shell::syslog;
 use shelltrail_cast::chunk::Chunk;
 use shelltrail_proto::framing;
@@ -24,7 +25,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,40 @@ pub fn open(socket: &Path, meta: &SessionMeta, resume: bool) -> Result<Connectio
             body: Some(agent_frame::Body::Refused(r)),
         })) => Err(ConnectError::Refused(r.reason)),
         Ok(other) => Err(ConnectError::Protocol(format!("expected Accepted, got {other:?}"))),
+        Err(e) => Err(ConnectError::Protocol(e.to_string())),
+    }
+}
+
+/// Sends an administrator's request to the agent at `socket` and returns
+/// its answer (the agent decides whether the caller may; see
+/// `agent::control`).
+pub fn control(
+    socket: &Path,
+    req: shelltrail_proto::v1::Control,
+) -> Result<shelltrail_proto::v1::ControlReply, ConnectError> {
+    let unreachable = |error| ConnectError::Unreachable {
+        path: socket.to_path_buf(),
+        error,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    let frame = RecorderFrame {
+        body: Some(recorder_frame::Body::Control(req)),
+    };
+    let mut buf = Vec::new();
+    framing::encode(&frame, &mut buf);
+    stream.write_all(&buf).map_err(unreachable)?;
+    match FrameReader::default().next(&mut stream) {
+        Ok(Some(AgentFrame {
+            body: Some(agent_frame::Body::ControlReply(r)),
+        })) => Ok(r),
+        Ok(Some(AgentFrame {
+            body: Some(agent_frame::Body::Refused(r)),
+        })) => Err(ConnectError::Refused(r.reason)),
+        Ok(other) => Err(ConnectError::Protocol(format!(
+            "expected a ControlReply, got {other:?}"
+        ))),
         Err(e) => Err(ConnectError::Protocol(e.to_string())),
     }
 }
@@ -213,6 +248,11 @@ pub enum ToLink {
         epoch: u64,
         reason: String,
     },
+    /// An administrator ended the session (the recording goes on to its end).
+    Ended {
+        by: String,
+        reason: String,
+    },
 }
 
 /// What happened to the recording, reported when the link stops.
@@ -223,6 +263,28 @@ pub struct Delivery {
     pub close_acked: bool,
 }
 
+/// An administrator ended the session: the recording says who and why
+/// (a marker, before the exit event), the user is told, and the session
+/// ends as a SIGTERM ends it (its program hung up, then killed after a
+/// grace). Unlike [`Link::stop`], everything recorded is still delivered.
+fn ended(session: &str, by: &str, reason: &str, events: &SyncSender<Event>) {
+    let line = format!("shelltrail: this session was ended by {by}: {reason}");
+    syslog::warning(&format!("session {session}: {line}"));
+    let _ = events.send(Event::Marker(Instant::now(), line.clone()));
+    // The user's terminal may be in raw mode: end lines with CR LF.
+    let _ = write!(std::io::stderr(), "\r\n{line}\r\n");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
+}
+
+/// The link's channels: what it is told (and tells itself, from its
+/// reader), and the recording's events, for the one it adds itself (an
+/// administrator's end of the session).
+pub struct Wiring {
+    pub tx: Sender<ToLink>,
+    pub rx: Receiver<ToLink>,
+    pub events: SyncSender<Event>,
+}
+
 /// Runs the link until the session's Close is acknowledged, or until
 /// `close_timeout` after Close when the agent stays away.
 pub fn run(
@@ -230,10 +292,10 @@ pub fn run(
     meta: SessionMeta,
     conn: Option<Connection>,
     budget: Arc<Budget>,
-    tx: Sender<ToLink>,
-    rx: Receiver<ToLink>,
+    wiring: Wiring,
     close_timeout: Duration,
 ) -> Delivery {
+    let Wiring { tx, rx, events } = wiring;
     let mut link = Link {
         socket,
         meta,
@@ -290,6 +352,7 @@ pub fn run(
                 link.budget.hold(true);
             }
             Ok(ToLink::Stopped { epoch, reason }) if epoch == link.epoch => link.stop(&reason),
+            Ok(ToLink::Ended { by, reason }) => ended(&link.meta.session_id, &by, &reason, &events),
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -386,6 +449,15 @@ impl Link {
                                     let msg = ToLink::Stopped {
                                         epoch,
                                         reason: s.reason,
+                                    };
+                                    if tx.send(msg).is_err() {
+                                        return;
+                                    }
+                                }
+                                Some(agent_frame::Body::Ended(e)) => {
+                                    let msg = ToLink::Ended {
+                                        by: e.by,
+                                        reason: e.reason,
                                     };
                                     if tx.send(msg).is_err() {
                                         return;
@@ -564,7 +636,9 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let link = {
             let (socket, meta, budget, tx) = (cfg.socket.clone(), meta.clone(), budget.clone(), tx.clone());
-            std::thread::spawn(move || run(socket, meta, Some(conn), budget, tx, rx, Duration::from_secs(20)))
+            let (events, _) = std::sync::mpsc::sync_channel(16);
+            let wiring = Wiring { tx, rx, events };
+            std::thread::spawn(move || run(socket, meta, Some(conn), budget, wiring, Duration::from_secs(20)))
         };
         let mut chunker = Chunker::new(&id, 3);
         let mut expected = Vec::new();

@@ -207,16 +207,23 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
     header.shelltrail = serde_json::to_value(&meta).ok();
 
     let budget = link::Budget::new(cfg.shell.buffer_bytes);
+    // Bounded: if the recorder falls behind, output waits rather than memory growing.
+    let (ev_tx, ev_rx) = mpsc::sync_channel(256);
     let (link_tx, link_rx) = mpsc::channel();
     let link_thread = {
         let (socket, meta, budget, tx) = (cfg.socket.clone(), meta.clone(), budget.clone(), link_tx.clone());
         let timeout = Duration::from_secs(cfg.shell.close_timeout_secs);
-        std::thread::Builder::new()
-            .name("agent-link".into())
-            .spawn(move || link::run(socket, meta, conn, budget, tx, link_rx, timeout))?
+        // The link records an administrator's end of the session (a marker).
+        let events = ev_tx.clone();
+        std::thread::Builder::new().name("agent-link".into()).spawn(move || {
+            let wiring = link::Wiring {
+                tx,
+                rx: link_rx,
+                events,
+            };
+            link::run(socket, meta, conn, budget, wiring, timeout)
+        })?
     };
-    // Bounded: if the recorder falls behind, output waits rather than memory growing.
-    let (ev_tx, ev_rx) = mpsc::sync_channel(256);
     let (recycle_tx, recycle_rx) = mpsc::sync_channel(4);
     let link_guard = link_tx.clone();
     let recorder = {

@@ -33,8 +33,20 @@ pub struct Session {
     pub head_segment: u64,
     /// A recorder connection is attached to it now.
     pub connected: bool,
+    /// That connection's ear for an administrator ending the session.
+    pub control: Option<tokio::sync::mpsc::UnboundedSender<shelltrail_proto::v1::Ended>>,
+    /// What the agent saw of it lately, for the live listing.
+    pub activity: Activity,
     /// The shipper's cursor on the current stream (reset on every connection).
     pub stream: Stream,
+}
+
+/// When the agent last received a chunk of the session (its clock), and
+/// the recording's content so far (uncompressed), counted as chunks arrive.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Activity {
+    pub last_unix_ms: i64,
+    pub bytes: u64,
 }
 
 /// Where one session stands on the current stream to the collector.
@@ -63,6 +75,8 @@ impl Session {
             rejected: None,
             head_segment,
             connected: false,
+            control: None,
+            activity: Activity::default(),
             stream: Stream::default(),
         }
     }

@@ -1,0 +1,339 @@
+//! Administrators' requests to the agent: list the live sessions, end one
+//! (and lock its user out), unlock a user. They come on the recorders'
+//! socket, as a `Control` frame instead of an `Open`, and are answered with
+//! one `ControlReply`.
+//!
+//! Who may: root, and members of `[agent] admin_group`, by SO_PEERCRED and
+//! the peer process's groups as the kernel holds them (`/proc/PID/status`),
+//! never by anything the client says. Everyone else gets a clear refusal.
+//! Every request, allowed or not, is logged (target `shelltrail::audit`):
+//! who, what, which session, why.
+//!
+//! Locks are kept in `locks.json` beside the spool directory (the agent's
+//! state), so a restart does not let a locked-out user back in.
+
+use crate::agent::Agent;
+use crate::agent::conn::Peer;
+use crate::agent::server::now_ms;
+use crate::agent::spool::Session;
+use serde::{Deserialize, Serialize};
+use shelltrail_proto::v1::{Control, ControlReply, Ended, LiveSession, control};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A user refused new sessions on this host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Lock {
+    pub user: String,
+    pub by: String,
+    pub reason: String,
+    pub since_unix_ms: i64,
+    /// None: until unlocked.
+    pub until_unix_ms: Option<i64>,
+}
+
+/// The users locked out, by uid; persisted on every change.
+#[derive(Debug)]
+pub struct Locks {
+    path: PathBuf,
+    by_uid: Mutex<BTreeMap<u32, Lock>>,
+}
+
+impl Locks {
+    /// Loads `locks.json` from `state_dir` (none yet: no locks). A file that
+    /// does not parse is reported and kept aside, not trusted and not lost.
+    pub fn load(state_dir: &Path) -> Locks {
+        let path = state_dir.join("locks.json");
+        let by_uid = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(file = %path.display(), "cannot read the user locks ({e}); starting with none");
+                BTreeMap::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                tracing::error!(file = %path.display(), "cannot read the user locks ({e}); starting with none");
+                BTreeMap::new()
+            }
+        };
+        Locks {
+            path,
+            by_uid: Mutex::new(by_uid),
+        }
+    }
+
+    /// Why `uid` may not start a session now, if it may not.
+    pub fn refusal(&self, uid: u32) -> Option<String> {
+        let mut locks = self.by_uid.lock().expect("locks lock");
+        let l = locks.get(&uid)?;
+        if l.until_unix_ms.is_some_and(|u| u <= now_ms()) {
+            locks.remove(&uid);
+            let _ = self.save(&locks);
+            return None;
+        }
+        let until = match l.until_unix_ms {
+            Some(u) => format!("until {}", crate::cli::utc(u)),
+            None => "until an administrator unlocks them".into(),
+        };
+        Some(format!(
+            "sessions of {} on this host are locked by {} {until}: {}",
+            l.user, l.by, l.reason
+        ))
+    }
+
+    fn set(&self, uid: u32, lock: Option<Lock>) -> std::io::Result<Option<Lock>> {
+        let mut locks = self.by_uid.lock().expect("locks lock");
+        let old = match lock {
+            Some(l) => locks.insert(uid, l),
+            None => locks.remove(&uid),
+        };
+        self.save(&locks)?;
+        Ok(old)
+    }
+
+    fn save(&self, locks: &BTreeMap<u32, Lock>) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(locks).expect("locks serialise"))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// Who the peer is, if it may administer the agent.
+fn administrator(agent: &Agent, peer: Peer) -> Result<String, String> {
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid:{}", peer.uid), |u| u.name);
+    let who = format!("{name} (uid {}) on this host", peer.uid);
+    if peer.uid == 0 {
+        return Ok(who);
+    }
+    let group = &agent.cfg.agent.admin_group;
+    let gid = nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    if let Some(gid) = gid
+        && process_groups(peer.pid).contains(&gid)
+    {
+        return Ok(who);
+    }
+    Err(format!(
+        "permission denied: only root and members of the group {group:?} ([agent] admin_group) may do this"
+    ))
+}
+
+/// The peer process's real and supplementary groups, as the kernel holds them.
+fn process_groups(pid: i32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix("Groups:") {
+            out.extend(rest.split_whitespace().filter_map(|g| g.parse::<u32>().ok()));
+        } else if let Some(rest) = line.strip_prefix("Gid:") {
+            out.extend(rest.split_whitespace().take(1).filter_map(|g| g.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Answers one request.
+pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
+    let what = match &req.request {
+        Some(control::Request::ListLive(_)) => "list live sessions".to_string(),
+        Some(control::Request::Kill(k)) => format!("end session {:?}", k.session),
+        Some(control::Request::Unlock(u)) => format!("unlock {:?}", u.user),
+        None => "nothing".into(),
+    };
+    let who = match administrator(agent, peer) {
+        Ok(who) => who,
+        Err(why) => {
+            tracing::warn!(target: "shelltrail::audit", uid = peer.uid, pid = peer.pid, "refused: {what}: {why}");
+            return refused(why);
+        }
+    };
+    let reply = match req.request {
+        Some(control::Request::ListLive(_)) => list_live(agent),
+        Some(control::Request::Kill(k)) => kill(agent, &who, k),
+        Some(control::Request::Unlock(u)) => unlock(agent, &who, &u.user),
+        None => refused("empty request".into()),
+    };
+    if reply.ok {
+        tracing::warn!(target: "shelltrail::audit", by = %who, pid = peer.pid, "{}", reply.message);
+    } else {
+        tracing::warn!(target: "shelltrail::audit", by = %who, pid = peer.pid, "failed: {what}: {}", reply.message);
+    }
+    reply
+}
+
+fn refused(message: String) -> ControlReply {
+    ControlReply {
+        ok: false,
+        message,
+        live: Vec::new(),
+    }
+}
+
+fn live_row(s: &Session) -> LiveSession {
+    let m = &s.open.meta;
+    let auth = m.auth.as_ref().map_or(String::new(), |a| {
+        if a.cert_key_id.is_empty() {
+            format!("{} {}", a.method, a.key_fingerprint).trim().to_string()
+        } else {
+            format!("{} cert {:?} {}", a.method, a.cert_key_id, a.key_fingerprint)
+        }
+    });
+    LiveSession {
+        session_id: s.id().to_string(),
+        user: s.open.peer_user.clone(),
+        uid: s.uid(),
+        client: if m.client_addr.is_empty() {
+            "local".into()
+        } else {
+            format!("{}:{}", m.client_addr, m.client_port)
+        },
+        auth,
+        command: if m.original_command.is_empty() {
+            "(shell)".into()
+        } else {
+            m.original_command.clone()
+        },
+        mode: m.mode.clone(),
+        opened_unix_ms: s.open.opened_unix_ms,
+        last_activity_unix_ms: s.activity.last_unix_ms.max(s.open.opened_unix_ms),
+        bytes: s.activity.bytes,
+        tty: m.tty.clone(),
+    }
+}
+
+fn list_live(agent: &Agent) -> ControlReply {
+    let live: Vec<LiveSession> = agent
+        .spool
+        .lock()
+        .sessions
+        .values()
+        .filter(|s| !s.closed() && s.connected)
+        .map(live_row)
+        .collect();
+    ControlReply {
+        ok: true,
+        message: format!("listed {} live sessions", live.len()),
+        live,
+    }
+}
+
+/// The one live session `name` names: its id, or a fragment of exactly one.
+fn find_live(agent: &Agent, name: &str) -> Result<LiveSession, String> {
+    let cat = agent.spool.lock();
+    let live: Vec<&Session> = cat.sessions.values().filter(|s| !s.closed()).collect();
+    if let Some(s) = live.iter().find(|s| s.id() == name) {
+        return Ok(live_row(s));
+    }
+    if name.len() < 4 {
+        return Err(format!(
+            "{name:?}: name a session by its id or at least 4 characters of it"
+        ));
+    }
+    let found: Vec<&&Session> = live.iter().filter(|s| s.id().contains(name)).collect();
+    match found.as_slice() {
+        [s] => Ok(live_row(s)),
+        [] => Err(format!("no live session matches {name:?} on this host")),
+        many => Err(format!(
+            "{name:?} matches {} live sessions: {}",
+            many.len(),
+            many.iter().map(|s| s.id()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+fn kill(agent: &Agent, who: &str, k: shelltrail_proto::v1::Kill) -> ControlReply {
+    let reason = k.reason.trim().to_string();
+    if reason.is_empty() {
+        return refused("say why: --reason TEXT (it is shown to the user and recorded)".into());
+    }
+    let row = match find_live(agent, &k.session) {
+        Ok(r) => r,
+        Err(why) => return refused(why),
+    };
+    let mut lock_note = String::new();
+    if k.lock {
+        let until = (k.lock_secs > 0).then(|| now_ms() + (k.lock_secs as i64).saturating_mul(1000));
+        let lock = Lock {
+            user: row.user.clone(),
+            by: who.to_string(),
+            reason: reason.clone(),
+            since_unix_ms: now_ms(),
+            until_unix_ms: until,
+        };
+        if let Err(e) = agent.locks.set(row.uid, Some(lock)) {
+            return refused(format!("cannot record the lock in {}: {e}", agent.locks.path.display()));
+        }
+        lock_note = match until {
+            Some(u) => format!("; {} locked out until {}", row.user, crate::cli::utc(u)),
+            None => format!("; {} locked out until `shelltrail unlock {}`", row.user, row.user),
+        };
+    }
+    let sent = agent
+        .spool
+        .lock()
+        .sessions
+        .get(&row.session_id)
+        .and_then(|s| s.control.clone())
+        .is_some_and(|tx| {
+            tx.send(Ended {
+                by: who.to_string(),
+                reason: reason.clone(),
+            })
+            .is_ok()
+        });
+    if !sent {
+        return ControlReply {
+            ok: false,
+            message: format!(
+                "session {} of {} is not connected to the agent right now (its recorder is reconnecting); \
+                 try again in a few seconds{lock_note}",
+                row.session_id, row.user
+            ),
+            live: Vec::new(),
+        };
+    }
+    ControlReply {
+        ok: true,
+        message: format!(
+            "ended session {} of {} ({}, {}): {reason}{lock_note}",
+            row.session_id, row.user, row.client, row.command
+        ),
+        live: vec![row],
+    }
+}
+
+fn unlock(agent: &Agent, who: &str, user: &str) -> ControlReply {
+    let uid = match user.strip_prefix("uid:") {
+        Some(n) => n.parse::<u32>().ok(),
+        None => nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw()),
+    };
+    let Some(uid) = uid else {
+        return refused(format!("no such user: {user:?}"));
+    };
+    match agent.locks.set(uid, None) {
+        Ok(Some(old)) => ControlReply {
+            ok: true,
+            message: format!(
+                "unlocked {user} (locked by {}: {}); unlocked by {who}",
+                old.by, old.reason
+            ),
+            live: Vec::new(),
+        },
+        Ok(None) => refused(format!("{user} is not locked")),
+        Err(e) => refused(format!(
+            "cannot record the unlock in {}: {e}",
+            agent.locks.path.display()
+        )),
+    }
+}

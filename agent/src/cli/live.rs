@@ -1,0 +1,159 @@
+//! Live response on this host, through the agent: `sessions --live`,
+//! `kill`, `unlock`. The agent decides who may (root and its admin group)
+//! and logs every request; this side only asks and prints.
+
+use crate::cli::shown::{json_for_terminal, shown};
+use crate::cli::utc;
+use crate::config::Config;
+use crate::shell::link;
+use anyhow::{Context, Result, bail};
+use shelltrail_proto::v1::{Control, ControlReply, Kill, ListLive, LiveSession, Unlock, control};
+use std::io::Write;
+use std::time::Duration;
+
+fn ask(cfg: &Config, request: control::Request) -> Result<ControlReply> {
+    let reply = link::control(&cfg.socket, Control { request: Some(request) })
+        .with_context(|| "asking the agent (is it running? `systemctl status shelltrail-agent`)".to_string())?;
+    if !reply.ok {
+        bail!("{}", shown(&reply.message));
+    }
+    Ok(reply)
+}
+
+/// One row of `sessions --live --json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct LiveRow {
+    pub id: String,
+    pub user: String,
+    pub uid: u32,
+    pub client: String,
+    pub auth: String,
+    pub command: String,
+    pub mode: String,
+    pub tty: String,
+    pub start_unix_ms: i64,
+    /// Milliseconds since the agent last received any of the session.
+    pub idle_ms: i64,
+    pub bytes: u64,
+}
+
+fn row(l: LiveSession, now: i64) -> LiveRow {
+    LiveRow {
+        id: l.session_id,
+        user: l.user,
+        uid: l.uid,
+        client: l.client,
+        auth: l.auth,
+        command: l.command,
+        mode: l.mode,
+        tty: l.tty,
+        start_unix_ms: l.opened_unix_ms,
+        idle_ms: (now - l.last_activity_unix_ms).max(0),
+        bytes: l.bytes,
+    }
+}
+
+/// `sessions --live`: the sessions whose recorder is connected now.
+pub fn list(cfg: &Config, user: Option<&str>, json: bool, out: &mut impl Write) -> Result<()> {
+    let reply = ask(cfg, control::Request::ListLive(ListLive {}))?;
+    let now = crate::agent::server::now_ms();
+    let rows: Vec<LiveRow> = reply
+        .live
+        .into_iter()
+        .map(|l| row(l, now))
+        .filter(|r| user.is_none_or(|u| r.user == u || format!("uid:{}", r.uid) == u))
+        .collect();
+    if json {
+        writeln!(out, "{}", json_for_terminal(&serde_json::to_string_pretty(&rows)?))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<36}  {:<12} {:<21} {:<19} {:>8} {:>10} {:<5} COMMAND  [AUTH]",
+        "ID", "USER", "CLIENT", "START (UTC)", "IDLE", "BYTES", "MODE"
+    )?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<36}  {:<12} {:<21} {:<19} {:>8} {:>10} {:<5} {}  [{}]",
+            shown(&r.id),
+            shown(&r.user),
+            shown(&r.client),
+            utc(r.start_unix_ms),
+            idle(r.idle_ms),
+            r.bytes,
+            shown(&r.mode),
+            shown(&r.command),
+            shown(&r.auth),
+        )?;
+    }
+    if rows.is_empty() {
+        writeln!(out, "(no live sessions)")?;
+    }
+    Ok(())
+}
+
+fn idle(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// `kill ID --reason TEXT [--lock [--for DURATION]]`.
+pub fn kill(cfg: &Config, id: &str, reason: &str, lock: bool, lock_for: Option<Duration>) -> Result<()> {
+    let reply = ask(
+        cfg,
+        control::Request::Kill(Kill {
+            session: id.to_string(),
+            reason: reason.to_string(),
+            lock: lock || lock_for.is_some(),
+            lock_secs: lock_for.map_or(0, |d| d.as_secs().max(1)),
+        }),
+    )?;
+    println!("{}", shown(&reply.message));
+    Ok(())
+}
+
+/// `unlock USER`.
+pub fn unlock(cfg: &Config, user: &str) -> Result<()> {
+    let reply = ask(cfg, control::Request::Unlock(Unlock { user: user.to_string() }))?;
+    println!("{}", shown(&reply.message));
+    Ok(())
+}
+
+/// Parses `90s`, `15m`, `2h`, `1d` (a number alone is seconds).
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: a duration is a number and a unit: 90s, 15m, 2h, 1d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("a lock for 0 seconds locks nothing".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_parse_and_bad_ones_say_why() {
+        assert_eq!(super::duration("90").unwrap().as_secs(), 90);
+        assert_eq!(super::duration("15m").unwrap().as_secs(), 900);
+        assert_eq!(super::duration("2h").unwrap().as_secs(), 7200);
+        assert_eq!(super::duration("1d").unwrap().as_secs(), 86_400);
+        assert!(super::duration("1w").unwrap_err().contains("unit"));
+        assert!(super::duration("h").unwrap_err().contains("a number"));
+        assert!(super::duration("0s").is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! Live response on a host: an administrator lists the sessions being
+//! recorded right now, ends one with a reason (shown to the user, recorded
+//! with who ended it, logged), locks the user out and lets them back in;
+//! anyone else is refused.
+
+use shelltrail_tests::proc::{run, run_ok};
+use shelltrail_tests::{TIMEOUT, World};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+/// A live PTY session, typed into; its id.
+fn live_session(w: &World, word: &str) -> (shelltrail_tests::Term, String) {
+    let mut t = w.ssh().term(80, 24);
+    t.line(&format!("echo {word}-$((6*7))"));
+    t.expect(&format!("{word}-42"));
+    let id = w
+        .wait_session("the live session", TIMEOUT, |r| {
+            r.mode == "pty" && r.live && r.chunks > 0 && !r.command.contains("unrecorded")
+        })
+        .id;
+    (t, id)
+}
+
+fn live_rows(w: &World) -> Vec<serde_json::Value> {
+    let out = run_ok(w.cli(&["sessions", "--live", "--json"]), TIMEOUT);
+    serde_json::from_slice(&out.stdout).expect("sessions --live --json")
+}
+
+/// `sessions --live` lists the session with its user, client, idle time and
+/// bytes; `kill` (by a fragment of the id) ends it: the client exits, the
+/// user saw who ended it and why, the recording holds that as a marker
+/// before its end, the end record names it, and the agent logged it.
+#[test]
+fn an_administrator_ends_a_live_session_and_the_recording_says_who_and_why() {
+    let w = World::new();
+    let (mut term, id) = live_session(&w, "before-kill");
+
+    let rows = live_rows(&w);
+    let row = rows
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not in {rows:#?}"));
+    assert_eq!(row["user"], w.user.name.as_str());
+    assert_eq!(
+        row["client"].as_str().map(|c| c.starts_with("127.0.0.1:")),
+        Some(true),
+        "{row}"
+    );
+    assert!(row["bytes"].as_u64().unwrap() > 0, "{row}");
+    assert!(row["idle_ms"].as_i64().unwrap() >= 0, "{row}");
+    let table = run_ok(w.cli(&["sessions", "--live"]), TIMEOUT).stdout_str();
+    assert!(table.lines().any(|l| l.starts_with(&id)), "{table}");
+
+    let out = run_ok(
+        w.cli(&["kill", &id[id.len() - 12..], "--reason", "incident 4711: stop now"]),
+        TIMEOUT,
+    );
+    assert!(out.stdout_str().contains(&format!("ended session {id}")), "{out}");
+    term.wait_exit(Duration::from_secs(20));
+    let seen = term.transcript();
+    assert!(
+        seen.contains("ended by root (uid 0) on this host: incident 4711: stop now"),
+        "the user is not told: {seen:?}"
+    );
+
+    let ended = w.wait_closed(&id, TIMEOUT);
+    assert_eq!(
+        ended.end_cause.as_deref(),
+        Some("ended by root (uid 0) on this host: incident 4711: stop now"),
+        "{ended:#?}"
+    );
+    let cast = String::from_utf8(w.export_bytes(&id, &[])).unwrap();
+    let lines: Vec<&str> = cast.lines().collect();
+    let marker = lines
+        .iter()
+        .position(|l| l.contains("\"m\"") && l.contains("incident 4711"))
+        .unwrap_or_else(|| panic!("no marker naming the end in the recording:\n{cast}"));
+    let exit = lines.iter().position(|l| l.contains("\"x\"")).expect("an exit event");
+    assert!(marker < exit, "the marker comes before the exit event:\n{cast}");
+    assert!(cast.contains("before-kill-42"), "{cast}");
+    let log = w.agent_log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("shelltrail::audit") && l.contains(&format!("ended session {id}"))),
+        "no audit line:\n{log}"
+    );
+    assert!(
+        live_rows(&w).iter().all(|r| r["id"] != id.as_str()),
+        "still listed live"
+    );
+}
+
+/// `kill --lock` refuses the user's next login with a message that says
+/// why and by whom, across an agent restart, until `unlock`.
+#[test]
+fn a_locked_out_user_is_refused_until_unlocked() {
+    let w = World::new();
+    let (mut term, id) = live_session(&w, "locked");
+    run_ok(
+        w.cli(&["kill", &id, "--reason", "account compromised", "--lock"]),
+        TIMEOUT,
+    );
+    term.wait_exit(Duration::from_secs(20));
+
+    w.restart_agent();
+    let refused = w.ssh().command("echo should-not-run").run_within(TIMEOUT);
+    assert_ne!(refused.code(), 0, "{refused}");
+    let said = refused.stderr_str() + &refused.stdout_str();
+    assert!(!said.contains("should-not-run"), "{said}");
+    assert!(
+        said.contains("locked by root (uid 0) on this host") && said.contains("account compromised"),
+        "the refusal does not say why: {said}"
+    );
+
+    let out = run_ok(w.cli(&["unlock", &w.user.name]), TIMEOUT);
+    assert!(out.stdout_str().contains("unlocked"), "{out}");
+    let back = w.ssh().command("echo back-$((2+3))").run_within(TIMEOUT);
+    assert_eq!(back.code(), 0, "{back}");
+    assert!(back.stdout_str().contains("back-5"), "{back}");
+    let again = run(w.cli(&["unlock", &w.user.name]), TIMEOUT);
+    assert_ne!(again.code(), 0, "unlocking a user who is not locked says so");
+    assert!(again.stderr_str().contains("is not locked"), "{again}");
+}
+
+/// The recorded user (not root, not in admin_group) can neither list nor
+/// end sessions through the agent; a member of admin_group can.
+#[test]
+fn only_root_and_the_admin_group_may_end_sessions() {
+    let group = "shelltrail-e2e-adm";
+    let _ = std::process::Command::new("groupadd").arg(group).status();
+    let w = World::builder()
+        .agent_setting(&format!("admin_group = \"{group}\""))
+        .build();
+    let (_term, id) = live_session(&w, "victim");
+    let as_user = |args: &[&str]| {
+        let mut c = w.cli(args);
+        // std drops root's supplementary groups when it switches uid.
+        c.uid(w.user.uid).gid(w.user.uid);
+        c
+    };
+    for args in [
+        vec!["kill", id.as_str(), "--reason", "no"],
+        vec!["sessions", "--live"],
+        vec!["unlock", "root"],
+    ] {
+        let out = run(as_user(&args), TIMEOUT);
+        assert_ne!(out.code(), 0, "{args:?} as the user: {out}");
+        assert!(
+            out.stderr_str().contains("permission denied") && out.stderr_str().contains(group),
+            "{args:?}: {out}"
+        );
+    }
+    assert!(
+        w.session(&id).live,
+        "the session survived the user's attempts to end it"
+    );
+    let log = w.agent_log_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("shelltrail::audit") && l.contains("refused"))
+            .count()
+            >= 3,
+        "refusals are logged:\n{log}"
+    );
+
+    // A member of the admin group may (here its primary group: the agent
+    // reads the peer's groups from the kernel, /proc/PID/status).
+    let gid = nix::unistd::Group::from_name(group).unwrap().expect("the group").gid;
+    let mut c = w.cli(&["kill", &id, "--reason", "by an admin"]);
+    c.uid(w.user.uid).gid(gid.as_raw());
+    let out = run(c, TIMEOUT);
+    assert_eq!(out.code(), 0, "{out}");
+    let ended = w.wait_closed(&id, TIMEOUT);
+    assert!(
+        ended
+            .end_cause
+            .as_deref()
+            .is_some_and(|c| c.contains(&format!("ended by {}", w.user.name)) && c.contains("by an admin")),
+        "{ended:#?}"
+    );
+}
