@@ -111,7 +111,10 @@ use shelltrail_proto::v1::{CloseCheck, SessionEnd, SessionInfo, SessionStart};
 use tokio::sync::watch;
 
 pub mod compact;
+pub mod disk;
 pub mod keys;
+
+use disk::{Disk, RealDisk};
 
 /// Bytes of one index record.
 pub const INDEX_RECORD_LEN: usize = 56;
@@ -772,6 +775,8 @@ pub struct Store {
     root: PathBuf,
     opts: StoreOptions,
     writable: bool,
+    /// Where `chunks.zst` and `index` are written (see [`disk`]).
+    disk: Arc<dyn Disk>,
     sessions: RwLock<HashMap<String, Arc<Slot>>>,
     held_total: AtomicUsize,
     /// Compacts ended sessions in the background (a writable store with
@@ -799,6 +804,12 @@ impl Store {
     /// per directory), empties `tmp/`, scans every session and repairs torn
     /// tails (see Recovery in the module documentation).
     pub fn open_with(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
+        Self::open_on(Arc::new(RealDisk), root, opts)
+    }
+
+    /// Like [`open_with`](Self::open_with), writing the sessions' chunks and
+    /// index through `disk` (tests make it fail; see [`disk`]).
+    pub fn open_on(disk: Arc<dyn Disk>, root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         for d in [root.clone(), root.join("sessions"), root.join("tmp")] {
             make_dir(&d, true).map_err(|e| io_err(&d, e))?;
@@ -833,6 +844,7 @@ impl Store {
             root,
             opts,
             writable: true,
+            disk,
             sessions: RwLock::new(HashMap::new()),
             held_total: AtomicUsize::new(0),
             compactor,
@@ -863,6 +875,7 @@ impl Store {
             root: root.as_ref().to_path_buf(),
             opts: StoreOptions::default(),
             writable: false,
+            disk: Arc::new(RealDisk),
             sessions: RwLock::new(HashMap::new()),
             held_total: AtomicUsize::new(0),
             compactor: None,
@@ -916,7 +929,7 @@ impl Store {
                 continue;
             }
             let dir = self.session_path(&host, &id);
-            let (start, state) = match load_session(&dir, &host, &id, self.writable) {
+            let (start, state) = match load_session(self.disk.as_ref(), &dir, &host, &id, self.writable) {
                 Ok(loaded) => loaded,
                 Err(why) => {
                     tracing::error!(session = %id, host = %host, "session storage damaged: {why}");
@@ -1255,8 +1268,8 @@ impl Store {
     /// On failure, cuts both files back to their committed length.
     fn commit(&self, slot: &Slot, st: &mut SessionState, batch: Batch) -> Result<(), StoreError> {
         if !batch.writes.is_empty() {
-            if let Err(e) = write_batch(&slot.dir, st, &batch) {
-                if let Err(undo) = rollback(&slot.dir, st) {
+            if let Err(e) = write_batch(self.disk.as_ref(), &slot.dir, st, &batch) {
+                if let Err(undo) = rollback(self.disk.as_ref(), &slot.dir, st) {
                     let why = format!("a write failed ({e}) and could not be undone ({undo})");
                     tracing::error!(session = %slot.id, "{why}");
                     st.damaged = Some(why);
@@ -1571,42 +1584,34 @@ enum Dup {
     Different(String),
 }
 
-fn write_batch(dir: &Path, st: &SessionState, batch: &Batch) -> Result<(), StoreError> {
+fn write_batch(disk: &dyn Disk, dir: &Path, st: &SessionState, batch: &Batch) -> Result<(), StoreError> {
     let chunks_path = dir.join(CHUNKS_FILE);
-    let chunks = OpenOptions::new()
-        .write(true)
-        .open(&chunks_path)
-        .map_err(|e| io_err(&chunks_path, e))?;
+    let mut chunks = disk.open(&chunks_path).map_err(|e| io_err(&chunks_path, e))?;
     let mut index_bytes = Vec::with_capacity(batch.writes.len() * INDEX_RECORD_LEN);
     for (rec, data) in &batch.writes {
-        chunks
-            .write_all_at(data, rec.offset)
-            .map_err(|e| io_err(&chunks_path, e))?;
+        disk::write_all_at(chunks.as_mut(), data, rec.offset).map_err(|e| io_err(&chunks_path, e))?;
         index_bytes.extend_from_slice(&rec.encode());
     }
     chunks.sync_data().map_err(|e| io_err(&chunks_path, e))?;
     let index_path = dir.join(INDEX_FILE);
-    let index = OpenOptions::new()
-        .write(true)
-        .open(&index_path)
-        .map_err(|e| io_err(&index_path, e))?;
+    let mut index = disk.open(&index_path).map_err(|e| io_err(&index_path, e))?;
     // Not synced: once the chunks are durable their records can always be
     // rebuilt from them (see `reindex_tail`), so an append costs one sync.
-    index
-        .write_all_at(&index_bytes, st.records * INDEX_RECORD_LEN as u64)
+    disk::write_all_at(index.as_mut(), &index_bytes, st.records * INDEX_RECORD_LEN as u64)
         .map_err(|e| io_err(&index_path, e))
 }
 
 /// Cuts both files back to the committed state after a failed write.
-fn rollback(dir: &Path, st: &SessionState) -> Result<(), StoreError> {
-    truncate(&dir.join(INDEX_FILE), st.records * INDEX_RECORD_LEN as u64)?;
-    truncate(&dir.join(CHUNKS_FILE), st.chunks_len)
+fn rollback(disk: &dyn Disk, dir: &Path, st: &SessionState) -> Result<(), StoreError> {
+    truncate(disk, &dir.join(INDEX_FILE), st.records * INDEX_RECORD_LEN as u64)?;
+    truncate(disk, &dir.join(CHUNKS_FILE), st.chunks_len)
 }
 
-fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
-    let f = OpenOptions::new().write(true).open(path).map_err(|e| io_err(path, e))?;
+/// Cuts `path` to `len`, durably (`fdatasync` flushes a changed length).
+fn truncate(disk: &dyn Disk, path: &Path, len: u64) -> Result<(), StoreError> {
+    let mut f = disk.open(path).map_err(|e| io_err(path, e))?;
     f.set_len(len).map_err(|e| io_err(path, e))?;
-    f.sync_all().map_err(|e| io_err(path, e))
+    f.sync_data().map_err(|e| io_err(path, e))
 }
 
 /// Directories of the store: owner and group only (recordings hold what
@@ -1829,7 +1834,13 @@ fn read_end(dir: &Path) -> Result<Option<EndRecord>, String> {
 }
 
 /// Loads one session at start-up, repairing torn tails when `repair`.
-fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(SessionStart, SessionState), String> {
+fn load_session(
+    disk: &dyn Disk,
+    dir: &Path,
+    host: &str,
+    id: &str,
+    repair: bool,
+) -> Result<(SessionStart, SessionState), String> {
     let start = read_start(dir)?;
     if start.host != host {
         return Err(format!(
@@ -1911,7 +1922,7 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
     if repair && st.damaged.is_none() && !compacted {
         if torn {
             tracing::warn!(session = %id, "cutting a torn tail off the index: {} bytes", index.len() as u64 - keep_index);
-            truncate(&index_path, keep_index).map_err(|e| e.to_string())?;
+            truncate(disk, &index_path, keep_index).map_err(|e| e.to_string())?;
         }
         let mut rest_torn = true;
         if chunks_len > keep_chunks {
@@ -1925,11 +1936,10 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
                     found[found.len() - 1].seq
                 );
                 let bytes: Vec<u8> = found.iter().flat_map(|r| r.encode()).collect();
-                let f = OpenOptions::new()
-                    .write(true)
+                let mut f = disk
                     .open(&index_path)
                     .map_err(|e| format!("cannot open {}: {e}", index_path.display()))?;
-                f.write_all_at(&bytes, keep_index)
+                disk::write_all_at(f.as_mut(), &bytes, keep_index)
                     .and_then(|()| f.sync_data())
                     .map_err(|e| format!("cannot write {}: {e}", index_path.display()))?;
                 keep_index += bytes.len() as u64;
@@ -1939,7 +1949,7 @@ fn load_session(dir: &Path, host: &str, id: &str, repair: bool) -> Result<(Sessi
         }
         if chunks_len > keep_chunks && rest_torn {
             tracing::warn!(session = %id, "cutting {} unindexed bytes off chunks.zst", chunks_len - keep_chunks);
-            truncate(&chunks_path, keep_chunks).map_err(|e| e.to_string())?;
+            truncate(disk, &chunks_path, keep_chunks).map_err(|e| e.to_string())?;
         } else if chunks_len > keep_chunks {
             // A whole chunk that does not check out is not what a crash
             // leaves: keep it for whoever investigates.
