@@ -81,7 +81,9 @@
 //! torn append and is cut off. Then it walks the bytes of `chunks.zst` after
 //! the last indexed chunk: each whole chunk that decompresses and continues
 //! the sequence and the chain, as at ingest, gets its index record back (it
-//! may have been acknowledged). What follows is cut only if it is what a
+//! may have been acknowledged) once a sync of `chunks.zst` succeeds (it may
+//! never have been synced); if that sync fails they are kept, unindexed, and
+//! the session flagged damaged. What follows is cut only if it is what a
 //! torn append leaves (zeros, or a chunk cut short: never acknowledged);
 //! whole chunks that do not check out are kept and the session flagged
 //! damaged. A never-written (zero) index record before written ones, which
@@ -1928,7 +1930,22 @@ fn load_session(
         if chunks_len > keep_chunks {
             let (found, torn_after) = reindex_tail(&chunks_path, id, good.last(), chunks_len)?;
             rest_torn = torn_after;
-            if !found.is_empty() {
+            // Whole chunks whose records are missing may never have been
+            // synced (a crash, or a failed append that could not be undone,
+            // between their write and its sync): they are stored, and the
+            // agent told so, only once they are durable.
+            let synced = match found.first() {
+                Some(_) => disk.open(&chunks_path).and_then(|mut f| f.sync_data()),
+                None => Ok(()),
+            };
+            if let Err(e) = synced {
+                st.damaged = Some(format!(
+                    "chunks {}..={} after byte {keep_chunks} of chunks.zst have no index records and cannot be \
+                     synced to be re-indexed ({e}): kept, not indexed",
+                    found[0].seq,
+                    found[found.len() - 1].seq
+                ));
+            } else if !found.is_empty() {
                 tracing::warn!(
                     session = %id,
                     "re-indexing chunks {}..={} from chunks.zst (their index records were not yet on disk)",
@@ -1947,7 +1964,9 @@ fn load_session(
                 keep_chunks = good.last().map_or(0, |r| r.end());
             }
         }
-        if chunks_len > keep_chunks && rest_torn {
+        if st.damaged.is_some() {
+            // Kept as found, for whoever investigates.
+        } else if chunks_len > keep_chunks && rest_torn {
             tracing::warn!(session = %id, "cutting {} unindexed bytes off chunks.zst", chunks_len - keep_chunks);
             truncate(disk, &chunks_path, keep_chunks).map_err(|e| e.to_string())?;
         } else if chunks_len > keep_chunks {

@@ -407,3 +407,59 @@ fn a_write_whose_rollback_also_fails_damages_only_that_session_until_restart() {
     assert_intact(&store, &rec, 6);
     assert_intact(&store, &other, 4);
 }
+
+/// An append whose sync failed and whose rollback failed too leaves whole
+/// chunks in `chunks.zst` that were never synced. Start-up re-indexes whole
+/// chunks without records (and so tells the agent they are stored) only
+/// once a sync of them succeeds; until then it keeps them, unindexed, and
+/// the session damaged.
+#[test]
+fn unsynced_chunks_are_reindexed_at_start_up_only_once_synced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = recording(6);
+    let dir = {
+        let (store, disk) = open_faulty(tmp.path());
+        let dir = start(&store, &rec);
+        store.append(HOST, &rec.id, rec.pairs(0..3)).unwrap();
+        {
+            let mut f = disk.faults();
+            f.sync_eio = 1;
+            f.set_len_eio = true;
+        }
+        let (_, error) = io_error(store.append(HOST, &rec.id, rec.pairs(3..6)).unwrap_err());
+        assert_eq!(error.raw_os_error(), Some(Errno::EIO as i32));
+        assert!(store.info(&rec.id).unwrap().damaged.is_some());
+        dir
+    };
+    // Chunks 3 to 5 are whole on disk, their sync failed, no records.
+    let unsynced = (committed(&rec, 6).0, committed(&rec, 3).1);
+    assert_eq!(sizes(&dir), unsynced);
+
+    // A restart on a disk whose sync still fails.
+    let disk = FaultyDisk::default();
+    disk.faults().sync_eio = 1;
+    let store = Store::open_on(Arc::new(disk.clone()), tmp.path(), opts()).unwrap();
+    assert_eq!(disk.faults().failed_syncs, 1, "start-up tried to sync them");
+    let info = store.info(&rec.id).unwrap();
+    assert_eq!((info.next_seq, info.chunks), (3, 3), "not acknowledged");
+    let why = info.damaged.expect("damaged");
+    assert!(
+        why.contains("chunks 3..=5") && why.contains("Input/output error"),
+        "{why}"
+    );
+    assert_eq!(sizes(&dir), unsynced, "kept as they were");
+    assert!(matches!(
+        store.append(HOST, &rec.id, rec.pairs(3..6)),
+        Err(StoreError::Damaged { .. })
+    ));
+    drop(store);
+
+    // Once the sync works, they are indexed and the session goes on.
+    let store = open_real(tmp.path());
+    let info = store.info(&rec.id).unwrap();
+    assert_eq!((info.damaged, info.next_seq), (None, 6));
+    assert_eq!(sizes(&dir), committed(&rec, 6));
+    assert_intact(&store, &rec, 6);
+    let out = store.append(HOST, &rec.id, rec.pairs(3..6)).unwrap();
+    assert_eq!((out.next_seq, out.duplicates), (6, 3));
+}
