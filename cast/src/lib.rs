@@ -16,6 +16,9 @@
 //!    plain `.cast` file that asciinema plays; our tools read it back with
 //!    a [`Decoder`], and [`raw_bytes`] recovers the exact bytes of a stream.
 //!
+//! For live sessions, a [`Screen`] keeps the terminal's current screen, so
+//! that someone joining one is first shown what the user sees.
+//!
 //! This crate is pure code, with no I/O of its own beyond `Read`/`Write`
 //! arguments and no async runtime, so every component can share it.
 
@@ -26,6 +29,8 @@ pub mod chain;
 pub mod chunk;
 pub mod json;
 pub mod run;
+pub mod screen;
 
 pub use asciicast::{Code, DecodeError, Decoder, Encoder, Event, Header, Term, raw_bytes, round_ms, to_v2};
 pub use chunk::{Chunk, ChunkError, ChunkHeader, Chunker};
+pub use screen::{Screen, Snapshot};
