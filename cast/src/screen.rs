@@ -768,4 +768,88 @@ mod tests {
             roundtrip(&mut whole, b"\x1b[mok");
         }
     }
+
+    /// Not a test: the cost of feeding and of a snapshot, printed. Run with
+    /// `cargo test -p shelltrail-cast --release -- --ignored --nocapture screen::tests::timing`.
+    #[test]
+    #[ignore = "timing figures, not a check"]
+    fn timing() {
+        use std::time::Instant;
+        const MIB: usize = 1 << 20;
+        // Shell output, a full-screen application redrawing, and UTF-8 text.
+        let mut shell = Vec::new();
+        while shell.len() < MIB {
+            shell.extend_from_slice(&shell_session(50));
+        }
+        let mut app = Vec::new();
+        let mut tick = 0;
+        while app.len() < MIB {
+            app.extend_from_slice(b"\x1b[H");
+            for row in 1..=60 {
+                app.extend_from_slice(
+                    format!(
+                        "\x1b[{row};1H\x1b[38;5;{}m{:>6} \x1b[1mproc{tick}\x1b[m {:<170}\x1b[K",
+                        row + tick % 200,
+                        row * tick,
+                        "x".repeat(row % 170)
+                    )
+                    .as_bytes(),
+                );
+            }
+            tick += 1;
+        }
+        let utf8 = "Привет, мир! 日本語のテキスト 🦀 ok\r\n".repeat(MIB / 60).into_bytes();
+        for (name, data) in [
+            ("shell ls --color", &shell),
+            ("full-screen redraws", &app),
+            ("UTF-8 text", &utf8),
+        ] {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let mut screen = Screen::new(200, 60);
+                let t = Instant::now();
+                for read in data.chunks(4096) {
+                    screen.feed(read);
+                }
+                best = best.min(t.elapsed().as_secs_f64() / (data.len() as f64 / MIB as f64));
+            }
+            println!("feed, {name}: {:.1} ms per MiB ({:.0} MiB/s)", best * 1e3, 1.0 / best);
+        }
+        // Snapshots of 200×60: a busy coloured screen, and every cell different.
+        let mut busy = Screen::new(200, 60);
+        busy.feed(&app[..app.len() / 2]);
+        let mut motley = Screen::new(200, 60);
+        let mut s = String::from("\x1b[?1049h");
+        for i in 0..200 * 60 {
+            s += &format!(
+                "\x1b[38;2;{};{};{}m\x1b[48;5;{}m{}",
+                i % 256,
+                i / 7 % 256,
+                i / 3 % 256,
+                i % 256,
+                char::from(b'!' + (i % 90) as u8)
+            );
+        }
+        motley.feed(s.as_bytes());
+        for (name, screen) in [("busy", &busy), ("every cell different", &motley)] {
+            let n = 200;
+            let t = Instant::now();
+            let mut len = 0;
+            for _ in 0..n {
+                len = std::hint::black_box(screen.snapshot()).bytes.len();
+            }
+            let per = t.elapsed().as_secs_f64() / n as f64;
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(screen.term.dump());
+            }
+            let dump = t.elapsed().as_secs_f64() / n as f64;
+            println!(
+                "snapshot 200x60, {name}: {:.3} ms ({:.3} ms of it avt's dump), {len} bytes",
+                per * 1e3,
+                dump * 1e3
+            );
+        }
+        println!("size of one cell: {} bytes", std::mem::size_of::<avt::Cell>());
+    }
 }
