@@ -179,3 +179,76 @@ fn only_root_and_the_admin_group_may_end_sessions() {
         "{ended:#?}"
     );
 }
+
+/// The screen a terminal of `cols`×`rows` shows after `bytes`.
+fn screen_after(bytes: &str, cols: u16, rows: u16) -> Vec<u8> {
+    let mut s = shelltrail_cast::Screen::new(cols, rows);
+    s.feed(bytes.as_bytes());
+    s.snapshot().bytes
+}
+
+/// `tail` on the host: a responder joining a full-screen program sees the
+/// same screen as the user's own terminal, cell for cell (attributes, the
+/// alternate screen and the cursor included); what the user types next
+/// reaches the tail as it happens, a resize is shown, and the tail ends
+/// with the session and its exit status. `--raw` follows the output bytes
+/// only, for a pipe; a joiner is audited.
+#[test]
+fn tail_draws_the_current_screen_then_follows_the_session_to_its_end() {
+    let w = World::new();
+    let (mut term, id) = live_session(&w, "tail");
+    // A full-screen program: clear, the alternate screen, colours, a cursor
+    // position, then `cat` echoing what is typed.
+    term.line(concat!(
+        r"printf '\033[H\033[2J\033[?1049h\033[2J\033[3;5H\033[1;31mALT-SCREEN\033[0m ",
+        r"\033[7mINVERSE\033[0m\033[6;1H'; cat"
+    ));
+    term.expect("INVERSE");
+
+    let mut tail = shelltrail_tests::Term::spawn(&w.cli(&["tail", &id[id.len() - 8..]]), 80, 24);
+    tail.expect("INVERSE");
+    let raw = shelltrail_tests::Running::spawn(w.cli(&["tail", "--raw", &id]), None);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        screen_after(&tail.transcript(), 80, 24),
+        screen_after(&term.transcript(), 80, 24),
+        "the tail's screen is not the user's:\n--- user ---\n{:?}\n--- tail ---\n{:?}",
+        term.transcript(),
+        tail.transcript()
+    );
+
+    term.line("LIVE-TYPED-ONE");
+    tail.expect("LIVE-TYPED-ONE");
+    raw.wait_stdout_contains("LIVE-TYPED-ONE", TIMEOUT);
+    assert_eq!(
+        screen_after(&tail.transcript(), 80, 24),
+        screen_after(&term.transcript(), 80, 24),
+        "the screens part after live output"
+    );
+
+    term.resize(100, 30);
+    tail.expect("the session's terminal is now 100x30");
+    // Out of cat (Ctrl-D), out of the alternate screen, and out.
+    term.send("\x04");
+    term.line(r"printf '\033[?1049l'; exit 3");
+    assert_eq!(tail.wait_exit(TIMEOUT), 0);
+    assert!(
+        tail.transcript().contains("the session ended (exit 3)"),
+        "{}",
+        tail.transcript()
+    );
+    let raw = raw.wait(TIMEOUT);
+    assert_eq!(raw.code(), 0, "{raw}");
+    let raw_out = raw.stdout_str();
+    assert!(raw_out.contains("LIVE-TYPED-ONE"), "{raw_out:?}");
+    assert!(
+        !raw_out.contains("ALT-SCREEN"),
+        "--raw sends no screen, only what follows: {raw_out:?}"
+    );
+    let log = w.agent_log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("shelltrail::audit") && l.contains(&format!("tailing session {id}"))),
+        "no audit line:\n{log}"
+    );
+}

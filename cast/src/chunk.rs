@@ -169,6 +169,12 @@ pub fn hash(bytes: &[u8]) -> Result<[u8; 32], ChunkError> {
 /// links to the chunk before it is the caller's check, with the header's
 /// `prev_hash`, since only the caller knows that chunk.
 pub fn check(bytes: &[u8], seq: u64) -> Result<(ChunkHeader, [u8; 32]), ChunkError> {
+    check_content(bytes, seq).map(|(header, hash, _)| (header, hash))
+}
+
+/// [`check`], also returning the content it decompressed (for whoever
+/// looks at what was recorded as it arrives: the agent's live view).
+pub fn check_content(bytes: &[u8], seq: u64) -> Result<(ChunkHeader, [u8; 32], Vec<u8>), ChunkError> {
     let (header, raw) = decompress(bytes)?;
     if header.seq != seq {
         return Err(ChunkError::WrongSeq {
@@ -177,7 +183,7 @@ pub fn check(bytes: &[u8], seq: u64) -> Result<(ChunkHeader, [u8; 32]), ChunkErr
         });
     }
     let hash = link_hash(&header, &raw);
-    Ok((header, hash))
+    Ok((header, hash, raw))
 }
 
 pub(crate) fn read_u32(b: &[u8], at: usize) -> u32 {

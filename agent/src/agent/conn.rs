@@ -28,8 +28,9 @@
 //! records the end itself. Under `allow` the hold lasts as long as the
 //! session.
 
-use crate::agent::control;
+use crate::agent::control::{self, ToSession};
 use crate::agent::limits::{ConnMemory, Reservation};
+use crate::agent::live;
 use crate::agent::server::{Agent, now_ms, start_ticks};
 use crate::agent::signer::View;
 use crate::agent::spool::{self, CloseRecord, Loc, OpenRecord};
@@ -38,8 +39,8 @@ use shelltrail_cast::chain::Chain;
 use shelltrail_cast::chunk::{self, ChunkError, ChunkHeader};
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{
-    Accepted, Ack, AgentFrame, Close, Ended, Held, RecorderFrame, Refused, SessionMeta, Stopped, agent_frame,
-    recorder_frame,
+    Accepted, Ack, AgentFrame, Close, ControlReply, Ended, Held, RecorderFrame, Refused, Resize, SessionMeta, Snapshot,
+    Stopped, Tail, TailFrame, Watch, agent_frame, recorder_frame, tail_frame,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -243,6 +244,15 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
         )) => open,
         Some((
             RecorderFrame {
+                body:
+                    Some(recorder_frame::Body::Control(shelltrail_proto::v1::Control {
+                        request: Some(shelltrail_proto::v1::control::Request::Tail(t)),
+                    })),
+            },
+            _,
+        )) => return tail(agent, peer, t, reader, wr).await,
+        Some((
+            RecorderFrame {
                 body: Some(recorder_frame::Body::Control(req)),
             },
             _,
@@ -291,7 +301,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
     let acker = tokio::spawn(acker(agent.clone(), sid.clone(), who.uid, wr, ack_rx, failed.clone()));
     let max_frame = agent.cfg.agent.max_frame_bytes as usize;
-    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ended>();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ToSession>();
     let chain = {
         let mut cat = agent.spool.lock();
         let s = cat.sessions.get_mut(&sid).expect("admitted or resumed: catalogued");
@@ -326,8 +336,12 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
                     None => continue,
                 }
             }
-            Some(ended) = ctl_rx.recv() => {
-                if let Err(why) = session.end(ended) {
+            Some(told) = ctl_rx.recv() => {
+                let sent = match told {
+                    ToSession::End(ended) => session.end(ended),
+                    ToSession::Watch(ms) => session.pend(Pending::Watch(ms)),
+                };
+                if let Err(why) = sent {
                     break Err(ConnError::Protocol(why));
                 }
                 continue;
@@ -480,6 +494,8 @@ enum Pending {
     },
     /// An administrator ended the session.
     Ended(Ended),
+    /// Someone watches the session (or no longer): the chunk interval to use.
+    Watch(u32),
 }
 
 /// A session held at a limit.
@@ -545,7 +561,7 @@ impl SessionTask<'_> {
             return self.pend(Pending::Duplicate { seq: c.seq });
         }
         let (data, checked) = check(self.agent, c.data, c.seq).await;
-        let (header, hash) = match checked {
+        let Checked { header, hash, feed } = match checked {
             Ok(h) => h,
             Err(e) => return self.refuse(format!("session {}: malformed chunk {}: {e}", self.sid, c.seq)),
         };
@@ -603,6 +619,8 @@ impl SessionTask<'_> {
             s.activity.last_unix_ms = now_ms();
             s.activity.bytes += u64::from(header.raw_len);
         }
+        // Tailers see it now (checked, on its way to the disk).
+        self.agent.views.of(self.sid).take(feed);
         self.pend(Pending::Chunk {
             seq: c.seq,
             chain: self.chain,
@@ -725,23 +743,130 @@ impl SessionTask<'_> {
     }
 }
 
+/// Follows a live session for an administrator: its screen, then its
+/// output, until it ends or the tailer goes (see `agent::live`).
+async fn tail(
+    agent: &Arc<Agent>,
+    peer: Peer,
+    req: Tail,
+    mut reader: FrameReader,
+    mut wr: OwnedWriteHalf,
+) -> Result<(), ConnError> {
+    let found = control::administrator(agent, peer)
+        .and_then(|who| control::find_live(agent, &req.session).map(|row| (who, row)));
+    let (who, row) = match found {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::warn!(target: "shelltrail::audit", uid = peer.uid, pid = peer.pid, "refused: tail {:?}: {why}", req.session);
+            send(&mut wr, agent_frame::Body::ControlReply(control::refused(why))).await?;
+            return Ok(());
+        }
+    };
+    let sid = row.session_id.clone();
+    tracing::warn!(target: "shelltrail::audit", by = %who, pid = peer.pid, "tailing session {sid} of {}", row.user);
+    send(
+        &mut wr,
+        agent_frame::Body::ControlReply(ControlReply {
+            ok: true,
+            message: format!(
+                "tailing session {sid} of {} ({}, {})",
+                row.user, row.client, row.command
+            ),
+            live: vec![row],
+        }),
+    )
+    .await?;
+    let view = agent.views.of(&sid);
+    let mut joined = view.join();
+    control::watch(agent, &sid, live::WATCHED_INTERVAL_MS);
+    let frame = |body| agent_frame::Body::Tail(TailFrame { body: Some(body) });
+    let snapshot = |j: &live::Joined| {
+        tail_frame::Body::Snapshot(Snapshot {
+            cols: j.cols.into(),
+            rows: j.rows.into(),
+            screen: j.screen.clone(),
+            approximate: j.approximate,
+        })
+    };
+    let mut result = send(&mut wr, frame(snapshot(&joined))).await;
+    if let (Ok(()), Some(code)) = (&result, joined.exit) {
+        result = send(&mut wr, frame(tail_frame::Body::Exit(code))).await;
+    }
+    while result.is_ok() && joined.exit.is_none() {
+        let next = tokio::select! {
+            got = joined.feed.recv() => got,
+            // The tailer sends nothing: a read that ends means it went away.
+            _ = reader.next(64) => break,
+        };
+        let body = match next {
+            Ok(live::Feed::Output(bytes)) => tail_frame::Body::Output(bytes.to_vec()),
+            Ok(live::Feed::Resize(cols, rows)) => tail_frame::Body::Resize(Resize {
+                cols: cols.into(),
+                rows: rows.into(),
+            }),
+            Ok(live::Feed::Exit(code)) => {
+                joined.exit = Some(code);
+                tail_frame::Body::Exit(code)
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                // Never waited for: skipped ahead to the screen as it is now.
+                let again = view.rejoin();
+                joined.feed = again.feed;
+                let note = format!("shelltrail tail: fell behind, {n} updates skipped; the screen is redrawn");
+                result = send(&mut wr, frame(tail_frame::Body::Notice(note))).await;
+                if result.is_err() {
+                    break;
+                }
+                tail_frame::Body::Snapshot(Snapshot {
+                    cols: again.cols.into(),
+                    rows: again.rows.into(),
+                    screen: again.screen,
+                    approximate: again.approximate,
+                })
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        result = send(&mut wr, frame(body)).await;
+    }
+    if view.leave() {
+        control::watch(agent, &sid, 0);
+    }
+    tracing::info!(target: "shelltrail::audit", by = %who, "stopped tailing session {sid}");
+    result.map_err(ConnError::from)
+}
+
 /// Checks one chunk. A small one (an interactive session's, most of them)
 /// takes microseconds and is checked here; a larger one off the async
 /// workers, a few at once (each may decompress up to the size cap). Gives
 /// the bytes back with the verdict.
-async fn check(agent: &Agent, data: Vec<u8>, seq: u64) -> (Vec<u8>, Result<(ChunkHeader, [u8; 32]), ChunkError>) {
+async fn check(agent: &Agent, data: Vec<u8>, seq: u64) -> (Vec<u8>, Result<Checked, ChunkError>) {
     let small = chunk::parse(&data).is_ok_and(|(h, _)| h.raw_len as usize <= INLINE_CHECK);
+    let run = move |data: &[u8]| {
+        chunk::check_content(data, seq).map(|(header, hash, raw)| Checked {
+            header,
+            hash,
+            feed: live::parse(&raw),
+        })
+    };
     if small {
-        let r = chunk::check(&data, seq);
+        let r = run(&data);
         return (data, r);
     }
     let _turn = agent.limits.checks.acquire().await.expect("never closed");
     tokio::task::spawn_blocking(move || {
-        let r = chunk::check(&data, seq);
+        let r = run(&data);
         (data, r)
     })
     .await
     .expect("checking a chunk cannot panic")
+}
+
+/// A chunk that checked out: its header, its link hash, and what a tailer
+/// of the session needs of its content.
+struct Checked {
+    header: ChunkHeader,
+    hash: [u8; 32],
+    feed: Vec<live::Feed>,
 }
 
 /// Sends acknowledgements in order as records become durable, and settles
@@ -795,6 +920,7 @@ async fn acker(
             Pending::Close { rec, wait } => match wait.await.unwrap_or(Err("spool writer stopped".into())) {
                 Ok(loc) => {
                     let through = agent.spool.close_durable(&rec, loc);
+                    agent.views.remove(&sid);
                     tracing::info!(session = %sid, "session closed");
                     Some(agent_frame::Body::Ack(Ack {
                         through_seq: through.saturating_sub(1),
@@ -814,6 +940,7 @@ async fn acker(
             Pending::Refuse { reason } => Some(agent_frame::Body::Refused(Refused { reason })),
             Pending::Stop { reason } => Some(agent_frame::Body::Stopped(Stopped { reason })),
             Pending::Ended(e) => Some(agent_frame::Body::Ended(e)),
+            Pending::Watch(ms) => Some(agent_frame::Body::Watch(Watch { chunk_interval_ms: ms })),
         };
         let Some(frame) = frame.filter(|_| !done) else {
             continue;

@@ -22,6 +22,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// What a session's connection is told from outside it.
+#[derive(Debug, Clone)]
+pub enum ToSession {
+    /// An administrator ends the session.
+    End(Ended),
+    /// Someone is watching: cut chunks this often (ms; 0: as configured).
+    Watch(u32),
+}
+
 /// A user refused new sessions on this host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Lock {
@@ -100,7 +109,7 @@ impl Locks {
 }
 
 /// Who the peer is, if it may administer the agent.
-fn administrator(agent: &Agent, peer: Peer) -> Result<String, String> {
+pub(crate) fn administrator(agent: &Agent, peer: Peer) -> Result<String, String> {
     let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid))
         .ok()
         .flatten()
@@ -122,6 +131,13 @@ fn administrator(agent: &Agent, peer: Peer) -> Result<String, String> {
     Err(format!(
         "permission denied: only root and members of the group {group:?} ([agent] admin_group) may do this"
     ))
+}
+
+/// Tells a session's connection that it is watched (or no longer).
+pub(crate) fn watch(agent: &Agent, session: &str, interval_ms: u32) {
+    if let Some(tx) = agent.spool.lock().sessions.get(session).and_then(|s| s.control.clone()) {
+        let _ = tx.send(ToSession::Watch(interval_ms));
+    }
 }
 
 /// The peer process's real and supplementary groups, as the kernel holds them.
@@ -146,6 +162,7 @@ pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
         Some(control::Request::ListLive(_)) => "list live sessions".to_string(),
         Some(control::Request::Kill(k)) => format!("end session {:?}", k.session),
         Some(control::Request::Unlock(u)) => format!("unlock {:?}", u.user),
+        Some(control::Request::Tail(t)) => format!("tail {:?}", t.session),
         None => "nothing".into(),
     };
     let who = match administrator(agent, peer) {
@@ -159,6 +176,8 @@ pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
         Some(control::Request::ListLive(_)) => list_live(agent),
         Some(control::Request::Kill(k)) => kill(agent, &who, k),
         Some(control::Request::Unlock(u)) => unlock(agent, &who, &u.user),
+        // Answered by the connection, which goes on streaming (conn.rs).
+        Some(control::Request::Tail(_)) => refused("tail is served by the connection".into()),
         None => refused("empty request".into()),
     };
     if reply.ok {
@@ -169,7 +188,7 @@ pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
     reply
 }
 
-fn refused(message: String) -> ControlReply {
+pub(crate) fn refused(message: String) -> ControlReply {
     ControlReply {
         ok: false,
         message,
@@ -226,7 +245,7 @@ fn list_live(agent: &Agent) -> ControlReply {
 }
 
 /// The one live session `name` names: its id, or a fragment of exactly one.
-fn find_live(agent: &Agent, name: &str) -> Result<LiveSession, String> {
+pub(crate) fn find_live(agent: &Agent, name: &str) -> Result<LiveSession, String> {
     let cat = agent.spool.lock();
     let live: Vec<&Session> = cat.sessions.values().filter(|s| !s.closed()).collect();
     if let Some(s) = live.iter().find(|s| s.id() == name) {
@@ -283,10 +302,10 @@ fn kill(agent: &Agent, who: &str, k: shelltrail_proto::v1::Kill) -> ControlReply
         .get(&row.session_id)
         .and_then(|s| s.control.clone())
         .is_some_and(|tx| {
-            tx.send(Ended {
+            tx.send(ToSession::End(Ended {
                 by: who.to_string(),
                 reason: reason.clone(),
-            })
+            }))
             .is_ok()
         });
     if !sent {

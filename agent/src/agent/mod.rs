@@ -6,6 +6,7 @@
 pub mod conn;
 pub mod control;
 pub mod limits;
+pub mod live;
 pub mod server;
 pub mod ship;
 pub mod signer;

@@ -64,6 +64,8 @@ pub struct Agent {
     signer: Signer,
     /// Users an administrator locked out (`shelltrail kill --lock`).
     pub(crate) locks: crate::agent::control::Locks,
+    /// Each live session's current screen and feed, for `shelltrail tail`.
+    pub(crate) views: crate::agent::live::Views,
 }
 
 impl Agent {
@@ -119,6 +121,7 @@ impl Agent {
             watch: Mutex::new(watch::Watch::default()),
             signer,
             locks,
+            views: Default::default(),
         }))
     }
 

@@ -116,6 +116,15 @@ enum Cmd {
         #[arg(long = "for", value_name = "DURATION", value_parser = cli::live::duration)]
         lock_for: Option<std::time::Duration>,
     },
+    /// Follow a live session on this host (root or [agent] admin_group): its
+    /// current screen, then its output as it comes, until it ends.
+    Tail {
+        /// Session id, or a fragment naming exactly one live session
+        id: String,
+        /// Only the output bytes as they come (no screen), e.g. for grep
+        #[arg(long)]
+        raw: bool,
+    },
     /// Let a user locked out by `kill --lock` log in again.
     Unlock {
         /// Login name, or uid:N
@@ -305,6 +314,7 @@ fn run(args: Args) -> Result<i32> {
             cli::live::kill(&cli::load_config(config)?, &id, &reason, lock, lock_for)?;
             Ok(0)
         }
+        Cmd::Tail { id, raw } => cli::live::tail(&cli::load_config(config)?, &id, raw),
         Cmd::Unlock { user } => {
             cli::live::unlock(&cli::load_config(config)?, &user)?;
             Ok(0)

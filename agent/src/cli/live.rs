@@ -124,6 +124,77 @@ pub fn unlock(cfg: &Config, user: &str) -> Result<()> {
     Ok(())
 }
 
+/// `tail ID [--raw]`: the session's current screen, then its output as it
+/// comes, until it ends (exit status 0) or the agent goes away (1). With
+/// `raw`, only the output bytes, for a pipe. Notices go to stderr.
+pub fn tail(cfg: &Config, id: &str, raw: bool) -> Result<i32> {
+    use shelltrail_proto::v1::tail_frame::Body;
+    use std::io::IsTerminal;
+    let mut out = std::io::stdout().lock();
+    let tty = out.is_terminal();
+    let mut ended = None;
+    let reply = link::tail(&cfg.socket, id, |f| {
+        match f.body {
+            Some(Body::Snapshot(s)) => {
+                if s.approximate {
+                    eprint!(
+                        "\r\nshelltrail tail: some output went by too fast to keep; the screen may be incomplete\r\n"
+                    );
+                }
+                if !raw {
+                    out.write_all(&s.screen)?;
+                    if tty
+                        && let Some((cols, rows)) = terminal_size()
+                        && (u32::from(cols), u32::from(rows)) != (s.cols, s.rows)
+                    {
+                        eprint!(
+                            "\r\nshelltrail tail: the session's terminal is {}x{}, this one {cols}x{rows}\r\n",
+                            s.cols, s.rows
+                        );
+                    }
+                }
+            }
+            Some(Body::Output(bytes)) => out.write_all(&bytes)?,
+            Some(Body::Resize(r)) if !raw => {
+                eprint!(
+                    "\r\nshelltrail tail: the session's terminal is now {}x{}\r\n",
+                    r.cols, r.rows
+                );
+            }
+            Some(Body::Resize(_)) => {}
+            Some(Body::Notice(n)) => eprint!("\r\n{}\r\n", shown(&n)),
+            Some(Body::Exit(code)) => {
+                ended = Some(code);
+                out.flush()?;
+                return Ok(false);
+            }
+            None => {}
+        }
+        out.flush()?;
+        Ok(true)
+    })
+    .context("asking the agent (is it running? `systemctl status shelltrail-agent`)")?;
+    if !reply.ok {
+        bail!("{}", shown(&reply.message));
+    }
+    match ended {
+        Some(code) => {
+            eprint!("\r\nshelltrail tail: the session ended (exit {code})\r\n");
+            Ok(0)
+        }
+        None => {
+            eprint!("\r\nshelltrail tail: the agent closed the connection\r\n");
+            Ok(1)
+        }
+    }
+}
+
+/// This terminal's size, if stdout is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    use std::os::fd::AsFd;
+    crate::sys::window_size(std::io::stdout().as_fd())
+}
+
 /// Parses `90s`, `15m`, `2h`, `1d` (a number alone is seconds).
 pub fn duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();

@@ -124,6 +124,70 @@ pub fn control(
     }
 }
 
+/// Follows a live session through the agent (`shelltrail tail`): the
+/// agent's answer, then each frame to `on` until the session ends, `on`
+/// says stop, or the agent goes away.
+pub fn tail(
+    socket: &Path,
+    session: &str,
+    mut on: impl FnMut(shelltrail_proto::v1::TailFrame) -> std::io::Result<bool>,
+) -> Result<shelltrail_proto::v1::ControlReply, ConnectError> {
+    use shelltrail_proto::v1::{Control, Tail, control};
+    let unreachable = |error| ConnectError::Unreachable {
+        path: socket.to_path_buf(),
+        error,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+    let frame = RecorderFrame {
+        body: Some(recorder_frame::Body::Control(Control {
+            request: Some(control::Request::Tail(Tail {
+                session: session.to_string(),
+            })),
+        })),
+    };
+    let mut buf = Vec::new();
+    framing::encode(&frame, &mut buf);
+    stream.write_all(&buf).map_err(unreachable)?;
+    let mut reader = FrameReader::default();
+    let reply = match reader.next(&mut stream) {
+        Ok(Some(AgentFrame {
+            body: Some(agent_frame::Body::ControlReply(r)),
+        })) => r,
+        Ok(other) => {
+            return Err(ConnectError::Protocol(format!(
+                "expected a ControlReply, got {other:?}"
+            )));
+        }
+        Err(e) => return Err(ConnectError::Protocol(e.to_string())),
+    };
+    if !reply.ok {
+        return Ok(reply);
+    }
+    // A quiet session sends nothing for as long as it likes.
+    stream.set_read_timeout(None).map_err(unreachable)?;
+    loop {
+        match reader.next(&mut stream) {
+            Ok(Some(AgentFrame {
+                body: Some(agent_frame::Body::Tail(f)),
+            })) => match on(f) {
+                Ok(true) => {}
+                Ok(false) => return Ok(reply),
+                Err(e) => {
+                    return Err(ConnectError::Unreachable {
+                        path: socket.to_path_buf(),
+                        error: e,
+                    });
+                }
+            },
+            Ok(None) => return Ok(reply),
+            Ok(other) => return Err(ConnectError::Protocol(format!("expected a TailFrame, got {other:?}"))),
+            Err(e) => return Err(ConnectError::Protocol(e.to_string())),
+        }
+    }
+}
+
 /// Reads length-framed messages from a blocking stream.
 #[derive(Default)]
 struct FrameReader {
@@ -248,6 +312,8 @@ pub enum ToLink {
         epoch: u64,
         reason: String,
     },
+    /// Someone watches the session: cut chunks this often (ms; 0: as configured).
+    Watch(u32),
     /// An administrator ended the session (the recording goes on to its end).
     Ended {
         by: String,
@@ -283,6 +349,9 @@ pub struct Wiring {
     pub tx: Sender<ToLink>,
     pub rx: Receiver<ToLink>,
     pub events: SyncSender<Event>,
+    /// The chunk interval the agent asks for while the session is watched
+    /// (ms; 0: the configured one), read by the recorder thread.
+    pub watched: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// Runs the link until the session's Close is acknowledged, or until
@@ -295,7 +364,12 @@ pub fn run(
     wiring: Wiring,
     close_timeout: Duration,
 ) -> Delivery {
-    let Wiring { tx, rx, events } = wiring;
+    let Wiring {
+        tx,
+        rx,
+        events,
+        watched,
+    } = wiring;
     let mut link = Link {
         socket,
         meta,
@@ -353,6 +427,8 @@ pub fn run(
             }
             Ok(ToLink::Stopped { epoch, reason }) if epoch == link.epoch => link.stop(&reason),
             Ok(ToLink::Ended { by, reason }) => ended(&link.meta.session_id, &by, &reason, &events),
+            // Clamped: a watched session cuts at most every 2 ms.
+            Ok(ToLink::Watch(ms)) => watched.store(if ms == 0 { 0 } else { ms.max(2) }, Ordering::Relaxed),
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -450,6 +526,12 @@ impl Link {
                                         epoch,
                                         reason: s.reason,
                                     };
+                                    if tx.send(msg).is_err() {
+                                        return;
+                                    }
+                                }
+                                Some(agent_frame::Body::Watch(w)) => {
+                                    let msg = ToLink::Watch(w.chunk_interval_ms);
                                     if tx.send(msg).is_err() {
                                         return;
                                     }
@@ -637,7 +719,12 @@ mod tests {
         let link = {
             let (socket, meta, budget, tx) = (cfg.socket.clone(), meta.clone(), budget.clone(), tx.clone());
             let (events, _) = std::sync::mpsc::sync_channel(16);
-            let wiring = Wiring { tx, rx, events };
+            let wiring = Wiring {
+                tx,
+                rx,
+                events,
+                watched: Default::default(),
+            };
             std::thread::spawn(move || run(socket, meta, Some(conn), budget, wiring, Duration::from_secs(20)))
         };
         let mut chunker = Chunker::new(&id, 3);

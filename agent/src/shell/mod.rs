@@ -210,7 +210,9 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
     // Bounded: if the recorder falls behind, output waits rather than memory growing.
     let (ev_tx, ev_rx) = mpsc::sync_channel(256);
     let (link_tx, link_rx) = mpsc::channel();
+    let watched = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let link_thread = {
+        let watched = watched.clone();
         let (socket, meta, budget, tx) = (cfg.socket.clone(), meta.clone(), budget.clone(), link_tx.clone());
         let timeout = Duration::from_secs(cfg.shell.close_timeout_secs);
         // The link records an administrator's end of the session (a marker).
@@ -220,6 +222,7 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
                 tx,
                 rx: link_rx,
                 events,
+                watched,
             };
             link::run(socket, meta, conn, budget, wiring, timeout)
         })?
@@ -230,6 +233,7 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
         let settings = record::Settings {
             chunk_bytes: cfg.shell.chunk_bytes as usize,
             chunk_interval: Duration::from_millis(cfg.shell.chunk_interval_ms),
+            watched,
             compression_level: cfg.shell.compression_level,
             wait_when_full: cfg.shell.on_agent_unavailable == Unavailable::Deny,
         };

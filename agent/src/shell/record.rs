@@ -39,6 +39,9 @@ pub struct Channels {
 pub struct Settings {
     pub chunk_bytes: usize,
     pub chunk_interval: Duration,
+    /// While set (ms), someone watches the session: chunks are cut this
+    /// often instead, so a tailer sees output in milliseconds.
+    pub watched: Arc<std::sync::atomic::AtomicU32>,
     pub compression_level: i32,
     /// `deny`: wait for the agent when memory is full; `allow`: drop and name the gap.
     pub wait_when_full: bool,
@@ -119,7 +122,11 @@ pub fn run(
             if chunker.pending_len() > 0 {
                 first_ms.get_or_insert(ms(t));
                 last_ms = ms(t);
-                deadline.get_or_insert(t + settings.chunk_interval);
+                let interval = match settings.watched.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => settings.chunk_interval,
+                    ms => settings.chunk_interval.min(Duration::from_millis(ms.into())),
+                };
+                deadline.get_or_insert(t + interval);
             }
         }
         let due = deadline.is_some_and(|d| Instant::now() >= d);

@@ -34,7 +34,7 @@ pub struct Session {
     /// A recorder connection is attached to it now.
     pub connected: bool,
     /// That connection's ear for an administrator ending the session.
-    pub control: Option<tokio::sync::mpsc::UnboundedSender<shelltrail_proto::v1::Ended>>,
+    pub control: Option<tokio::sync::mpsc::UnboundedSender<crate::agent::control::ToSession>>,
     /// What the agent saw of it lately, for the live listing.
     pub activity: Activity,
     /// The shipper's cursor on the current stream (reset on every connection).
