@@ -122,6 +122,8 @@ struct Opts {
     sample: usize,
     /// Bulk chunks are cut at this much asciicast (KiB).
     chunk_kib: u64,
+    /// The drain's agent cuts its spool into segments of this size.
+    drain_segment_mib: u64,
     quick: bool,
     keep: bool,
 }
@@ -142,6 +144,7 @@ fn parse_args() -> Result<Opts, String> {
         backlog_mib: 0,
         sample: 20,
         chunk_kib: (recorder().chunk_bytes >> 10).max(1),
+        drain_segment_mib: 64,
         quick: false,
         keep: false,
     };
@@ -163,12 +166,13 @@ fn parse_args() -> Result<Opts, String> {
             "--window-mib" => o.window_mib = num()?,
             "--backlog-sessions" => o.backlog_sessions = num()? as usize,
             "--backlog-mib" => o.backlog_mib = num()?,
+            "--drain-segment-mib" => o.drain_segment_mib = num()?.max(1),
             "--sample" => o.sample = num()? as usize,
             "--chunk-kib" => o.chunk_kib = num()?,
             "-h" | "--help" => {
                 println!(
                     "usage: ingest [--quick] [--sessions N] [--hosts K] [--seconds S] [--sat-mib M] [--window-mib W] \
-                     [--backlog-sessions B] [--backlog-mib M] [--chunk-kib C] [--sample N] [--keep]"
+                     [--backlog-sessions B] [--backlog-mib M] [--drain-segment-mib S] [--chunk-kib C] [--sample N] [--keep]"
                 );
                 std::process::exit(0);
             }
@@ -1564,6 +1568,8 @@ struct DrainReport {
     feed_errors: Vec<String>,
     spool_before: u64,
     spool_after: u64,
+    /// From the live session's end to a spool of at most two segments.
+    spool_freed_secs: Option<f64>,
     /// Seconds from the collector's start to the agent's first SessionStart.
     reconnect: Option<f64>,
     /// First SessionStart received to last SessionEnd received.
@@ -1620,7 +1626,11 @@ fn drain(
         cli,
         &dir.join("agent"),
         "",
-        "max_sessions_per_uid = 4096\nmax_connections = 8192\nmax_connections_per_uid = 8192",
+        &format!(
+            "max_sessions_per_uid = 4096\nmax_connections = 8192\nmax_connections_per_uid = 8192\n\
+             segment_bytes = \"{}MiB\"",
+            opts.drain_segment_mib
+        ),
         &ship,
     )?;
     let apid = agent.pid();
@@ -1709,9 +1719,17 @@ fn drain(
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("the follower did not see the live session end within 20 s".into()),
     };
-    // The agent deletes shipped segments every 2 s.
-    std::thread::sleep(Duration::from_millis(2500));
-    let spool_after = dir_bytes(&agent.spool, ".seg");
+    // The agent deletes shipped segments as the collector commits them:
+    // how long after the drain until the spool is down to its active
+    // segment and the one before (what the live session still holds).
+    let t_drained = Instant::now();
+    let segment_cap = 2 * (opts.drain_segment_mib << 20) + (1 << 20);
+    let mut spool_after = dir_bytes(&agent.spool, ".seg");
+    while spool_after > segment_cap && t_drained.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+        spool_after = dir_bytes(&agent.spool, ".seg");
+    }
+    let spool_freed_secs = (spool_after <= segment_cap).then(|| t_drained.elapsed().as_secs_f64());
 
     let starts: Vec<f64> = expect
         .iter()
@@ -1748,6 +1766,7 @@ fn drain(
         feed_errors,
         spool_before,
         spool_after,
+        spool_freed_secs,
         reconnect: first_start.map(|f| f - t_up),
         window: first_start.zip(last_end).map(|(a, b)| b - a),
         ended,
@@ -2164,6 +2183,10 @@ fn run(opts: &Opts) -> Result<(), String> {
         vec![
             "agent spool after feeding / after the drain".into(),
             format!("{} / {} MiB", mib(dr.spool_before as f64), mib(dr.spool_after as f64)),
+        ],
+        vec![
+            "live session ended -> spool down to two segments".into(),
+            format!("{} s", f(dr.spool_freed_secs, 2)),
         ],
         vec![
             "collector start -> first SessionStart received".into(),
