@@ -252,3 +252,130 @@ fn tail_draws_the_current_screen_then_follows_the_session_to_its_end() {
         "no audit line:\n{log}"
     );
 }
+
+/// Ten tailers follow a session writing megabytes while an eleventh never
+/// reads: the session runs to its end and is recorded whole, the ten see
+/// its output to the last line, and the stalled one, read at last, was
+/// skipped ahead with a notice (and told of the end) instead of being
+/// waited for.
+#[test]
+fn a_stalled_tailer_is_skipped_ahead_and_ten_tailers_follow() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let w = World::new();
+    let session = w
+        .ssh()
+        .command("sleep 3; head -c 24000000 /dev/urandom | base64 -w 100; echo DONE-$((40+2))")
+        .spawn();
+    let id = w
+        .wait_session("the session", TIMEOUT, |r| r.live && r.mode == "exec")
+        .id;
+
+    let tailers: Vec<_> = (0..10)
+        .map(|_| shelltrail_tests::Running::spawn(w.cli(&["tail", "--raw", &id]), None))
+        .collect();
+    // Its stdout a pipe nobody reads until the end: it stops reading its
+    // socket once the pipe is full.
+    let mut stalled = w
+        .cli(&["tail", "--raw", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the stalled tailer");
+
+    let out = session.wait(Duration::from_secs(120));
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert!(out.stdout_str().ends_with("DONE-42\n"));
+    let row = w.wait_closed(&id, TIMEOUT);
+    assert_eq!(w.export_raw(&row.id), out.stdout, "the recording is whole");
+
+    for t in tailers {
+        let got = t.wait(TIMEOUT);
+        assert_eq!(got.code(), 0, "{got}");
+        assert!(got.stdout_str().ends_with("DONE-42\n"), "a tailer missed the end");
+    }
+    let mut seen = Vec::new();
+    stalled.stdout.take().unwrap().read_to_end(&mut seen).unwrap();
+    let mut notices = String::new();
+    stalled.stderr.take().unwrap().read_to_string(&mut notices).unwrap();
+    assert!(stalled.wait().unwrap().success(), "{notices}");
+    assert!(
+        notices.contains("fell behind"),
+        "the stalled tailer was not told: {notices}"
+    );
+    assert!(notices.contains("the session ended (exit 0)"), "{notices}");
+    // --raw draws no screen: what it skipped is simply not there.
+    assert!(
+        seen.len() < out.stdout.len(),
+        "the stalled tailer was not skipped ahead ({} of {} bytes)",
+        seen.len(),
+        out.stdout.len()
+    );
+}
+
+/// The user first kills every process of theirs that belongs to the
+/// recorder (its signaller, through which the session's signals go); the
+/// administrator's kill still ends the session: the recorder gives up on
+/// the program after the grace and closes the terminal behind it.
+#[test]
+fn a_user_who_killed_the_signaller_does_not_survive_kill() {
+    let w = World::new();
+    let (mut term, id) = live_session(&w, "victim");
+    term.line(
+        "me=$(id -u); for d in /proc/[0-9]*; do c=$(cat $d/comm 2>/dev/null); \
+         u=$(awk '/^Uid:/{print $2}' $d/status 2>/dev/null); \
+         case $c in shelltrail*) [ \"$u\" = \"$me\" ] && kill -9 ${d#/proc/} && echo KILLED-${d#/proc/}-$c;; esac; done; \
+         trap '' HUP TERM; echo scan-$((1+1))",
+    );
+    term.expect("scan-2");
+    assert!(
+        term.transcript().contains("KILLED-"),
+        "no signaller found: {}",
+        term.transcript()
+    );
+    run_ok(w.cli(&["kill", &id, "--reason", "incident: stop now"]), TIMEOUT);
+    term.expect("ended by root");
+    // Grace (5 s) and the give-up (2 s) later, the client is gone.
+    term.wait_exit(Duration::from_secs(30));
+    let ended = w.wait_closed(&id, TIMEOUT);
+    assert_eq!(ended.exit_status, Some(137), "{ended:#?}");
+    assert!(live_rows(&w).iter().all(|r| r["id"] != id.as_str()));
+}
+
+/// `kill --lock` is about the user: their other live session ends too.
+#[test]
+fn kill_lock_ends_the_users_other_sessions_too() {
+    let w = World::new();
+    let (mut a, id_a) = live_session(&w, "first");
+    let mut b = w.ssh().term(80, 24);
+    b.line("echo second-$((6*7))");
+    b.expect("second-42");
+    let out = run_ok(w.cli(&["kill", &id_a, "--reason", "compromised", "--lock"]), TIMEOUT);
+    assert!(out.stdout_str().contains("also ended"), "{out}");
+    a.wait_exit(Duration::from_secs(20));
+    b.wait_exit(Duration::from_secs(20));
+    assert!(b.transcript().contains("ended by root"), "{}", b.transcript());
+    run_ok(w.cli(&["unlock", &w.user.name]), TIMEOUT);
+}
+
+/// The user's command line goes into the agent's audit line when an
+/// administrator ends the session: it cannot forge lines or carry escapes.
+#[test]
+fn a_users_command_cannot_forge_audit_lines() {
+    let w = World::new();
+    let r = w
+        .ssh()
+        .command("sleep 100; exit\nFORGED shelltrail::audit: unlocked mallory \u{1b}]0;pwn\u{7} done")
+        .spawn();
+    let id = w
+        .wait_session("the exec session", TIMEOUT, |s| {
+            s.live && s.command.contains("sleep 100")
+        })
+        .id;
+    run_ok(w.cli(&["kill", &id, "--reason", "x"]), TIMEOUT);
+    let _ = r.wait(TIMEOUT);
+    let log = w.agent_log_text();
+    assert!(log.contains(&format!("ended session {id}")), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "a forged line:\n{log}");
+    assert!(!log.contains('\u{1b}'), "an escape reached the log");
+}

@@ -33,7 +33,7 @@ use crate::agent::limits::{ConnMemory, Reservation};
 use crate::agent::live;
 use crate::agent::server::{Agent, now_ms, start_ticks};
 use crate::agent::signer::View;
-use crate::agent::spool::{self, CloseRecord, Loc, OpenRecord};
+use crate::agent::spool::{self, CloseRecord, OpenRecord};
 use crate::config::Unavailable;
 use shelltrail_cast::chain::Chain;
 use shelltrail_cast::chunk::{self, ChunkError, ChunkHeader};
@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// A recorder must say who it is (a complete Open) within this long.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -225,7 +225,14 @@ impl Drop for Connected<'_> {
 
 async fn refuse(w: &mut OwnedWriteHalf, sid: &str, peer: Peer, reason: String) -> Result<(), ConnError> {
     tracing::warn!(session = %sid, uid = peer.uid, pid = peer.pid, "refused: {reason}");
-    send(w, agent_frame::Body::Refused(Refused { reason })).await?;
+    send(
+        w,
+        agent_frame::Body::Refused(Refused {
+            reason,
+            ..Default::default()
+        }),
+    )
+    .await?;
     Ok(())
 }
 
@@ -257,7 +264,11 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
             },
             _,
         )) => {
-            let reply = control::handle(agent, peer, req);
+            // Name lookups (NSS), /proc and the locks file: off the async workers.
+            let me = agent.clone();
+            let reply = tokio::task::spawn_blocking(move || control::handle(&me, peer, req))
+                .await
+                .unwrap_or_else(|e| control::refused(format!("the agent failed to answer: {e}")));
             send(&mut wr, agent_frame::Body::ControlReply(reply)).await?;
             return Ok(());
         }
@@ -272,7 +283,14 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
         Ok(u) if u.to_string() == meta.session_id => u,
         _ => {
             let why = "session id must be a canonical UUID".to_string();
-            send(&mut wr, agent_frame::Body::Refused(Refused { reason: why.clone() })).await?;
+            send(
+                &mut wr,
+                agent_frame::Body::Refused(Refused {
+                    reason: why.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await?;
             return Err(ConnError::Protocol(why));
         }
     };
@@ -286,6 +304,15 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
     };
     let (next_seq, _session_slot) = match admitted {
         Ok(a) => a,
+        Err(why) if !open.resume && agent.locks.refusal(who.uid).is_some() => {
+            tracing::warn!(session = %sid, uid = peer.uid, pid = peer.pid, "refused: {why}");
+            let locked = Refused {
+                reason: why,
+                locked: true,
+            };
+            send(&mut wr, agent_frame::Body::Refused(locked)).await?;
+            return Ok(());
+        }
         Err(why) => return refuse(&mut wr, &sid, peer, why).await,
     };
     let connected = Connected {
@@ -470,12 +497,12 @@ enum Pending {
         chain: Chain,
         /// Bytes charged to the quotas, given back if the write fails.
         charged: u64,
-        wait: oneshot::Receiver<Result<Loc, String>>,
+        wait: spool::Queued,
         _mem: Reservation,
     },
     Close {
         rec: Box<CloseRecord>,
-        wait: oneshot::Receiver<Result<Loc, String>>,
+        wait: spool::Queued,
     },
     /// A chunk the spool already had (resent after a reconnect).
     Duplicate {
@@ -792,6 +819,7 @@ async fn tail(
     if let (Ok(()), Some(code)) = (&result, joined.exit) {
         result = send(&mut wr, frame(tail_frame::Body::Exit(code))).await;
     }
+    let mut ended_meanwhile = None;
     while result.is_ok() && joined.exit.is_none() {
         let next = tokio::select! {
             got = joined.feed.recv() => got,
@@ -812,6 +840,9 @@ async fn tail(
                 // Never waited for: skipped ahead to the screen as it is now.
                 let again = view.rejoin();
                 joined.feed = again.feed;
+                // Ended meanwhile: the snapshot is its last screen, then its
+                // end, which the new subscription will never see come.
+                ended_meanwhile = again.exit;
                 let note = format!("shelltrail tail: fell behind, {n} updates skipped; the screen is redrawn");
                 result = send(&mut wr, frame(tail_frame::Body::Notice(note))).await;
                 if result.is_err() {
@@ -827,6 +858,10 @@ async fn tail(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         };
         result = send(&mut wr, frame(body)).await;
+        if let (Ok(()), Some(code)) = (&result, ended_meanwhile.take()) {
+            joined.exit = Some(code);
+            result = send(&mut wr, frame(tail_frame::Body::Exit(code))).await;
+        }
     }
     if view.leave() {
         control::watch(agent, &sid, 0);
@@ -895,9 +930,9 @@ async fn acker(
                 charged,
                 wait,
                 _mem,
-            } => match wait.await.unwrap_or(Err("spool writer stopped".into())) {
+            } => match wait.done.await.unwrap_or(Err("spool writer stopped".into())) {
                 Ok(loc) if !done => {
-                    agent.spool.chunk_durable(&sid, seq, chain, loc);
+                    agent.spool.chunk_durable(&sid, seq, chain, loc, wait.ticket);
                     Some(agent_frame::Body::Ack(Ack {
                         through_seq: seq,
                         closed: false,
@@ -913,13 +948,14 @@ async fn acker(
                         tracing::error!(session = %sid, "spool write failed: {e}; closing the connection");
                         agent_frame::Body::Refused(Refused {
                             reason: format!("the agent cannot write its spool: {e}"),
+                            ..Default::default()
                         })
                     })
                 }
             },
-            Pending::Close { rec, wait } => match wait.await.unwrap_or(Err("spool writer stopped".into())) {
+            Pending::Close { rec, wait } => match wait.done.await.unwrap_or(Err("spool writer stopped".into())) {
                 Ok(loc) => {
-                    let through = agent.spool.close_durable(&rec, loc);
+                    let through = agent.spool.close_durable(&rec, loc, wait.ticket);
                     agent.views.remove(&sid);
                     tracing::info!(session = %sid, "session closed");
                     Some(agent_frame::Body::Ack(Ack {
@@ -932,12 +968,16 @@ async fn acker(
                     (!done).then(|| {
                         agent_frame::Body::Refused(Refused {
                             reason: format!("the agent cannot write its spool: {e}"),
+                            ..Default::default()
                         })
                     })
                 }
             },
             Pending::Held { from_seq, reason } => Some(agent_frame::Body::Held(Held { from_seq, reason })),
-            Pending::Refuse { reason } => Some(agent_frame::Body::Refused(Refused { reason })),
+            Pending::Refuse { reason } => Some(agent_frame::Body::Refused(Refused {
+                reason,
+                ..Default::default()
+            })),
             Pending::Stop { reason } => Some(agent_frame::Body::Stopped(Stopped { reason })),
             Pending::Ended(e) => Some(agent_frame::Body::Ended(e)),
             Pending::Watch(ms) => Some(agent_frame::Body::Watch(Watch { chunk_interval_ms: ms })),

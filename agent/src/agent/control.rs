@@ -16,6 +16,7 @@ use crate::agent::Agent;
 use crate::agent::conn::Peer;
 use crate::agent::server::now_ms;
 use crate::agent::spool::Session;
+use crate::cli::shown::shown;
 use serde::{Deserialize, Serialize};
 use shelltrail_proto::v1::{Control, ControlReply, Ended, LiveSession, control};
 use std::collections::BTreeMap;
@@ -51,12 +52,20 @@ pub struct Locks {
 
 impl Locks {
     /// Loads `locks.json` from `state_dir` (none yet: no locks). A file that
-    /// does not parse is reported and kept aside, not trusted and not lost.
+    /// does not parse is reported loudly and kept aside (`locks.json.bad`):
+    /// the agent starts with no locks rather than refusing every login.
     pub fn load(state_dir: &Path) -> Locks {
         let path = state_dir.join("locks.json");
         let by_uid = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::error!(file = %path.display(), "cannot read the user locks ({e}); starting with none");
+                let aside = path.with_extension("json.bad");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(
+                    file = %path.display(),
+                    kept = %aside.display(),
+                    "cannot read the user locks ({e}); NO USER IS LOCKED OUT until they are set again \
+                     (the unreadable file is kept aside)"
+                );
                 BTreeMap::new()
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -101,8 +110,17 @@ impl Locks {
     }
 
     fn save(&self, locks: &BTreeMap<u32, Lock>) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(locks).expect("locks serialise"))?;
+        // Who is locked out and why is the administrators' business.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(&serde_json::to_vec_pretty(locks).expect("locks serialise"))?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &self.path)
     }
@@ -277,9 +295,14 @@ fn kill(agent: &Agent, who: &str, k: shelltrail_proto::v1::Kill) -> ControlReply
         Ok(r) => r,
         Err(why) => return refused(why),
     };
+    // What the user controls (their command, say) is shown, never raw: it
+    // goes into the audit log and onto the administrator's terminal.
+    let user = shown(&row.user).into_owned();
     let mut lock_note = String::new();
+    let mut also = Vec::new();
     if k.lock {
-        let until = (k.lock_secs > 0).then(|| now_ms() + (k.lock_secs as i64).saturating_mul(1000));
+        let secs = i64::try_from(k.lock_secs).unwrap_or(i64::MAX / 2000);
+        let until = (k.lock_secs > 0).then(|| now_ms().saturating_add(secs.saturating_mul(1000)));
         let lock = Lock {
             user: row.user.clone(),
             by: who.to_string(),
@@ -291,30 +314,57 @@ fn kill(agent: &Agent, who: &str, k: shelltrail_proto::v1::Kill) -> ControlReply
             return refused(format!("cannot record the lock in {}: {e}", agent.locks.path.display()));
         }
         lock_note = match until {
-            Some(u) => format!("; {} locked out until {}", row.user, crate::cli::utc(u)),
-            None => format!("; {} locked out until `shelltrail unlock {}`", row.user, row.user),
+            Some(u) => format!("; {user} locked out until {}", crate::cli::utc(u)),
+            None => format!("; {user} locked out until `shelltrail unlock {user}`"),
         };
+        // A lock is about the user: their other live sessions end too.
+        also = agent
+            .spool
+            .lock()
+            .sessions
+            .values()
+            .filter(|s| !s.closed() && s.uid() == row.uid && s.id() != row.session_id)
+            .map(|s| s.id().to_string())
+            .collect();
     }
-    let sent = agent
-        .spool
-        .lock()
-        .sessions
-        .get(&row.session_id)
-        .and_then(|s| s.control.clone())
-        .is_some_and(|tx| {
-            tx.send(ToSession::End(Ended {
-                by: who.to_string(),
-                reason: reason.clone(),
-            }))
-            .is_ok()
-        });
+    let end = |id: &str| {
+        agent
+            .spool
+            .lock()
+            .sessions
+            .get(id)
+            .and_then(|s| s.control.clone())
+            .is_some_and(|tx| {
+                tx.send(ToSession::End(Ended {
+                    by: who.to_string(),
+                    reason: reason.clone(),
+                }))
+                .is_ok()
+            })
+    };
+    let sent = end(&row.session_id);
+    let others: Vec<String> = also.iter().filter(|id| end(id)).cloned().collect();
+    if others.len() < also.len() {
+        lock_note.push_str(&format!(
+            "; {} other session(s) of {user} could not be reached now: {}",
+            also.len() - others.len(),
+            also.iter()
+                .filter(|id| !others.contains(id))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !others.is_empty() {
+        lock_note.push_str(&format!("; also ended: {}", others.join(", ")));
+    }
     if !sent {
         return ControlReply {
             ok: false,
             message: format!(
-                "session {} of {} is not connected to the agent right now (its recorder is reconnecting); \
+                "session {} of {user} is not connected to the agent right now (its recorder is reconnecting); \
                  try again in a few seconds{lock_note}",
-                row.session_id, row.user
+                row.session_id
             ),
             live: Vec::new(),
         };
@@ -322,8 +372,11 @@ fn kill(agent: &Agent, who: &str, k: shelltrail_proto::v1::Kill) -> ControlReply
     ControlReply {
         ok: true,
         message: format!(
-            "ended session {} of {} ({}, {}): {reason}{lock_note}",
-            row.session_id, row.user, row.client, row.command
+            "ended session {} of {user} ({}, {}): {}{lock_note}",
+            row.session_id,
+            shown(&row.client),
+            shown(&row.command),
+            shown(&reason)
         ),
         live: vec![row],
     }
@@ -338,7 +391,7 @@ fn unlock(agent: &Agent, who: &str, user: &str) -> ControlReply {
             .map(|u| u.uid.as_raw()),
     };
     let Some(uid) = uid else {
-        return refused(format!("no such user: {user:?}"));
+        return refused(format!("no such user: {:?}", shown(user)));
     };
     match agent.locks.set(uid, None) {
         Ok(Some(old)) => ControlReply {
@@ -349,7 +402,7 @@ fn unlock(agent: &Agent, who: &str, user: &str) -> ControlReply {
             ),
             live: Vec::new(),
         },
-        Ok(None) => refused(format!("{user} is not locked")),
+        Ok(None) => refused(format!("{} is not locked", shown(user))),
         Err(e) => refused(format!(
             "cannot record the unlock in {}: {e}",
             agent.locks.path.display()

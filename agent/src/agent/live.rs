@@ -32,7 +32,7 @@ use tokio::sync::broadcast;
 /// Output waiting for the emulator, per session, before the oldest goes.
 pub const MAX_PENDING: usize = 16 << 20;
 /// Output events buffered per tailer before a slow one is skipped ahead.
-const TAIL_BUFFER: usize = 4096;
+const TAIL_BUFFER: usize = 256;
 /// The chunk interval a recorder uses while its session is watched.
 pub const WATCHED_INTERVAL_MS: u32 = 5;
 

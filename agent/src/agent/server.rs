@@ -237,7 +237,10 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
                 // Best effort, never waiting: an honest recorder shows the reason.
                 let mut buf = Vec::new();
                 let refused = AgentFrame {
-                    body: Some(agent_frame::Body::Refused(Refused { reason: why })),
+                    body: Some(agent_frame::Body::Refused(Refused {
+                        reason: why,
+                        ..Default::default()
+                    })),
                 };
                 framing::encode(&refused, &mut buf);
                 let _ = stream.try_write(&buf);

@@ -405,8 +405,9 @@ mod tests {
 
     /// A chunk queued and made durable through the spool, as a connection does.
     async fn chunk(spool: &Spool, id: &uuid::Uuid, seq: u64, data: &[u8]) {
-        let loc = spool.queue(chunk_body(id, seq, data)).unwrap().await.unwrap().unwrap();
-        spool.chunk_durable(&id.to_string(), seq, Chain::resume(seq + 1, [0; 32]), loc);
+        let q = spool.queue(chunk_body(id, seq, data)).unwrap();
+        let loc = q.done.await.unwrap().unwrap();
+        spool.chunk_durable(&id.to_string(), seq, Chain::resume(seq + 1, [0; 32]), loc, q.ticket);
     }
 
     fn position(s: &Shipper, id: &uuid::Uuid) {

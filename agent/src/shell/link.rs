@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 /// Largest frame the agent sends us (acks are tiny).
 const MAX_AGENT_FRAME: usize = 64 << 10;
+/// What a tailer takes in one frame: a screen, or a chunk's output.
+const MAX_TAIL_FRAME: usize = 16 << 20;
 /// How long to wait for the agent's answer to Open, and for a write to go through.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -42,6 +44,9 @@ pub enum ConnectError {
     Unreachable { path: PathBuf, error: std::io::Error },
     #[error("the shelltrail agent refused the session: {0}")]
     Refused(String),
+    /// An administrator locked the user out (`shelltrail kill --lock`).
+    #[error("{0}")]
+    Locked(String),
     #[error("the shelltrail agent answered unexpectedly: {0}")]
     Protocol(String),
 }
@@ -82,6 +87,9 @@ pub fn open(socket: &Path, meta: &SessionMeta, resume: bool) -> Result<Connectio
                 next_seq: a.next_seq,
             })
         }
+        Ok(Some(AgentFrame {
+            body: Some(agent_frame::Body::Refused(r)),
+        })) if r.locked => Err(ConnectError::Locked(r.reason)),
         Ok(Some(AgentFrame {
             body: Some(agent_frame::Body::Refused(r)),
         })) => Err(ConnectError::Refused(r.reason)),
@@ -150,7 +158,10 @@ pub fn tail(
     let mut buf = Vec::new();
     framing::encode(&frame, &mut buf);
     stream.write_all(&buf).map_err(unreachable)?;
-    let mut reader = FrameReader::default();
+    let mut reader = FrameReader {
+        buf: Vec::new(),
+        max: MAX_TAIL_FRAME,
+    };
     let reply = match reader.next(&mut stream) {
         Ok(Some(AgentFrame {
             body: Some(agent_frame::Body::ControlReply(r)),
@@ -189,16 +200,25 @@ pub fn tail(
 }
 
 /// Reads length-framed messages from a blocking stream.
-#[derive(Default)]
 struct FrameReader {
     buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader {
+            buf: Vec::new(),
+            max: MAX_AGENT_FRAME,
+        }
+    }
 }
 
 impl FrameReader {
     /// The next frame, or None at a clean end of stream.
     fn next(&mut self, r: &mut impl Read) -> std::io::Result<Option<AgentFrame>> {
         loop {
-            match framing::take::<AgentFrame>(&mut self.buf, MAX_AGENT_FRAME) {
+            match framing::take::<AgentFrame>(&mut self.buf, self.max) {
                 Ok(Some(f)) => return Ok(Some(f)),
                 Ok(None) => {}
                 Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),

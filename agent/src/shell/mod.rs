@@ -174,6 +174,8 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
 
     let conn = match link::open(&cfg.socket, &meta, false) {
         Ok(c) => Some(c),
+        // Not the agent being away: an administrator's decision, under any policy.
+        Err(link::ConnectError::Locked(why)) => return Ok(refuse(&format!("Login refused: {why}"))),
         Err(e) => match cfg.shell.on_agent_unavailable {
             Unavailable::Deny => {
                 return Ok(refuse(&format!(

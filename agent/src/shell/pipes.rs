@@ -118,13 +118,31 @@ pub fn run(
     let handle = signals.handle();
     let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ending = exited.clone();
+    // The child's end, or the recorder giving up on it (see SessionSignals::end).
+    let (over_tx, over) = std::sync::mpsc::channel::<Option<std::process::ExitStatus>>();
+    let abandon = over_tx.clone();
     std::thread::spawn(move || {
         for sig in signals.forever() {
             let sig = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
-            session_signals.end(sig, crate::shell::pty::END_GRACE, ending.clone());
+            let abandon = abandon.clone();
+            session_signals.end(sig, crate::shell::pty::END_GRACE, ending.clone(), move || {
+                let _ = abandon.send(None);
+            });
         }
     });
-    let status = child.wait()?;
+    std::thread::spawn(move || {
+        let _ = over_tx.send(child.wait().ok());
+    });
+    let status = match over.recv() {
+        Ok(Some(st)) => st,
+        Ok(None) => {
+            crate::shell::syslog::warning(
+                "the session's program survived SIGHUP and SIGKILL (its signaller is gone): ending the session without it",
+            );
+            std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL)
+        }
+        Err(_) => anyhow::bail!("lost track of the session's program"),
+    };
     exited.store(true, std::sync::atomic::Ordering::Release);
     handle.close();
 

@@ -271,7 +271,20 @@ impl SessionSignals {
     /// and SIGHUP now, and SIGKILL after `grace` unless `ended` is set by
     /// then. A program that ignores the hangup would otherwise keep the
     /// session, and the recorder that the user cannot stop, for ever.
-    pub fn end(&self, sig: Signal, grace: Duration, ended: Arc<std::sync::atomic::AtomicBool>) {
+    ///
+    /// The signals go through the signaller, which runs as the user: a user
+    /// who killed it beforehand keeps their processes alive. So if the
+    /// session has still not ended [`ABANDON_AFTER`] past the SIGKILL,
+    /// `abandon` is called: the recorder then ends the session without its
+    /// program (closing the terminal behind it), and the user's processes,
+    /// if any survive, are cut off from the client.
+    pub fn end(
+        &self,
+        sig: Signal,
+        grace: Duration,
+        ended: Arc<std::sync::atomic::AtomicBool>,
+        abandon: impl FnOnce() + Send + 'static,
+    ) {
         self.send(sig);
         if sig != Signal::SIGHUP {
             self.send(Signal::SIGHUP);
@@ -281,10 +294,17 @@ impl SessionSignals {
             std::thread::sleep(grace);
             if !ended.load(std::sync::atomic::Ordering::Acquire) {
                 me.send(Signal::SIGKILL);
+                std::thread::sleep(ABANDON_AFTER);
+                if !ended.load(std::sync::atomic::Ordering::Acquire) {
+                    abandon();
+                }
             }
         });
     }
 }
+
+/// How long past its SIGKILL a session that has not ended is given up on.
+pub const ABANDON_AFTER: Duration = Duration::from_secs(2);
 
 fn message(tag: u8, value: i32) -> [u8; 5] {
     let mut msg = [tag, 0, 0, 0, 0];

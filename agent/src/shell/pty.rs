@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use nix::unistd::Pid;
 use portable_pty::{PtySize, native_pty_system};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2, SIGWINCH};
 use signal_hook::iterator::Signals;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -114,7 +114,9 @@ pub fn run(
         .stderr(Stdio::from(slave));
 
     // Signals are registered before the child exists, so its exit cannot be missed.
-    let mut signals = Signals::new([SIGCHLD, SIGWINCH, SIGHUP, SIGTERM, SIGINT, SIGQUIT])?;
+    // SIGUSR2 is the recorder's own (no one else may signal it): the end's
+    // grace is over and the program is still there (see SessionSignals::end).
+    let mut signals = Signals::new([SIGCHLD, SIGWINCH, SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR2])?;
     let raw = RawMode::enter(&stdin).ok();
     let setup = sys::ChildSetup {
         controlling_tty: true,
@@ -165,7 +167,23 @@ pub fn run(
                     // The client went away (or we are being stopped): pass it on
                     // to the whole session so nothing outlives the recording.
                     let s = Signal::try_from(sig).unwrap_or(Signal::SIGHUP);
-                    session_signals.end(s, END_GRACE, ended.clone());
+                    session_signals.end(s, END_GRACE, ended.clone(), || {
+                        let _ = nix::sys::signal::raise(Signal::SIGUSR2);
+                    });
+                }
+                SIGUSR2 => {
+                    if let Some(st) = child.try_wait()? {
+                        ended.store(true, Ordering::Release);
+                        break 'session st;
+                    }
+                    // Given up on: the session ends as if killed; the
+                    // terminal closes with the recorder behind it.
+                    crate::shell::syslog::warning(
+                        "the session's program survived SIGHUP and SIGKILL (its signaller is gone): \
+                         ending the session without it",
+                    );
+                    ended.store(true, Ordering::Release);
+                    break 'session std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL);
                 }
                 _ => {}
             }

@@ -268,8 +268,12 @@ impl Catalogue {
         // A session shipped whole with no record left anywhere is forgotten.
         for id in touched {
             let referenced = self.segments.values().any(|u| u.contains_key(&id));
-            if !referenced && self.sessions.get(&id).is_some_and(|s| s.shipped) {
-                self.sessions.remove(&id);
+            if !referenced
+                && self.sessions.get(&id).is_some_and(|s| s.shipped)
+                && let Some(s) = self.sessions.remove(&id)
+            {
+                let freed: u64 = s.stream.in_flight.values().sum();
+                self.in_flight = self.in_flight.saturating_sub(freed);
             }
         }
         released

@@ -207,6 +207,9 @@ pub fn scan(dir: &Path, repair: bool) -> Result<Index, SpoolError> {
         let path = dir.join(segment_name(id));
         let mut f = match OpenOptions::new().read(true).write(repair && newest).open(&path) {
             Ok(f) => f,
+            // Retired (shipped and deleted) by the running agent since the
+            // listing: what it held is at the collector.
+            Err(e) if !repair && e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err(&path, e)),
         };
         let len = f.metadata().map_err(|e| io_err(&path, e))?.len();

@@ -50,6 +50,8 @@ pub mod disk;
 pub mod log;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod race_tests;
 pub mod records;
 
 pub use catalogue::{Catalogue, Retire, Session};
@@ -89,6 +91,34 @@ pub struct Spool {
     pub changed: Notify,
     /// Woken when the collector committed something: segments may retire.
     retire_wake: Notify,
+    /// Records queued and not yet noted, by the segment active when they
+    /// were queued (see [`Spool::queue`]).
+    outstanding: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+/// A queued record: where it landed, once durable, and its ticket.
+pub struct Queued {
+    pub done: oneshot::Receiver<Result<Loc, String>>,
+    pub ticket: Ticket,
+}
+
+/// Holds back retirement of the segments a queued record may land in,
+/// until it is dropped (after the record is noted in the catalogue).
+pub struct Ticket {
+    segment: u64,
+    outstanding: Arc<Mutex<BTreeMap<u64, usize>>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut out = self.outstanding.lock().expect("outstanding lock");
+        if let Some(n) = out.get_mut(&self.segment) {
+            *n -= 1;
+            if *n == 0 {
+                out.remove(&self.segment);
+            }
+        }
+    }
 }
 
 impl Spool {
@@ -134,9 +164,15 @@ impl Spool {
             }
         }
         {
+            // Counted as retirement gives them back: per segment, every
+            // copy of a resent chunk included, so the two never drift.
             let mut held = stats.holdings.lock().expect("holdings lock");
-            for (id, s) in &index.sessions {
-                held.add(s.open.peer_uid, id, s.stored_bytes());
+            for uses in index.segments.values() {
+                for (id, u) in uses {
+                    if let Some(s) = index.sessions.get(id) {
+                        held.add(s.open.peer_uid, id, u.bytes);
+                    }
+                }
             }
         }
         let cat = Catalogue::from_index(&index, &chains);
@@ -158,6 +194,7 @@ impl Spool {
                 cat: Mutex::new(cat),
                 changed: Notify::new(),
                 retire_wake: Notify::new(),
+                outstanding: Default::default(),
             },
             recovered,
         ))
@@ -172,25 +209,41 @@ impl Spool {
         self.cat.lock().expect("catalogue lock")
     }
 
-    /// Queues a record for the writer; the receiver says where it landed
-    /// once it is durable. The caller then reports it (`*_durable`).
-    pub fn queue(&self, body: Vec<u8>) -> Result<oneshot::Receiver<Result<Loc, String>>, String> {
+    /// Queues a record for the writer. `done` says where it landed once it
+    /// is durable; the caller then reports it (`*_durable`), handing back
+    /// the ticket. Until the ticket is dropped, no segment the record may
+    /// be in is retired: a record durable but not yet in the catalogue is
+    /// not known to be needed, and must not go with its segment.
+    pub fn queue(&self, body: Vec<u8>) -> Result<Queued, String> {
         let (done, wait) = oneshot::channel();
+        let ticket = {
+            let mut out = self.outstanding.lock().expect("outstanding lock");
+            // Read under the lock retirement reads it under: the record
+            // lands in this segment or a later one.
+            let segment = self.stats.active_segment.load(Ordering::SeqCst);
+            *out.entry(segment).or_default() += 1;
+            Ticket {
+                segment,
+                outstanding: self.outstanding.clone(),
+            }
+        };
         self.writer
             .send(Append { body, done })
             .map_err(|_| "spool writer stopped".to_string())?;
-        Ok(wait)
+        Ok(Queued { done: wait, ticket })
     }
 
-    async fn append(&self, body: Vec<u8>) -> Result<Loc, String> {
-        self.queue(body)?
-            .await
-            .map_err(|_| "spool writer stopped".to_string())?
+    /// Writes one record and waits until it is durable; the ticket is kept
+    /// until the caller has noted the record.
+    async fn append(&self, body: Vec<u8>) -> Result<(Loc, Ticket), String> {
+        let q = self.queue(body)?;
+        let loc = q.done.await.map_err(|_| "spool writer stopped".to_string())??;
+        Ok((loc, q.ticket))
     }
 
     /// Records a new session's start, durably, and catalogues it as connected.
     pub async fn open(&self, rec: OpenRecord) -> Result<(), String> {
-        let loc = self.append(open_body(&rec)).await?;
+        let (loc, _ticket) = self.append(open_body(&rec)).await?;
         let id = rec.id().to_string();
         let mut cat = self.lock();
         cat.note(&id, loc, |u| u.head = true);
@@ -203,7 +256,7 @@ impl Spool {
     }
 
     /// A chunk (queued with [`chunk_body`]) is durable at `loc`.
-    pub fn chunk_durable(&self, id: &str, header_seq: u64, chain: Chain, loc: Loc) {
+    pub fn chunk_durable(&self, id: &str, header_seq: u64, chain: Chain, loc: Loc, ticket: Ticket) {
         let mut cat = self.lock();
         let bytes = u64::from(loc.body_len).saturating_sub(CHUNK_RECORD_OVERHEAD);
         cat.note(id, loc, |u| {
@@ -219,12 +272,13 @@ impl Spool {
             }
         }
         drop(cat);
+        drop(ticket);
         self.changed.notify_one();
     }
 
     /// A session's end (queued with [`close_body`]) is durable at `loc`.
     /// Returns the session's next seq.
-    pub fn close_durable(&self, rec: &CloseRecord, loc: Loc) -> u64 {
+    pub fn close_durable(&self, rec: &CloseRecord, loc: Loc, ticket: Ticket) -> u64 {
         let mut cat = self.lock();
         cat.note(&rec.session_id, loc, |u| u.close = true);
         let next = cat.sessions.get_mut(&rec.session_id).map_or(0, |s| {
@@ -232,6 +286,7 @@ impl Spool {
             s.chain.next_seq()
         });
         drop(cat);
+        drop(ticket);
         self.changed.notify_one();
         next
     }
@@ -239,8 +294,8 @@ impl Spool {
     /// Records a session's end now (the agent's own: a vanished recorder,
     /// an unrecorded session).
     pub async fn close(&self, rec: &CloseRecord) -> Result<(), String> {
-        let loc = self.append(close_body(rec)).await?;
-        self.close_durable(rec, loc);
+        let (loc, ticket) = self.append(close_body(rec)).await?;
+        self.close_durable(rec, loc, ticket);
         Ok(())
     }
 
@@ -250,7 +305,7 @@ impl Spool {
         if let Some(s) = self.lock().sessions.get_mut(&rec.session_id) {
             s.damaged.get_or_insert(rec.reason.clone());
         }
-        let loc = self.append(damaged_body(&rec)).await?;
+        let (loc, _ticket) = self.append(damaged_body(&rec)).await?;
         self.lock().note(&rec.session_id, loc, |_| {});
         Ok(())
     }
@@ -268,15 +323,18 @@ impl Spool {
             }
             s.shipped = true;
             s.unshipped.clear();
+            let freed: u64 = std::mem::take(&mut s.stream.in_flight).values().sum();
+            cat.in_flight = cat.in_flight.saturating_sub(freed);
         }
         let rec = ShippedRecord {
             session_id: id.to_string(),
             unix_ms: now_ms,
         };
-        let wait = self.queue(records::shipped_body(&rec)).ok()?;
+        let q = self.queue(records::shipped_body(&rec)).ok()?;
         let me = self.clone();
         Some(tokio::spawn(async move {
-            match wait.await {
+            let _ticket = q.ticket;
+            match q.done.await {
                 Ok(Ok(loc)) => me.lock().note(&rec.session_id, loc, |_| {}),
                 // Not recorded: a restart asks the collector again.
                 _ => tracing::warn!(session = %rec.session_id, "could not record that the session is shipped"),
@@ -302,9 +360,14 @@ impl Spool {
         // Carrying states forward can fill the active segment and roll it
         // over: the one it was is then closed and retirable at once.
         for _ in 0..4 {
-            let active = self.stats.active_segment.load(Ordering::Relaxed);
-            deleted += self.retire_before(active).await?;
-            if self.stats.active_segment.load(Ordering::Relaxed) == active {
+            let (active, bound) = {
+                let out = self.outstanding.lock().expect("outstanding lock");
+                let active = self.stats.active_segment.load(Ordering::SeqCst);
+                // Nothing at or after the segment of a record not yet noted.
+                (active, out.keys().next().map_or(active, |&s| s.min(active)))
+            };
+            deleted += self.retire_before(bound).await?;
+            if self.stats.active_segment.load(Ordering::SeqCst) == active {
                 break;
             }
         }
@@ -321,8 +384,11 @@ impl Spool {
             waits.push(self.queue(records::state_body(st))?);
         }
         let mut carried = Vec::with_capacity(waits.len());
+        let mut tickets = Vec::with_capacity(waits.len());
         for (w, st) in waits.into_iter().zip(&plan.carry) {
+            tickets.push(w.ticket);
             let loc = w
+                .done
                 .await
                 .map_err(|_| "spool writer stopped".to_string())?
                 .map_err(|e| format!("carrying forward session {}: {e}", st.open.id()))?;
@@ -337,6 +403,7 @@ impl Spool {
         let total = &self.stats.total_bytes;
         total.fetch_sub(freed.min(total.load(Ordering::Relaxed)), Ordering::Relaxed);
         let released = self.lock().retired(&plan, &carried);
+        drop(tickets);
         {
             let mut held = self.stats.holdings.lock().expect("holdings lock");
             for (uid, id, bytes) in released {

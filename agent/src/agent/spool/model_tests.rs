@@ -178,14 +178,10 @@ impl Harness {
                 let seq = m.chunks.len() as u64;
                 m.chunker.buffer().extend_from_slice(&noise(seq, bytes));
                 let c = m.chunker.cut(seq, seq + 1).expect("a chunk");
-                let loc = spool
-                    .queue(chunk_body(&m.uuid, seq, &c.hash, &c.bytes))
-                    .unwrap()
-                    .await
-                    .unwrap()
-                    .unwrap();
+                let q = spool.queue(chunk_body(&m.uuid, seq, &c.hash, &c.bytes)).unwrap();
+                let loc = q.done.await.unwrap().unwrap();
                 m.chunks.push((c.bytes, c.hash));
-                spool.chunk_durable(&m.id, seq, m.chain(), loc);
+                spool.chunk_durable(&m.id, seq, m.chain(), loc, q.ticket);
             }
             Op::Commit { s, frac } => {
                 let spool = self.spool().clone();
@@ -219,8 +215,9 @@ impl Harness {
                     closed_unix_ms: 2,
                     seal: None,
                 };
-                let loc = spool.queue(close_body(&rec)).unwrap().await.unwrap().unwrap();
-                spool.close_durable(&rec, loc);
+                let q = spool.queue(close_body(&rec)).unwrap();
+                let loc = q.done.await.unwrap().unwrap();
+                spool.close_durable(&rec, loc, q.ticket);
                 m.closed = true;
             }
             Op::ShipEnd { s } => {
