@@ -143,14 +143,27 @@ fn recut(id: &str, parts: &[(ChunkHeader, Vec<u8>)], edit: impl Fn(usize, &mut V
 fn replace(w: &ShipWorld, host: &str, start: &SessionStart, chunks: Vec<(u64, Vec<u8>)>, end: &SessionEnd) {
     let id = &end.session_id;
     std::fs::remove_dir_all(session_dir(w, host, id)).expect("removing the stored session");
-    let store = Store::open_with(
-        &w.collector.data_dir,
-        StoreOptions {
-            compact: false,
-            ..StoreOptions::default()
-        },
-    )
-    .expect("opening the collector's store");
+    // The previous replace's store released its lock when dropped, but a
+    // process this test binary forked meanwhile (tests run in parallel) may
+    // hold a copy of the lock's descriptor until it execs: retry briefly.
+    let open = || {
+        Store::open_with(
+            &w.collector.data_dir,
+            StoreOptions {
+                compact: false,
+                ..StoreOptions::default()
+            },
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match open() {
+            Err(shelltrail_collector::store::StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other.expect("opening the collector's store"),
+        }
+    };
     store.start(host, start).expect("start");
     store.append(host, id, chunks).expect("append");
     assert!(
