@@ -177,10 +177,13 @@ impl Drop for Session {
     }
 }
 
+/// What a tailer printed, and when its length reached each value.
+type Arrivals = Arc<Mutex<(Vec<u8>, Vec<(usize, Instant)>)>>;
+
 /// A `shelltrail tail` whose stdout is read as it comes, with arrival times.
 struct Tailer {
     child: Child,
-    seen: Arc<Mutex<(Vec<u8>, Vec<(usize, Instant)>)>>,
+    seen: Arrivals,
 }
 
 impl Tailer {
@@ -197,7 +200,7 @@ impl Tailer {
             .spawn()
             .map_err(|e| e.to_string())?;
         let mut out = child.stdout.take().expect("piped");
-        let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let seen: Arrivals = Arc::new(Mutex::new((Vec::new(), Vec::new())));
         let s = seen.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 65536];
