@@ -383,3 +383,24 @@ fn a_users_command_cannot_forge_audit_lines() {
     assert!(!log.lines().any(|l| l.starts_with("FORGED")), "a forged line:\n{log}");
     assert!(!log.contains('\u{1b}'), "an escape reached the log");
 }
+
+/// With `notify_on_tail`, the user is told (one line on their terminal,
+/// also recorded) when someone starts tailing their session; without it
+/// (the default, every other test here), nothing is shown.
+#[test]
+fn the_user_is_told_when_watched_if_the_host_says_so() {
+    let w = World::builder().agent_setting("notify_on_tail = true").build();
+    let (mut term, id) = live_session(&w, "watched");
+    let tail = shelltrail_tests::Running::spawn(w.cli(&["tail", "--raw", &id]), None);
+    term.expect("root (uid 0) on this host is watching this session");
+    term.line("exit");
+    term.wait_exit(TIMEOUT);
+    let _ = tail.wait(TIMEOUT);
+    w.wait_closed(&id, TIMEOUT);
+    let cast = String::from_utf8(w.export_bytes(&id, &[])).unwrap();
+    assert!(
+        cast.lines()
+            .any(|l| l.contains("\"m\"") && l.contains("is watching this session")),
+        "not recorded:\n{cast}"
+    );
+}

@@ -167,6 +167,9 @@ pub struct AgentConfig {
     /// Recording (compressed) one session may hold in the spool.
     #[serde(deserialize_with = "bytes")]
     pub spool_max_bytes_per_session: u64,
+    /// Tell the user, on their terminal, when someone starts tailing their
+    /// session (also recorded as a marker). Off by default.
+    pub notify_on_tail: bool,
     /// Members of this group (besides root) may list live sessions, end
     /// them and lock users out through the agent (`shelltrail kill`).
     pub admin_group: String,
@@ -254,6 +257,7 @@ impl Default for AgentConfig {
             spool_max_bytes_per_session: 1 << 30,
             quota_wait_secs: 30,
             admin_group: "shelltrail-admin".into(),
+            notify_on_tail: false,
         }
     }
 }

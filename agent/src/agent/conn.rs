@@ -39,8 +39,8 @@ use shelltrail_cast::chain::Chain;
 use shelltrail_cast::chunk::{self, ChunkError, ChunkHeader};
 use shelltrail_proto::framing;
 use shelltrail_proto::v1::{
-    Accepted, Ack, AgentFrame, Close, ControlReply, Ended, Held, RecorderFrame, Refused, Resize, SessionMeta, Snapshot,
-    Stopped, Tail, TailFrame, Watch, agent_frame, recorder_frame, tail_frame,
+    Accepted, Ack, AgentFrame, Close, ControlReply, Ended, Held, Notice, RecorderFrame, Refused, Resize, SessionMeta,
+    Snapshot, Stopped, Tail, TailFrame, Watch, agent_frame, recorder_frame, tail_frame,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -367,6 +367,7 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
                 let sent = match told {
                     ToSession::End(ended) => session.end(ended),
                     ToSession::Watch(ms) => session.pend(Pending::Watch(ms)),
+                    ToSession::Notify(text) => session.pend(Pending::Notice(text)),
                 };
                 if let Err(why) = sent {
                     break Err(ConnError::Protocol(why));
@@ -523,6 +524,8 @@ enum Pending {
     Ended(Ended),
     /// Someone watches the session (or no longer): the chunk interval to use.
     Watch(u32),
+    /// A line for the user's terminal.
+    Notice(String),
 }
 
 /// A session held at a limit.
@@ -806,6 +809,13 @@ async fn tail(
     let view = agent.views.of(&sid);
     let mut joined = view.join();
     control::watch(agent, &sid, live::WATCHED_INTERVAL_MS);
+    if agent.cfg.agent.notify_on_tail {
+        control::tell(
+            agent,
+            &sid,
+            ToSession::Notify(format!("{who} is watching this session")),
+        );
+    }
     let frame = |body| agent_frame::Body::Tail(TailFrame { body: Some(body) });
     let snapshot = |j: &live::Joined| {
         tail_frame::Body::Snapshot(Snapshot {
@@ -981,6 +991,7 @@ async fn acker(
             Pending::Stop { reason } => Some(agent_frame::Body::Stopped(Stopped { reason })),
             Pending::Ended(e) => Some(agent_frame::Body::Ended(e)),
             Pending::Watch(ms) => Some(agent_frame::Body::Watch(Watch { chunk_interval_ms: ms })),
+            Pending::Notice(text) => Some(agent_frame::Body::Notice(Notice { text })),
         };
         let Some(frame) = frame.filter(|_| !done) else {
             continue;

@@ -30,6 +30,8 @@ pub enum ToSession {
     End(Ended),
     /// Someone is watching: cut chunks this often (ms; 0: as configured).
     Watch(u32),
+    /// A line for the user's terminal (`notify_on_tail`).
+    Notify(String),
 }
 
 /// A user refused new sessions on this host.
@@ -151,11 +153,16 @@ pub(crate) fn administrator(agent: &Agent, peer: Peer) -> Result<String, String>
     ))
 }
 
+/// Tells a session's connection something from outside it.
+pub(crate) fn tell(agent: &Agent, session: &str, what: ToSession) {
+    if let Some(tx) = agent.spool.lock().sessions.get(session).and_then(|s| s.control.clone()) {
+        let _ = tx.send(what);
+    }
+}
+
 /// Tells a session's connection that it is watched (or no longer).
 pub(crate) fn watch(agent: &Agent, session: &str, interval_ms: u32) {
-    if let Some(tx) = agent.spool.lock().sessions.get(session).and_then(|s| s.control.clone()) {
-        let _ = tx.send(ToSession::Watch(interval_ms));
-    }
+    tell(agent, session, ToSession::Watch(interval_ms));
 }
 
 /// The peer process's real and supplementary groups, as the kernel holds them.

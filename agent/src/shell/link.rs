@@ -334,6 +334,8 @@ pub enum ToLink {
     },
     /// Someone watches the session: cut chunks this often (ms; 0: as configured).
     Watch(u32),
+    /// A line from the agent for the user's terminal (and the recording).
+    Notice(String),
     /// An administrator ended the session (the recording goes on to its end).
     Ended {
         by: String,
@@ -447,6 +449,11 @@ pub fn run(
             }
             Ok(ToLink::Stopped { epoch, reason }) if epoch == link.epoch => link.stop(&reason),
             Ok(ToLink::Ended { by, reason }) => ended(&link.meta.session_id, &by, &reason, &events),
+            Ok(ToLink::Notice(text)) => {
+                let line = format!("shelltrail: {text}");
+                let _ = events.send(Event::Marker(Instant::now(), line.clone()));
+                let _ = write!(std::io::stderr(), "\r\n{line}\r\n");
+            }
             // Clamped: a watched session cuts at most every 2 ms.
             Ok(ToLink::Watch(ms)) => watched.store(if ms == 0 { 0 } else { ms.max(2) }, Ordering::Relaxed),
             Ok(_) => {}
@@ -552,6 +559,12 @@ impl Link {
                                 }
                                 Some(agent_frame::Body::Watch(w)) => {
                                     let msg = ToLink::Watch(w.chunk_interval_ms);
+                                    if tx.send(msg).is_err() {
+                                        return;
+                                    }
+                                }
+                                Some(agent_frame::Body::Notice(n)) => {
+                                    let msg = ToLink::Notice(n.text);
                                     if tx.send(msg).is_err() {
                                         return;
                                     }
