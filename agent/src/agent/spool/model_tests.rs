@@ -16,9 +16,10 @@
 //!   the active segment and one small state per session.
 
 use super::*;
+use crate::agent::spool::log::tests::open_rec;
 use proptest::prelude::*;
 use shelltrail_cast::chunk::Chunker;
-use shelltrail_proto::v1::{Close, SessionMeta};
+use shelltrail_proto::v1::Close;
 
 const SEGMENT_BYTES: u64 = 8 << 10;
 const SESSIONS: usize = 4;
@@ -86,24 +87,8 @@ impl Model {
     }
 }
 
-fn open_rec(id: &str) -> OpenRecord {
-    OpenRecord {
-        meta: SessionMeta {
-            session_id: id.into(),
-            ..Default::default()
-        },
-        peer_uid: 1000,
-        peer_pid: 1,
-        peer_user: "u".into(),
-        via_recorder_uid: None,
-        peer_start_ticks: 1,
-        opened_unix_ms: 1,
-        resume: None,
-    }
-}
-
 /// Bytes that do not compress, so segments fill and roll over.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
+pub(super) fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
         .map(|_| {

@@ -4,36 +4,9 @@
 //! may already have rolled over to a new segment by then.
 
 use super::*;
+use crate::agent::spool::log::tests::open_rec;
+use crate::agent::spool::model_tests::noise;
 use shelltrail_cast::chunk::Chunker;
-use shelltrail_proto::v1::SessionMeta;
-
-fn open_rec(id: &str) -> OpenRecord {
-    OpenRecord {
-        meta: SessionMeta {
-            session_id: id.into(),
-            ..Default::default()
-        },
-        peer_uid: 1000,
-        peer_pid: 1,
-        peer_user: "u".into(),
-        via_recorder_uid: None,
-        peer_start_ticks: 1,
-        opened_unix_ms: 1,
-        resume: None,
-    }
-}
-
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b' ' + (x % 90) as u8
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn an_acked_chunk_not_yet_noted_is_not_retired_with_its_segment() {
