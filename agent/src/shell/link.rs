@@ -522,63 +522,36 @@ impl Link {
                     .spawn(move || {
                         let mut fr = FrameReader::default();
                         while let Ok(Some(f)) = fr.next(&mut r) {
-                            match f.body {
-                                Some(agent_frame::Body::Ack(a)) => {
-                                    let msg = ToLink::Acked {
-                                        epoch,
-                                        through: a.through_seq,
-                                        closed: a.closed,
-                                    };
-                                    if tx.send(msg).is_err() {
-                                        return;
-                                    }
-                                }
+                            let msg = match f.body {
+                                Some(agent_frame::Body::Ack(a)) => ToLink::Acked {
+                                    epoch,
+                                    through: a.through_seq,
+                                    closed: a.closed,
+                                },
                                 // The agent gives up on this connection (say, its disk
                                 // is full): reconnect and resend what it lacks.
                                 Some(agent_frame::Body::Refused(r)) => {
                                     syslog::warning(&format!("agent refused to go on: {}", r.reason));
                                     break;
                                 }
-                                Some(agent_frame::Body::Held(h)) => {
-                                    let msg = ToLink::Held {
-                                        epoch,
-                                        reason: h.reason,
-                                    };
-                                    if tx.send(msg).is_err() {
-                                        return;
-                                    }
-                                }
-                                Some(agent_frame::Body::Stopped(s)) => {
-                                    let msg = ToLink::Stopped {
-                                        epoch,
-                                        reason: s.reason,
-                                    };
-                                    if tx.send(msg).is_err() {
-                                        return;
-                                    }
-                                }
-                                Some(agent_frame::Body::Watch(w)) => {
-                                    let msg = ToLink::Watch(w.chunk_interval_ms);
-                                    if tx.send(msg).is_err() {
-                                        return;
-                                    }
-                                }
-                                Some(agent_frame::Body::Notice(n)) => {
-                                    let msg = ToLink::Notice(n.text);
-                                    if tx.send(msg).is_err() {
-                                        return;
-                                    }
-                                }
-                                Some(agent_frame::Body::Ended(e)) => {
-                                    let msg = ToLink::Ended {
-                                        by: e.by,
-                                        reason: e.reason,
-                                    };
-                                    if tx.send(msg).is_err() {
-                                        return;
-                                    }
-                                }
-                                _ => {}
+                                Some(agent_frame::Body::Held(h)) => ToLink::Held {
+                                    epoch,
+                                    reason: h.reason,
+                                },
+                                Some(agent_frame::Body::Stopped(s)) => ToLink::Stopped {
+                                    epoch,
+                                    reason: s.reason,
+                                },
+                                Some(agent_frame::Body::Watch(w)) => ToLink::Watch(w.chunk_interval_ms),
+                                Some(agent_frame::Body::Notice(n)) => ToLink::Notice(n.text),
+                                Some(agent_frame::Body::Ended(e)) => ToLink::Ended {
+                                    by: e.by,
+                                    reason: e.reason,
+                                },
+                                _ => continue,
+                            };
+                            if tx.send(msg).is_err() {
+                                return;
                             }
                         }
                         let _ = tx.send(ToLink::ReaderDone { epoch });
