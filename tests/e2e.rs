@@ -47,6 +47,12 @@
 //!   user told, the recording and the end record say who and why, audited),
 //!   `--lock` until `unlock` (across an agent restart), and the recorded
 //!   user refused all of it while a member of `admin_group` is not.
+//! * [`fleet_live`]: live response through the collector: the fleet's live
+//!   sessions, a tail that draws the user's screen and survives a link cut
+//!   again and again with no gap and no repeat, `kill --lock` and `unlock
+//!   --host` by the respond role (a kill for an offline host queued and
+//!   done when it returns), refusals for the view role and host
+//!   certificates, and all of it in `shelltrail audit`.
 //! * [`shipping`]: host agent → collector over gRPC with mutual TLS, through
 //!   a fault-injecting proxy: collector refused, killed and restarted, agent
 //!   killed, link cut a hundred times, stalled and black-holed, the spool
@@ -64,6 +70,7 @@
 mod agent_limits;
 mod durability;
 mod exec;
+mod fleet_live;
 mod identity;
 mod interactive;
 mod lifecycle;

@@ -212,6 +212,7 @@ fn tail_draws_the_current_screen_then_follows_the_session_to_its_end() {
     let mut tail = shelltrail_tests::Term::spawn(&w.cli(&["tail", &id[id.len() - 8..]]), 80, 24);
     tail.expect("INVERSE");
     let raw = shelltrail_tests::Running::spawn(w.cli(&["tail", "--raw", &id]), None);
+    let replay = shelltrail_tests::Running::spawn(w.cli(&["tail", "--raw", "--from-start", &id]), None);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         screen_after(&tail.transcript(), 80, 24),
@@ -248,6 +249,19 @@ fn tail_draws_the_current_screen_then_follows_the_session_to_its_end() {
     assert!(
         !raw_out.contains("ALT-SCREEN"),
         "--raw sends no screen, only what follows: {raw_out:?}"
+    );
+    // --from-start: the output from the session's first byte, then on.
+    let replay = replay.wait(TIMEOUT);
+    assert_eq!(replay.code(), 0, "{replay}");
+    let replayed = replay.stdout_str();
+    let (a, b, c) = (
+        replayed.find("tail-42"),
+        replayed.find("ALT-SCREEN"),
+        replayed.find("LIVE-TYPED-ONE"),
+    );
+    assert!(
+        a.is_some() && a < b && b < c,
+        "--from-start did not replay then follow: {replayed:?}"
     );
     let log = w.agent_log_text();
     assert!(

@@ -24,8 +24,15 @@ use std::path::{Path, PathBuf};
 pub enum CertRole {
     /// An agent: ships its host's sessions, never reads any.
     Host,
-    /// A person: lists and reads sessions, never ships.
+    /// A person: lists and reads sessions, never ships; what else they may
+    /// do comes from the collector's `[collector.roles]`.
     Operator,
+    /// An operator whose certificate itself grants the view role: list,
+    /// export, play, verify, tail.
+    View,
+    /// An operator whose certificate itself grants the respond role: also
+    /// kill, lock, unlock.
+    Respond,
     /// The collector's server certificate.
     Collector,
 }
@@ -98,7 +105,7 @@ impl Ca {
         let mut params = CertificateParams::new(names.to_vec())?;
         let client_role = match role {
             CertRole::Host => Some(Role::Host),
-            CertRole::Operator => Some(Role::Operator),
+            CertRole::Operator | CertRole::View | CertRole::Respond => Some(Role::Operator),
             CertRole::Collector => None,
         };
         params.extended_key_usages = vec![match client_role {
@@ -107,6 +114,15 @@ impl Ca {
         }];
         if let Some(r) = client_role {
             params.subject_alt_names.push(SanType::URI(r.uri().try_into()?));
+        }
+        let grant = match role {
+            CertRole::View => Some("view"),
+            CertRole::Respond => Some("respond"),
+            _ => None,
+        };
+        if let Some(g) = grant {
+            let uri = format!("{}{g}", shelltrail_collector::ROLE_URI_PREFIX);
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
         }
         if let Some(days) = days {
             let now = time::OffsetDateTime::now_utc();

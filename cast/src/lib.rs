@@ -27,6 +27,7 @@
 pub mod asciicast;
 pub mod chain;
 pub mod chunk;
+pub mod feed;
 pub mod json;
 pub mod run;
 pub mod screen;

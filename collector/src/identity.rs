@@ -9,7 +9,10 @@
 //! [`Role::Host`] may only use Ingest, [`Role::Operator`] only Query.
 //!
 //! The role is a URI subjectAltName, `shelltrail:role:host` or
-//! `shelltrail:role:operator` (`shelltrail pki issue --role`). A URI rather
+//! `shelltrail:role:operator` (`shelltrail pki issue --role`). An operator's
+//! certificate may also carry what it may do, `shelltrail:role:view` and
+//! `shelltrail:role:respond` (each implies operator); otherwise the
+//! collector's config says (see [`crate::access`]). A URI rather
 //! than an extended key usage of our own: an EKU needs an object identifier,
 //! and shelltrail has no registered arc to take one from (the UUID arc
 //! 2.25 does not fit the 64-bit arcs rcgen writes); a URI needs no
@@ -69,10 +72,20 @@ pub enum IdentityError {
          for an operator, or add the subjectAltName URI:{ROLE_URI_PREFIX}host or URI:{ROLE_URI_PREFIX}operator"
     )]
     NoRole { name: String },
-    #[error("the client certificate {name:?} has the role {role:?}, which is neither host nor operator")]
+    #[error("the client certificate {name:?} has the role {role:?}, which is not one of host, operator, view, respond")]
     UnknownRole { name: String, role: String },
     #[error("the client certificate {name:?} claims both roles, host and operator: issue one certificate per role")]
     TwoRoles { name: String },
+}
+
+/// What an operator's certificate itself grants, beside what the
+/// collector's config grants its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Grants {
+    /// `shelltrail:role:view`: list, export, play, verify, tail.
+    pub view: bool,
+    /// `shelltrail:role:respond`: also kill, lock, unlock.
+    pub respond: bool,
 }
 
 /// A verified client: the name its certificate gives, and its role.
@@ -80,6 +93,8 @@ pub enum IdentityError {
 pub struct Peer {
     pub name: String,
     pub role: Role,
+    /// Empty for hosts.
+    pub grants: Grants,
 }
 
 /// The name and role of a client certificate (DER); see [`host_from_certificate`] for the name.
@@ -87,6 +102,7 @@ pub fn peer_from_certificate(der: &[u8]) -> Result<Peer, IdentityError> {
     let cert = parse(der)?;
     let name = name_of(&cert)?;
     let mut roles = Vec::new();
+    let mut grants = Grants::default();
     for uri in general_names(&cert)?.into_iter().filter_map(|n| match n {
         GeneralName::URI(u) => Some(u),
         _ => None,
@@ -95,6 +111,14 @@ pub fn peer_from_certificate(der: &[u8]) -> Result<Peer, IdentityError> {
             roles.push(match word {
                 "host" => Role::Host,
                 "operator" => Role::Operator,
+                "view" => {
+                    grants.view = true;
+                    Role::Operator
+                }
+                "respond" => {
+                    grants.respond = true;
+                    Role::Operator
+                }
                 other => {
                     return Err(IdentityError::UnknownRole {
                         name,
@@ -104,10 +128,11 @@ pub fn peer_from_certificate(der: &[u8]) -> Result<Peer, IdentityError> {
             });
         }
     }
+    roles.sort_by_key(|r| r.name());
     roles.dedup();
     match roles[..] {
         [] => Err(IdentityError::NoRole { name }),
-        [role] => Ok(Peer { name, role }),
+        [role] => Ok(Peer { name, role, grants }),
         _ => Err(IdentityError::TwoRoles { name }),
     }
 }

@@ -8,14 +8,22 @@
 //! * [`tls`]: the server's TLS configuration and the clients' connection
 //!   helper (agents and the CLI use [`tls::connect`]).
 //! * [`identity`]: a client certificate's name and role (host or operator).
+//! * [`access`]: what each operator may do (the view and respond roles).
+//! * [`audit`]: the append-only log of every read and action.
+//! * [`hosts`]: the connected agents, and operators' orders for them.
+//! * [`tail`]: a live session followed through the collector.
 //!
 //! [`serve`] runs it all from a [`CollectorConfig`], with gRPC server
 //! reflection so generic tools can explore the API.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod audit;
+pub mod hosts;
 pub mod identity;
 pub mod server;
 pub mod store;
+pub mod tail;
 pub mod tls;
 
 use std::future::Future;
@@ -33,7 +41,8 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 
-pub use identity::{IdentityError, Peer, ROLE_URI_PREFIX, Role, host_from_certificate, peer_from_certificate};
+pub use access::{Access, Need, RoleName};
+pub use identity::{Grants, IdentityError, Peer, ROLE_URI_PREFIX, Role, host_from_certificate, peer_from_certificate};
 pub use server::{Collector, MAX_MESSAGE_BYTES};
 pub use store::{
     AppendOutcome, ListFilter, Position, Problem, Report, SeqRange, SessionSummary, StateFilter, Store, StoreError,
@@ -60,14 +69,23 @@ pub struct CollectorConfig {
     /// and on every connection.
     #[serde(default)]
     pub insecure: bool,
-    /// Names of the operator certificates allowed to use the Query service.
-    /// A certificate needs both: the operator role (see [`identity`]) and
-    /// its name here. Host certificates can ship, never read, whatever
-    /// their name: a compromised host must not read the fleet's
-    /// recordings. Without a revocation list, taking a name off this list
-    /// is how an operator's certificate is shut out before it expires.
+    /// Names of the operator certificates with the view role: list, read
+    /// and tail sessions, read the audit log. A certificate needs both: the
+    /// operator role (see [`identity`]) and a role here or in its own
+    /// subjectAltNames (see [`access`]). Host certificates can ship, never
+    /// read, whatever their name: a compromised host must not read the
+    /// fleet's recordings.
     #[serde(default)]
     pub operators: Vec<String>,
+    /// Operator names and their roles: `alice = ["view", "respond"]`.
+    /// respond (end sessions, lock and unlock users) includes view.
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, Vec<RoleName>>,
+    /// Operator names refused everything, whatever their certificates
+    /// grant: without a revocation list, this is how a certificate is shut
+    /// out before it expires.
+    #[serde(default)]
+    pub denied: Vec<String>,
     /// zstd level at which ended sessions are compacted into runs (see
     /// [`store::compact`]): 1 to 19; 0 leaves them as their chunks.
     #[serde(default = "default_compact_level")]
@@ -128,7 +146,9 @@ pub async fn serve_on(
     let released = Arc::downgrade(&store);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let collector = Collector::new(store, cfg.insecure, cfg.operators.clone(), stop_rx);
+    let audit = audit::AuditLog::open(&cfg.data_dir)?;
+    let access = Access::new(&cfg.operators, &cfg.roles, &cfg.denied);
+    let collector = Collector::new(store, audit, cfg.insecure, access, stop_rx);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shelltrail_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

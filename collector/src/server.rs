@@ -18,13 +18,18 @@
 //! with `UNAVAILABLE`, and the agent reconnects and resumes from the
 //! `SessionPosition`s it gets then: nothing uncommitted was acknowledged.
 //!
+//! The stream also carries the other way what operators ask of the host
+//! ([`crate::hosts`]): its agent's orders are merged into the responses.
+//!
 //! # Query
 //!
 //! Reads the catalogue and the committed chunks; `ReadChunks` with `follow`
-//! waits on the session's summary channel for new commits (live tail).
-//! Every call needs a client certificate with the operator role whose name
-//! is listed in `[collector] operators` (the TLS layer already refuses
-//! connections without a certificate of the client CA).
+//! and `Tail` ([`crate::tail`]) wait on the session's summary channel for
+//! new commits; `Kill` and `Unlock` go to the host's agent. Every call needs
+//! a client certificate with the operator role and the role the call needs
+//! ([`crate::access`]: view, or respond for `Kill` and `Unlock`); every
+//! call, allowed or refused, is written to the audit log
+//! ([`crate::audit`]) before it is answered.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -35,15 +40,19 @@ use std::time::Duration;
 use shelltrail_proto::v1::ingest_server::{Ingest, IngestServer};
 use shelltrail_proto::v1::query_server::{Query, QueryServer};
 use shelltrail_proto::v1::{
-    AgentHello, ChunkData, CollectorHello, Committed, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
-    ReadChunksRequest, Rejected, SessionEnd, SessionInfo, SessionPosition, SessionStart, ShipRequest, ShipResponse,
-    list_sessions_request, ship_request, ship_response,
+    AgentHello, AuditRequest, AuditResponse, ChunkData, CollectorHello, Committed, GetSessionRequest, KillRequest,
+    ListSessionsRequest, ListSessionsResponse, OrderReply, ReadChunksRequest, Rejected, SessionEnd, SessionInfo,
+    SessionPosition, SessionStart, ShipRequest, ShipResponse, TailRequest, TailUpdate, UnlockRequest, host_order,
+    list_sessions_request, order_reply, ship_request, ship_response, tail_request,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::{Access, Need};
+use crate::audit::{AuditLog, Entry};
+use crate::hosts::{Hosts, Outcome};
 use crate::identity::{Peer, Role, peer_from_certificate};
 use crate::store::keys::KeyPin;
 use crate::store::{AppendOutcome, ListFilter, Position, StateFilter, Store, StoreError, valid_host, valid_session_id};
@@ -73,26 +82,52 @@ fn parse_page_token(t: &str) -> Option<(i64, String)> {
 const READ_BATCH_BYTES: usize = 4 << 20;
 
 /// Both services; cheap to clone (one per connection).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Collector {
     store: Arc<Store>,
     insecure: bool,
-    /// Certificate names allowed to query (lowercase).
-    operators: Arc<Vec<String>>,
+    /// Who may do what.
+    access: Arc<Access>,
+    audit: Arc<AuditLog>,
+    /// The connected agents, and the orders for them.
+    hosts: Arc<Hosts>,
     /// Becomes true at shutdown: long-lived streams end so the server can.
     shutdown: watch::Receiver<bool>,
 }
 
+/// Who made a Query call, for the audit log.
+struct Caller {
+    who: String,
+    from: String,
+}
+
+/// What a Query call is about, for the audit log.
+struct About<'a> {
+    action: &'a str,
+    session_id: &'a str,
+    host: &'a str,
+    detail: String,
+}
+
 impl Collector {
-    /// Services over `store`. With `insecure`, callers are not
-    /// authenticated and an agent's host is what it claims (development
-    /// only). Streams end when `shutdown` turns true.
-    pub fn new(store: Arc<Store>, insecure: bool, operators: Vec<String>, shutdown: watch::Receiver<bool>) -> Self {
-        let operators = Arc::new(operators.into_iter().map(|o| o.to_ascii_lowercase()).collect());
+    /// Services over `store`, writing every query to `audit`. With
+    /// `insecure`, callers are not authenticated and an agent's host is
+    /// what it claims (development only). Streams end when `shutdown`
+    /// turns true.
+    pub fn new(
+        store: Arc<Store>,
+        audit: AuditLog,
+        insecure: bool,
+        access: Access,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let audit = Arc::new(audit);
         Collector {
             store,
             insecure,
-            operators,
+            access: Arc::new(access),
+            hosts: Hosts::new(audit.clone()),
+            audit,
             shutdown,
         }
     }
@@ -138,20 +173,70 @@ impl Collector {
         Ok(Some(peer))
     }
 
-    /// Query calls: an operator certificate (see [`Self::peer`]) whose name
-    /// is one of the configured operators.
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(Peer { name, .. }) = self.peer(req, Role::Operator)? else {
-            tracing::warn!(peer = %addr(req.remote_addr()), "INSECURE collector: unauthenticated query");
-            return Ok(());
+    /// Query calls: an operator certificate (see [`Self::peer`]) with the
+    /// role `need` ([`crate::access`]). Who, from where, and `about`, go to
+    /// the audit log, allowed or not; an allowed call whose entry cannot be
+    /// written is refused (nothing is read off the record).
+    async fn authorize<T>(&self, req: &Request<T>, need: Need, about: About<'_>) -> Result<Caller, Status> {
+        let from = addr(req.remote_addr());
+        let checked = match self.peer(req, Role::Operator) {
+            Ok(None) => {
+                tracing::warn!(peer = %from, "INSECURE collector: unauthenticated query");
+                Ok("insecure (unauthenticated)".to_string())
+            }
+            Ok(Some(peer)) => match self.access.check(&peer, need) {
+                Ok(()) => Ok(peer.name),
+                Err(why) => Err((peer.name, Status::permission_denied(why))),
+            },
+            Err(status) => {
+                let name = req.peer_certs().and_then(|c| {
+                    c.first()
+                        .and_then(|leaf| crate::identity::host_from_certificate(leaf).ok())
+                });
+                let who = match name {
+                    Some(n) => format!("{n} (refused certificate)"),
+                    None => "(refused certificate)".to_string(),
+                };
+                Err((who, status))
+            }
         };
-        if self.operators.contains(&name) {
-            Ok(())
-        } else {
-            tracing::warn!(peer = %addr(req.remote_addr()), %name, "query refused: not an operator");
-            Err(Status::permission_denied(format!(
-                "certificate {name:?} is not an operator's: list it in [collector] operators to allow queries"
-            )))
+        let (who, refusal) = match checked {
+            Ok(who) => (who, None),
+            Err((who, status)) => (who, Some(status)),
+        };
+        let entry = Entry {
+            unix_ms: crate::hosts::now_ms(),
+            who: who.clone(),
+            from: from.clone(),
+            action: about.action.to_owned(),
+            session_id: about.session_id.to_owned(),
+            host: about.host.to_owned(),
+            detail: match &refusal {
+                Some(status) => format!("refused: {}", status.message()),
+                None => about.detail,
+            },
+            allowed: refusal.is_none(),
+        };
+        let written = self.record(entry).await;
+        if let Some(status) = refusal {
+            return Err(status);
+        }
+        written.map_err(|e| {
+            tracing::error!("{e}");
+            Status::unavailable(format!(
+                "the collector cannot record this in its audit log, so it refuses it: {e}"
+            ))
+        })?;
+        Ok(Caller { who, from })
+    }
+
+    /// Appends an audit entry (on the blocking pool: it syncs).
+    async fn record(&self, e: Entry) -> Result<(), String> {
+        let audit = self.audit.clone();
+        match tokio::task::spawn_blocking(move || audit.append(&e)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("audit task failed: {e}")),
         }
     }
 }
@@ -226,6 +311,8 @@ fn plan(batch: Vec<ShipRequest>) -> Result<Vec<(String, Vec<Op>)>, Status> {
             }
             Some(ship_request::Body::Chunk(c)) => push(c.session_id, Op::Chunks(vec![(c.seq, c.data)])),
             Some(ship_request::Body::End(e)) => push(e.session_id.clone(), Op::End(Box::new(e))),
+            // Taken out of the batch before it is planned.
+            Some(ship_request::Body::Result(_)) => {}
             // A kind of message added after this collector was built.
             None => tracing::debug!("ignoring a ShipRequest of an unknown kind"),
         }
@@ -321,10 +408,19 @@ struct ShipTask {
     host: String,
     tx: mpsc::Sender<Result<ShipResponse, Status>>,
     shutdown: watch::Receiver<bool>,
+    hosts: Arc<Hosts>,
+    /// This stream's registration in `hosts`.
+    epoch: u64,
 }
 
 impl ShipTask {
-    async fn run(mut self, mut inbound: Streaming<ShipRequest>) {
+    async fn run(self, inbound: Streaming<ShipRequest>) {
+        let (hosts, host, epoch) = (self.hosts.clone(), self.host.clone(), self.epoch);
+        self.serve(inbound).await;
+        hosts.disconnect(&host, epoch);
+    }
+
+    async fn serve(mut self, mut inbound: Streaming<ShipRequest>) {
         loop {
             let (batch, ended) = tokio::select! {
                 b = next_batch(&mut inbound) => b,
@@ -333,6 +429,17 @@ impl ShipTask {
                     return;
                 }
             };
+            // Answers to operators' orders go to whoever waits for them.
+            let batch: Vec<ShipRequest> = batch
+                .into_iter()
+                .filter_map(|m| match m.body {
+                    Some(ship_request::Body::Result(r)) => {
+                        self.hosts.result(&self.host, r);
+                        None
+                    }
+                    body => Some(ShipRequest { body }),
+                })
+                .collect();
             if !batch.is_empty() {
                 match self.handle(batch).await {
                     Ok(responses) => {
@@ -401,7 +508,7 @@ impl ShipTask {
 
 /// Completes when the shutdown flag turns true; never if its sender is
 /// dropped without that.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     // (The guard `wait_for` returns is not Send: it must not live across
     // an await.)
     if rx.wait_for(|s| *s).await.is_err() {
@@ -443,14 +550,23 @@ impl Ingest for Collector {
         tx.send(Ok(hello))
             .await
             .map_err(|_| Status::cancelled("the agent went away"))?;
+        // Operators' orders for this host join the responses after the hello.
+        let (orders_tx, orders_rx) = mpsc::unbounded_channel();
+        let epoch = self.hosts.connect(&host, orders_tx);
         let task = ShipTask {
             store: self.store.clone(),
             host,
             tx,
             shutdown: self.shutdown.clone(),
+            hosts: self.hosts.clone(),
+            epoch,
         };
         tokio::spawn(task.run(inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let responses = tokio_stream::StreamExt::merge(
+            ReceiverStream::new(rx),
+            tokio_stream::wrappers::UnboundedReceiverStream::new(orders_rx),
+        );
+        Ok(Response::new(Box::pin(responses)))
     }
 }
 
@@ -518,7 +634,27 @@ fn non_empty(s: String) -> Option<String> {
 #[tonic::async_trait]
 impl Query for Collector {
     async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
-        self.authorize(&req)?;
+        let r = req.get_ref();
+        if r.page_token.is_empty() {
+            let detail = format!(
+                "host={:?} user={:?} since={} until={} state={:?}",
+                r.host,
+                r.user,
+                r.since_unix_ms,
+                r.until_unix_ms,
+                r.state()
+            );
+            let about = About {
+                action: "list",
+                session_id: "",
+                host: "",
+                detail,
+            };
+            self.authorize(&req, Need::View, about).await?;
+        } else {
+            // Further pages of a listing already on record.
+            self.check_only(&req, Need::View)?;
+        }
         let r = req.into_inner();
         let state = match r.state() {
             list_sessions_request::State::Any => StateFilter::Any,
@@ -552,7 +688,14 @@ impl Query for Collector {
             (Some(last), true) => format!("{}:{}", last.start_unix_ms(), last.session_id),
             _ => String::new(),
         };
-        let sessions = page.iter().map(|s| s.to_proto()).collect();
+        let sessions = page
+            .iter()
+            .map(|s| {
+                let mut info = s.to_proto();
+                info.host_connected = self.hosts.connected(&s.host);
+                info
+            })
+            .collect();
         Ok(Response::new(ListSessionsResponse {
             sessions,
             next_page_token,
@@ -560,13 +703,22 @@ impl Query for Collector {
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionInfo>, Status> {
-        self.authorize(&req)?;
-        let id = req.into_inner().session_id;
+        let id = req.get_ref().session_id.clone();
         check_session_id(&id)?;
-        let Some(s) = self.store.info(&id) else {
+        let found = self.store.info(&id);
+        let host = found.as_ref().map(|s| s.host.clone()).unwrap_or_default();
+        let about = About {
+            action: "info",
+            session_id: &id,
+            host: &host,
+            detail: String::new(),
+        };
+        self.authorize(&req, Need::View, about).await?;
+        let Some(s) = found else {
             return Err(Status::not_found(format!("no session {id}")));
         };
         let mut info = s.to_proto();
+        info.host_connected = self.hosts.connected(&s.host);
         // The key its seal must verify with, for `verify` to check and print.
         match self.store.host_key(&s.host) {
             Ok(k) => info.host_key = k.map_or_else(Vec::new, |k| k.0.to_vec()),
@@ -578,9 +730,21 @@ impl Query for Collector {
     type ReadChunksStream = BoxStream<ChunkData>;
 
     async fn read_chunks(&self, req: Request<ReadChunksRequest>) -> Result<Response<Self::ReadChunksStream>, Status> {
-        self.authorize(&req)?;
-        let r = req.into_inner();
+        let r = req.get_ref();
         check_session_id(&r.session_id)?;
+        let host = self.store.info(&r.session_id).map(|s| s.host).unwrap_or_default();
+        let action = match r.purpose.as_str() {
+            p @ ("export" | "play" | "verify") => p,
+            _ => "read",
+        };
+        let about = About {
+            action,
+            session_id: &r.session_id,
+            host: &host,
+            detail: format!("from chunk {}{}", r.from_seq, if r.follow { ", following" } else { "" }),
+        };
+        self.authorize(&req, Need::View, about).await?;
+        let r = req.into_inner();
         let updates = self
             .store
             .subscribe(&r.session_id)
@@ -597,6 +761,214 @@ impl Query for Collector {
         };
         tokio::spawn(reader.run());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type TailStream = BoxStream<TailUpdate>;
+
+    async fn tail(&self, req: Request<TailRequest>) -> Result<Response<Self::TailStream>, Status> {
+        let r = req.get_ref();
+        check_session_id(&r.session_id)?;
+        let host = self.store.info(&r.session_id).map(|s| s.host).unwrap_or_default();
+        let start = match r.start() {
+            tail_request::Start::Screen => crate::tail::Start::Screen,
+            tail_request::Start::FromStart => crate::tail::Start::From(0),
+            tail_request::Start::Resume => crate::tail::Start::From(r.from_seq),
+        };
+        let detail = match start {
+            crate::tail::Start::Screen => "from the current screen".to_string(),
+            crate::tail::Start::From(0) => "from the start".to_string(),
+            crate::tail::Start::From(n) => format!("resumed at chunk {n}"),
+        };
+        let about = About {
+            action: "tail",
+            session_id: &r.session_id,
+            host: &host,
+            detail: format!("{detail}{}", if r.raw { ", raw" } else { "" }),
+        };
+        self.authorize(&req, Need::View, about).await?;
+        let r = req.into_inner();
+        let updates = self
+            .store
+            .subscribe(&r.session_id)
+            .ok_or_else(|| Status::not_found(format!("no session {}", r.session_id)))?;
+        let live = !updates.borrow().is_ended();
+        let watching = live.then(|| self.hosts.watch(&host, &r.session_id));
+        let (tx, rx) = mpsc::channel(64);
+        let task = crate::tail::TailTask {
+            store: self.store.clone(),
+            session_id: r.session_id,
+            start,
+            raw: r.raw,
+            tx,
+            updates,
+            shutdown: self.shutdown.clone(),
+            watching,
+        };
+        tokio::spawn(task.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn kill(&self, req: Request<KillRequest>) -> Result<Response<OrderReply>, Status> {
+        let r = req.get_ref();
+        check_session_id(&r.session_id)?;
+        let reason = r.reason.trim().to_string();
+        let found = self.store.info(&r.session_id);
+        let host = found.as_ref().map(|s| s.host.clone()).unwrap_or_default();
+        let action = if r.lock { "lock" } else { "kill" };
+        let lock = match (r.lock, r.lock_secs) {
+            (false, _) => String::new(),
+            (true, 0) => ", and lock the user out until unlocked".to_string(),
+            (true, n) => format!(", and lock the user out for {n} s"),
+        };
+        let about = About {
+            action,
+            session_id: &r.session_id,
+            host: &host,
+            detail: format!("reason: {reason}{lock}"),
+        };
+        let caller = self.authorize(&req, Need::Respond, about).await?;
+        let r = req.into_inner();
+        if reason.is_empty() {
+            return Err(Status::invalid_argument(
+                "say why: a reason is required (it is shown to the user and recorded)",
+            ));
+        }
+        let Some(s) = found else {
+            return Err(Status::not_found(format!("no session {}", r.session_id)));
+        };
+        if s.is_ended() {
+            return Err(Status::failed_precondition(format!(
+                "session {} has already ended",
+                r.session_id
+            )));
+        }
+        let body = host_order::Body::Kill(shelltrail_proto::v1::Kill {
+            session: r.session_id.clone(),
+            reason,
+            lock: r.lock,
+            lock_secs: r.lock_secs,
+        });
+        let reply = self.order(&caller, &host, action, &r.session_id, body).await;
+        Ok(Response::new(reply))
+    }
+
+    async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<OrderReply>, Status> {
+        let r = req.get_ref();
+        let host = r.host.to_ascii_lowercase();
+        if !valid_host(&host) {
+            return Err(Status::invalid_argument("host must be a host name (--host)"));
+        }
+        let user: String = r.user.chars().take(64).collect();
+        let about = About {
+            action: "unlock",
+            session_id: "",
+            host: &host,
+            detail: format!("user {user:?}"),
+        };
+        let caller = self.authorize(&req, Need::Respond, about).await?;
+        if user.is_empty() {
+            return Err(Status::invalid_argument("name the user to unlock"));
+        }
+        let body = host_order::Body::Unlock(shelltrail_proto::v1::Unlock { user });
+        Ok(Response::new(self.order(&caller, &host, "unlock", "", body).await))
+    }
+
+    async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        let r = req.get_ref();
+        if !r.session_id.is_empty() {
+            check_session_id(&r.session_id)?;
+        }
+        let about = About {
+            action: "audit",
+            session_id: &r.session_id,
+            host: "",
+            detail: String::new(),
+        };
+        self.authorize(&req, Need::View, about).await?;
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 1000,
+            n => (n as usize).min(100_000),
+        };
+        let audit = self.audit.clone();
+        let entries = tokio::task::spawn_blocking(move || audit.read(&r.session_id, limit))
+            .await
+            .map_err(|e| Status::internal(format!("audit reader failed: {e}")))?
+            .map_err(|e| Status::unavailable(format!("cannot read the audit log: {e}")))?;
+        Ok(Response::new(AuditResponse {
+            entries: entries.iter().map(Entry::to_proto).collect(),
+        }))
+    }
+}
+
+impl Collector {
+    /// The role check of [`Self::authorize`] without an audit entry, for
+    /// the further pages of a listing whose first page is on record.
+    fn check_only<T>(&self, req: &Request<T>, need: Need) -> Result<(), Status> {
+        match self.peer(req, Role::Operator)? {
+            None => Ok(()),
+            Some(peer) => self.access.check(&peer, need).map_err(Status::permission_denied),
+        }
+    }
+
+    /// Hands an order to `host`'s agent and says what became of it, in the
+    /// reply and in the audit log.
+    async fn order(
+        &self,
+        caller: &Caller,
+        host: &str,
+        action: &str,
+        session_id: &str,
+        body: host_order::Body,
+    ) -> OrderReply {
+        let by = format!("{} (operator, from {}) via the collector", caller.who, caller.from);
+        let entry = |detail: String| Entry {
+            unix_ms: crate::hosts::now_ms(),
+            who: caller.who.clone(),
+            from: caller.from.clone(),
+            action: action.to_owned(),
+            session_id: session_id.to_owned(),
+            host: host.to_owned(),
+            detail,
+            allowed: true,
+        };
+        let outcome = self.hosts.order(host, &by, body, entry(String::new())).await;
+        let reply = match outcome {
+            Outcome::Done { ok, message } => OrderReply {
+                state: order_reply::State::Delivered.into(),
+                ok,
+                message,
+                expires_unix_ms: 0,
+            },
+            Outcome::NoAnswer => OrderReply {
+                state: order_reply::State::Delivered.into(),
+                ok: false,
+                message: format!(
+                    "sent to the agent of {host}, which did not answer within {} s; its answer will be in the audit log",
+                    crate::hosts::ANSWER_WAIT.as_secs()
+                ),
+                expires_unix_ms: 0,
+            },
+            Outcome::Queued { expires_unix_ms } => OrderReply {
+                state: order_reply::State::Queued.into(),
+                ok: false,
+                message: format!(
+                    "the agent of {host} is not connected: the order is queued and goes to it when it reconnects \
+                     (for {} minutes, while this collector runs); `shelltrail audit` shows when it was done",
+                    crate::hosts::ORDER_TTL.as_secs() / 60
+                ),
+                expires_unix_ms,
+            },
+        };
+        let detail = match (reply.state(), reply.ok) {
+            (order_reply::State::Queued, _) => format!("queued: {}", reply.message),
+            (_, true) => format!("done: {}", reply.message),
+            (_, false) => format!("failed: {}", reply.message),
+        };
+        if let Err(e) = self.record(entry(detail)).await {
+            tracing::error!("{e}");
+        }
+        reply
     }
 }
 

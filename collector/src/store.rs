@@ -454,6 +454,9 @@ pub struct SessionSummary {
     pub damaged: Option<String>,
     /// Why its seal does not check out, if it does not.
     pub flagged: Option<String>,
+    /// The end of the last stored chunk's time range: milliseconds after
+    /// the recorder's start.
+    pub last_ms: u64,
 }
 
 impl SessionSummary {
@@ -511,7 +514,19 @@ impl SessionSummary {
             missing_seqs: self.missing_seqs(),
             quarantine,
             host_key: Vec::new(),
+            last_activity_unix_ms: self.last_activity_unix_ms(),
+            host_connected: false,
         }
+    }
+
+    /// When the session last recorded anything: the recorder's start plus
+    /// its last stored chunk's end (both the host's clock).
+    pub fn last_activity_unix_ms(&self) -> i64 {
+        let start = match self.start.meta.as_ref().map_or(0, |m| m.start_unix_ms) {
+            0 => self.start_unix_ms(),
+            t => t,
+        };
+        start.saturating_add(i64::try_from(self.last_ms).unwrap_or(i64::MAX / 2))
     }
 
     /// Only the user the agent verified: the login name in the recorder's
@@ -594,6 +609,8 @@ struct SessionState {
     quarantine: Option<String>,
     damaged: Option<String>,
     flagged: Option<String>,
+    /// The last stored chunk's end (see [`SessionSummary::last_ms`]).
+    last_ms: u64,
 }
 
 impl SessionState {
@@ -612,6 +629,7 @@ impl SessionState {
             quarantine: None,
             damaged: None,
             flagged: None,
+            last_ms: 0,
         }
     }
 
@@ -682,6 +700,7 @@ fn summarize(id: &str, host: &str, start: &Arc<SessionStart>, st: &SessionState)
         quarantine: st.quarantine.clone(),
         damaged: st.damaged.clone(),
         flagged: st.flagged.clone(),
+        last_ms: st.last_ms,
     }
 }
 
@@ -1277,6 +1296,11 @@ impl Store {
                     st.damaged = Some(why);
                 }
                 return Err(e);
+            }
+            if let Some((_, data)) = batch.writes.last()
+                && let Ok((h, _)) = chunk::parse(data)
+            {
+                st.last_ms = h.end_ms;
             }
             st.chunks_len = batch.chunks_len;
             st.records += batch.writes.len() as u64;
@@ -2009,7 +2033,12 @@ fn load_session(
     }
     if let (Some(last), Some(&(_, last_seq))) = (good.last(), spans.last()) {
         let stored = read(last.offset, last.len as usize)?;
-        if run::unpack(&stored).ok().and_then(|u| u.last_hash()) != Some(last.sha256) && st.damaged.is_none() {
+        let unpacked = run::unpack(&stored).ok();
+        st.last_ms = unpacked
+            .as_ref()
+            .and_then(|u| u.parts.last())
+            .map_or(0, |p| p.header.end_ms);
+        if unpacked.and_then(|u| u.last_hash()) != Some(last.sha256) && st.damaged.is_none() {
             st.damaged = Some(format!(
                 "the stored bytes of chunk {last_seq} do not match its index record"
             ));

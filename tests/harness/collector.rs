@@ -243,8 +243,11 @@ pub struct ShipWorld {
     pub pki: Pki,
     pub collector: CollectorProc,
     pub proxy: FaultProxy,
-    /// The operator's client certificate and key (the CLI's identity).
+    /// The operator's client certificate and key (the CLI's identity):
+    /// the view role, from `[collector] operators`.
     pub operator: (PathBuf, PathBuf),
+    /// An operator with the respond role, from `[collector.roles]`.
+    pub responder: (PathBuf, PathBuf),
 }
 
 impl ShipWorld {
@@ -260,6 +263,7 @@ impl ShipWorld {
         let pki = Pki::init(&path.join("pki"), "shelltrail test CA");
         let (ccert, ckey) = pki.issue("collector", "collector", &["127.0.0.1", "localhost"]);
         let operator = pki.issue("operator", "operator", &["operator"]);
+        let responder = pki.issue("responder", "operator", &["responder"]);
 
         let port = free_port();
         let data_dir = path.join("collector");
@@ -267,6 +271,7 @@ impl ShipWorld {
         let text = format!(
             "# Written by the shelltrail shipping tests.\n\
              [collector]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data_dir:?}\noperators = [\"operator\"]\n\n\
+             [collector.roles]\nresponder = [\"respond\"]\n\n\
              [collector.tls]\ncert = {ccert:?}\nkey = {ckey:?}\nclient_ca = {ca:?}\n",
             ca = pki.ca(),
         );
@@ -295,6 +300,7 @@ impl ShipWorld {
             collector,
             proxy,
             operator,
+            responder,
         }
     }
 
@@ -321,11 +327,16 @@ impl ShipWorld {
 
     /// The same with another client certificate.
     pub fn remote_as(&self, cert: &Path, key: &Path, args: &[&str]) -> Command {
+        self.remote_via(&self.collector.url(), cert, key, args)
+    }
+
+    /// The same to the collector at `url` (a proxy in front of it, say).
+    pub fn remote_via(&self, url: &str, cert: &Path, key: &Path, args: &[&str]) -> Command {
         let mut c = shelltrail();
         c.arg("--config")
             .arg(&self.collector.config)
             .arg("--collector")
-            .arg(self.collector.url())
+            .arg(url)
             .arg("--ca")
             .arg(self.pki.ca())
             .arg("--cert")

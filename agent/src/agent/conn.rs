@@ -346,6 +346,10 @@ async fn connection(agent: &Arc<Agent>, stream: UnixStream, peer: Peer) -> Resul
         chain,
         ended_by: None,
     };
+    // A recorder back after a lost connection is watched as before.
+    if agent.views.get(&sid).is_some_and(|v| v.watched()) {
+        let _ = session.pend(Pending::Watch(live::WATCHED_INTERVAL_MS));
+    }
     let deny = agent.cfg.shell.on_agent_unavailable == Unavailable::Deny;
     let wait = Duration::from_secs(agent.cfg.agent.quota_wait_secs);
     let mut tick = tokio::time::interval(HOLD_CHECK);
@@ -650,7 +654,7 @@ impl SessionTask<'_> {
             s.activity.bytes += u64::from(header.raw_len);
         }
         // Tailers see it now (checked, on its way to the disk).
-        self.agent.views.of(self.sid).take(feed);
+        self.agent.views.of(self.sid).take(c.seq, feed);
         self.pend(Pending::Chunk {
             seq: c.seq,
             chain: self.chain,
@@ -823,6 +827,7 @@ async fn tail(
             rows: j.rows.into(),
             screen: j.screen.clone(),
             approximate: j.approximate,
+            next_seq: j.next_seq,
         })
     };
     let mut result = send(&mut wr, frame(snapshot(&joined))).await;
@@ -863,6 +868,7 @@ async fn tail(
                     rows: again.rows.into(),
                     screen: again.screen,
                     approximate: again.approximate,
+                    next_seq: again.next_seq,
                 })
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

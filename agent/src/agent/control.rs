@@ -11,14 +11,21 @@
 //!
 //! Locks are kept in `locks.json` beside the spool directory (the agent's
 //! state), so a restart does not let a locked-out user back in.
+//!
+//! The same requests come from the collector, on the stream the agent ships
+//! on ([`from_collector`]): an operator the collector authenticated and
+//! allowed (its respond role) ends a session or unlocks a user here, named
+//! as the collector names them; and a session tailed through the collector
+//! is watched here as if tailed on the host.
 
 use crate::agent::Agent;
 use crate::agent::conn::Peer;
 use crate::agent::server::now_ms;
+use crate::agent::ship::FromCollector;
 use crate::agent::spool::Session;
 use crate::cli::shown::shown;
 use serde::{Deserialize, Serialize};
-use shelltrail_proto::v1::{Control, ControlReply, Ended, LiveSession, control};
+use shelltrail_proto::v1::{Control, ControlReply, Ended, LiveSession, OrderResult, control, host_order};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -211,6 +218,87 @@ pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
         tracing::warn!(target: "shelltrail::audit", by = %who, pid = peer.pid, "failed: {what}: {}", reply.message);
     }
     reply
+}
+
+/// Carries out what the collector asks (see the module's doc).
+pub fn from_collector(agent: &Agent, m: FromCollector) -> Option<OrderResult> {
+    let o = match m {
+        FromCollector::Connected => {
+            // Watches through the collector are asked for again on every stream.
+            let ids: Vec<String> = agent.spool.lock().sessions.keys().cloned().collect();
+            for id in ids {
+                if let Some(view) = agent.views.get(&id)
+                    && !view.set_remote(false)
+                {
+                    watch(agent, &id, 0);
+                }
+            }
+            return None;
+        }
+        FromCollector::Order(o) => o,
+    };
+    let by = shown(&o.by).into_owned();
+    let reply = match o.body {
+        Some(host_order::Body::Watch(w)) => {
+            let live = agent
+                .spool
+                .lock()
+                .sessions
+                .get(&w.session_id)
+                .is_some_and(|s| !s.closed());
+            if live {
+                let watched = agent.views.of(&w.session_id).set_remote(w.watching);
+                watch(agent, &w.session_id, if watched { WATCHED_MS } else { 0 });
+                let verb = if w.watching { "tailing" } else { "stopped tailing" };
+                tracing::info!(target: "shelltrail::audit", "{verb} session {} through the collector", w.session_id);
+                if w.watching && agent.cfg.agent.notify_on_tail {
+                    tell(
+                        agent,
+                        &w.session_id,
+                        ToSession::Notify("someone is watching this session through the collector".into()),
+                    );
+                }
+            }
+            return None;
+        }
+        Some(host_order::Body::Kill(k)) => {
+            // An order queued while this agent was away arrives as it
+            // reconnects, maybe before the session's recorder has: wait
+            // for it a little rather than fail.
+            let deadline = std::time::Instant::now() + RECONNECT_WAIT;
+            while !connected(agent, &k.session) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            kill(agent, &by, k)
+        }
+        Some(host_order::Body::Unlock(u)) => unlock(agent, &by, &u.user),
+        None => refused("an order of a kind this agent does not know: upgrade it".into()),
+    };
+    if reply.ok {
+        tracing::warn!(target: "shelltrail::audit", by = %by, "{}", reply.message);
+    } else {
+        tracing::warn!(target: "shelltrail::audit", by = %by, "failed: {}", reply.message);
+    }
+    Some(OrderResult {
+        id: o.id,
+        ok: reply.ok,
+        message: reply.message,
+    })
+}
+
+const WATCHED_MS: u32 = crate::agent::live::WATCHED_INTERVAL_MS;
+/// How long an order waits for the recorder of its session to reconnect.
+const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether the session's recorder is connected now (or the session is not
+/// one this agent knows as live: no point waiting).
+fn connected(agent: &Agent, session: &str) -> bool {
+    agent
+        .spool
+        .lock()
+        .sessions
+        .get(session)
+        .is_none_or(|s| s.closed() || (s.connected && s.control.is_some()))
 }
 
 pub(crate) fn refused(message: String) -> ControlReply {

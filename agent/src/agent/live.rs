@@ -57,6 +57,8 @@ pub struct Joined {
     pub approximate: bool,
     pub feed: broadcast::Receiver<Feed>,
     pub exit: Option<i32>,
+    /// The screen shows every chunk before this one; the feed starts with it.
+    pub next_seq: u64,
 }
 
 struct State {
@@ -68,8 +70,13 @@ struct State {
     draining: bool,
     approximate: bool,
     exit: Option<i32>,
+    /// The chunk after the last one taken.
+    next_seq: u64,
     tx: broadcast::Sender<Feed>,
+    /// Tailers on this host.
     watchers: usize,
+    /// Someone tails the session through the collector.
+    remote: bool,
 }
 
 /// One live session's screen and feed.
@@ -87,8 +94,10 @@ impl View {
                 draining: false,
                 approximate: false,
                 exit: None,
+                next_seq: 0,
                 tx: broadcast::channel(TAIL_BUFFER).0,
                 watchers: 0,
+                remote: false,
             }),
         }
     }
@@ -97,13 +106,14 @@ impl View {
         self.state.lock().expect("view lock")
     }
 
-    /// Takes what one chunk recorded (see [`parse`]): output goes to the
+    /// Takes what chunk `seq` recorded (see [`parse`]): output goes to the
     /// tailers now and to the screen soon.
-    pub fn take(self: &Arc<Self>, events: Vec<Feed>) {
+    pub fn take(self: &Arc<Self>, seq: u64, events: Vec<Feed>) {
+        let mut st = self.lock();
+        st.next_seq = st.next_seq.max(seq + 1);
         if events.is_empty() {
             return;
         }
-        let mut st = self.lock();
         let mut dropped = false;
         for e in events {
             match &e {
@@ -166,6 +176,7 @@ impl View {
             approximate: st.approximate,
             feed: st.tx.subscribe(),
             exit: st.exit,
+            next_seq: st.next_seq,
         }
     }
 
@@ -176,11 +187,26 @@ impl View {
         j
     }
 
-    /// A tailer left; true if it was the last.
+    /// A tailer left; true if nobody watches the session any more.
     pub fn leave(&self) -> bool {
         let mut st = self.lock();
         st.watchers = st.watchers.saturating_sub(1);
-        st.watchers == 0
+        st.watchers == 0 && !st.remote
+    }
+
+    /// Someone follows the session through the collector (or no longer);
+    /// true if anyone watches it now.
+    pub fn set_remote(&self, watching: bool) -> bool {
+        let mut st = self.lock();
+        st.remote = watching;
+        st.watchers > 0 || st.remote
+    }
+
+    /// Whether anyone watches the session: a recorder that reconnects is
+    /// told again.
+    pub fn watched(&self) -> bool {
+        let st = self.lock();
+        st.watchers > 0 || st.remote
     }
 }
 
@@ -192,39 +218,18 @@ fn drain(st: &mut State) {
     }
 }
 
-/// The events of one chunk's asciicast content that a tailer needs. The
-/// first chunk starts with the header line, which gives the terminal size.
-/// Run where the chunk is checked (off the connection's task for big ones).
+/// The events of one chunk's asciicast content that a tailer needs (see
+/// `shelltrail_cast::feed`). Run where the chunk is checked (off the
+/// connection's task for big ones).
 pub fn parse(content: &[u8]) -> Vec<Feed> {
-    let mut out = Vec::new();
-    for line in content.split(|&b| b == b'\n') {
-        let line = line.trim_ascii();
-        if line.first() == Some(&b'{') {
-            if let Ok(h) = serde_json::from_slice::<serde_json::Value>(line) {
-                let dim = |k: &str| h["term"][k].as_u64().and_then(|n| u16::try_from(n).ok());
-                if let (Some(c), Some(r)) = (dim("cols"), dim("rows")) {
-                    out.push(Feed::Resize(c, r));
-                }
-            }
-            continue;
-        }
-        let Ok((_, code, data)) = serde_json::from_slice::<(serde_json::Value, String, String)>(line) else {
-            continue;
-        };
-        match code.as_str() {
-            "o" => out.push(Feed::Output(Arc::new(data.into_bytes()))),
-            "r" => {
-                if let Some((c, r)) = data.split_once('x')
-                    && let (Ok(c), Ok(r)) = (c.parse(), r.parse())
-                {
-                    out.push(Feed::Resize(c, r));
-                }
-            }
-            "x" => out.push(Feed::Exit(data.parse().unwrap_or(-1))),
-            _ => {}
-        }
-    }
-    out
+    shelltrail_cast::feed::events(content)
+        .into_iter()
+        .map(|f| match f {
+            shelltrail_cast::feed::Feed::Output(b) => Feed::Output(Arc::new(b)),
+            shelltrail_cast::feed::Feed::Resize(c, r) => Feed::Resize(c, r),
+            shelltrail_cast::feed::Feed::Exit(code) => Feed::Exit(code),
+        })
+        .collect()
 }
 
 /// The views of the live sessions.
@@ -262,14 +267,15 @@ mod tests {
     #[tokio::test]
     async fn a_joiner_gets_the_screen_then_exactly_what_follows() {
         let view = Arc::new(View::new(80, 24));
-        view.take(parse(b"{\"version\":3,\"term\":{\"cols\":40,\"rows\":10}}\n[0.1, \"o\", \"hello \\u001b[1mworld\\u001b[0m\\r\\n\"]\n"));
+        view.take(0, parse(b"{\"version\":3,\"term\":{\"cols\":40,\"rows\":10}}\n[0.1, \"o\", \"hello \\u001b[1mworld\\u001b[0m\\r\\n\"]\n"));
         let mut j = view.join();
         assert_eq!((j.cols, j.rows), (40, 10));
         let mut replay = Screen::new(40, 10);
         replay.feed(&j.screen);
-        view.take(parse(
-            b"[0.1, \"o\", \"next\"]\n[0.2, \"r\", \"50x12\"]\n[0.1, \"x\", \"0\"]\n",
-        ));
+        view.take(
+            1,
+            parse(b"[0.1, \"o\", \"next\"]\n[0.2, \"r\", \"50x12\"]\n[0.1, \"x\", \"0\"]\n"),
+        );
         let mut got = Vec::new();
         while let Ok(f) = j.feed.try_recv() {
             got.push(f);
@@ -282,12 +288,5 @@ mod tests {
         direct.feed(b"hello \x1b[1mworld\x1b[0m\r\n");
         assert_eq!(replay.snapshot().bytes, direct.snapshot().bytes);
         assert!(view.leave());
-    }
-
-    #[test]
-    fn parse_ignores_what_a_tailer_does_not_need() {
-        let f = parse(b"[0.1, \"i\", \"typed\"]\n[0.1, \"m\", \"marker\"]\nnot json\n[0.1, \"o\", \"out\"]\n");
-        assert_eq!(f.len(), 1);
-        assert!(matches!(&f[0], Feed::Output(b) if b.as_slice() == b"out"));
     }
 }

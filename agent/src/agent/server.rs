@@ -112,7 +112,7 @@ impl Agent {
             cfg.spool_dir.clone(),
             max_connections,
         );
-        Ok(Arc::new(Agent {
+        let agent = Arc::new(Agent {
             cfg,
             spool,
             limits,
@@ -122,7 +122,16 @@ impl Agent {
             signer,
             locks,
             views: Default::default(),
-        }))
+        });
+        if let Some(shipper) = &agent.shipper {
+            // Weak: the agent owns the shipper.
+            let me = Arc::downgrade(&agent);
+            shipper.on_order(Box::new(move |m| {
+                me.upgrade()
+                    .and_then(|agent| crate::agent::control::from_collector(&agent, m))
+            }));
+        }
+        Ok(agent)
     }
 
     /// Seals `rec` with what the agent holds of the session's chain.

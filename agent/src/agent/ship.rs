@@ -20,6 +20,12 @@
 //!   the spool (found at the agent's start, or a chunk shipping cannot
 //!   read): it is never shipped as if it were whole.
 //!
+//! ## Orders
+//! The collector also sends what operators ask of this host on the same
+//! stream (`HostOrder`: end a session, unlock a user, watch a session). The
+//! shipper hands each to the agent ([`Shipper::on_order`]) and sends the
+//! answer back (`OrderResult`).
+//!
 //! ## Fairness
 //! Live sessions (little waiting) go first in every batch; the backlog an
 //! outage leaves is served round-robin, a megabyte per session per turn, in a
@@ -31,11 +37,11 @@ use crate::agent::spool::{DamagedRecord, Session, Spool};
 use crate::config::ShipConfig;
 use anyhow::{Context, Result, bail};
 use shelltrail_proto::v1::{
-    AgentHello, ChunkData, HostFacts, ShipRequest, ShipResponse, ingest_client::IngestClient, ship_request,
-    ship_response,
+    AgentHello, ChunkData, HostFacts, HostOrder, OrderResult, ShipRequest, ShipResponse, ingest_client::IngestClient,
+    ship_request, ship_response,
 };
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -72,7 +78,21 @@ pub struct Shipper {
     signing_key: shelltrail_proto::seal::PublicKey,
     /// Sessions found damaged while shipping, whose DAMAGED record is still to be written.
     damaged: Mutex<Vec<DamagedRecord>>,
+    /// Does what the collector orders (set by the agent).
+    orders: OnceLock<OrderHandler>,
 }
+
+/// What the collector tells the agent, beside acknowledgements.
+pub enum FromCollector {
+    /// A new stream: whatever the collector had asked before is void (it
+    /// asks again what still holds).
+    Connected,
+    /// An operator's order; the handler's answer, if any, goes back.
+    Order(HostOrder),
+}
+
+/// The agent's handler of [`FromCollector`] messages.
+pub type OrderHandler = Box<dyn Fn(FromCollector) -> Option<OrderResult> + Send + Sync>;
 
 impl Shipper {
     pub fn new(cfg: ShipConfig, spool: Arc<Spool>, signing_key: shelltrail_proto::seal::PublicKey) -> Arc<Shipper> {
@@ -81,7 +101,26 @@ impl Shipper {
             spool,
             signing_key,
             damaged: Mutex::new(Vec::new()),
+            orders: OnceLock::new(),
         })
+    }
+
+    /// Sets who carries out the collector's orders (once; later calls are
+    /// ignored). Without one, orders are answered as not supported.
+    pub fn on_order(&self, handler: OrderHandler) {
+        let _ = self.orders.set(handler);
+    }
+
+    fn order(&self, m: FromCollector) -> Option<OrderResult> {
+        match (self.orders.get(), m) {
+            (Some(h), m) => h(m),
+            (None, FromCollector::Order(o)) => Some(OrderResult {
+                id: o.id,
+                ok: false,
+                message: "this agent takes no orders".into(),
+            }),
+            (None, FromCollector::Connected) => None,
+        }
     }
 
     /// Sessions the collector refused, with the reason (for `sessions`).
@@ -156,6 +195,8 @@ impl Shipper {
                 s.stream = Default::default();
             }
         }
+        self.order(FromCollector::Connected);
+        let answers = tx.clone();
         let (failed_tx, mut failed_rx) = oneshot::channel::<anyhow::Error>();
         let sender = {
             let me = self.clone();
@@ -168,6 +209,17 @@ impl Shipper {
         let result = loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
+                    Ok(Some(ShipResponse { body: Some(ship_response::Body::Order(o)) })) => {
+                        // Off this task: an order may wait for a recorder
+                        // to reconnect, and acks must keep flowing meanwhile.
+                        let (me, answers) = (self.clone(), answers.clone());
+                        tokio::spawn(async move {
+                            let done = tokio::task::spawn_blocking(move || me.order(FromCollector::Order(o))).await;
+                            if let Ok(Some(answer)) = done {
+                                let _ = answers.send(req(ship_request::Body::Result(answer))).await;
+                            }
+                        });
+                    }
                     Ok(Some(m)) => self.handle(m),
                     Ok(None) => break Err(anyhow::anyhow!("the collector closed the stream")),
                     Err(status) => break Err(anyhow::anyhow!("collector: {status}")),

@@ -98,10 +98,17 @@ enum Cmd {
         /// name, or uid:N), never the name the recorder claims
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// With --collector: only this host's sessions
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        /// With --collector: only sessions started in this last while (90s, 15m, 2h, 1d)
+        #[arg(long, value_name = "DURATION", value_parser = cli::live::duration)]
+        since: Option<std::time::Duration>,
         #[command(flatten)]
         remote: Remote,
     },
-    /// End a live session on this host (root or [agent] admin_group): the
+    /// End a live session on this host (root or [agent] admin_group), or
+    /// anywhere through a collector (--collector, the respond role): the
     /// user sees the reason, the recording says who ended it and why.
     Kill {
         /// Session id, or a fragment naming exactly one live session
@@ -115,8 +122,11 @@ enum Cmd {
         /// Lock for this long only (90s, 15m, 2h, 1d); implies --lock
         #[arg(long = "for", value_name = "DURATION", value_parser = cli::live::duration)]
         lock_for: Option<std::time::Duration>,
+        #[command(flatten)]
+        remote: Remote,
     },
-    /// Follow a live session on this host (root or [agent] admin_group): its
+    /// Follow a live session on this host (root or [agent] admin_group), or
+    /// anywhere through a collector (--collector, the view role): its
     /// current screen, then its output as it comes, until it ends.
     Tail {
         /// Session id, or a fragment naming exactly one live session
@@ -124,11 +134,38 @@ enum Cmd {
         /// Only the output bytes as they come (no screen), e.g. for grep
         #[arg(long)]
         raw: bool,
+        /// Replay the session so far at full speed, then follow (with
+        /// --collector; on a host, from what the agent still holds)
+        #[arg(long)]
+        from_start: bool,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Let a user locked out by `kill --lock` log in again.
     Unlock {
         /// Login name, or uid:N
         user: String,
+        /// With --collector: the host to unlock them on
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show the collector's audit log: who listed, read, tailed, ended or
+    /// locked what, and when (the view role). On a host, the agent's audit
+    /// trail is in its journal: `journalctl -u shelltrail-agent | grep audit`.
+    Audit {
+        /// Only entries about this session
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// The latest N entries
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// One JSON array, for scripts
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Write a session's recording out.
     Export {
@@ -278,9 +315,24 @@ fn run(args: Args) -> Result<i32> {
             json,
             live,
             user,
+            host,
+            since,
             remote,
         } => {
             let remote = remote.or(&outer);
+            if live && remote.collector.is_some() {
+                let filter = cli::fleet::Filter {
+                    host,
+                    user,
+                    since_unix_ms: since.map(|d| shelltrail::cli::now_ms() - d.as_millis() as i64),
+                };
+                let mut src = source(remote)?;
+                cli::fleet::list(&mut src, &filter, json, &mut std::io::stdout().lock())?;
+                return Ok(0);
+            }
+            if host.is_some() || since.is_some() {
+                anyhow::bail!("--host and --since filter a collector's live sessions: add --collector URL and --live");
+            }
             if live && remote.collector.is_none() {
                 let cfg = cli::load_config(config)?;
                 cli::live::list(&cfg, user.as_deref(), json, &mut std::io::stdout().lock())?;
@@ -310,13 +362,59 @@ fn run(args: Args) -> Result<i32> {
             reason,
             lock,
             lock_for,
+            remote,
         } => {
+            let remote = remote.or(&outer);
+            if remote.collector.is_some() {
+                return cli::fleet::kill(&mut source(remote)?, &id, &reason, lock, lock_for);
+            }
             cli::live::kill(&cli::load_config(config)?, &id, &reason, lock, lock_for)?;
             Ok(0)
         }
-        Cmd::Tail { id, raw } => cli::live::tail(&cli::load_config(config)?, &id, raw),
-        Cmd::Unlock { user } => {
+        Cmd::Tail {
+            id,
+            raw,
+            from_start,
+            remote,
+        } => {
+            let remote = remote.or(&outer);
+            if remote.collector.is_some() {
+                return cli::fleet::tail(&mut source(remote)?, &id, raw, from_start);
+            }
+            cli::live::tail(&cli::load_config(config)?, &id, raw, from_start)
+        }
+        Cmd::Unlock { user, host, remote } => {
+            let remote = remote.or(&outer);
+            if remote.collector.is_some() {
+                let host = host.context("with --collector, say on which host: --host HOST")?;
+                return cli::fleet::unlock(&mut source(remote)?, &host, &user);
+            }
+            if host.is_some() {
+                anyhow::bail!("--host names a host at a collector: add --collector URL (on a host, run unlock there)");
+            }
             cli::live::unlock(&cli::load_config(config)?, &user)?;
+            Ok(0)
+        }
+        Cmd::Audit {
+            session,
+            limit,
+            json,
+            remote,
+        } => {
+            let remote = remote.or(&outer);
+            if remote.collector.is_none() {
+                anyhow::bail!(
+                    "the audit log is the collector's: add --collector URL. On this host, the agent's audit \
+                     trail is in its journal: journalctl -u shelltrail-agent | grep shelltrail::audit"
+                );
+            }
+            cli::fleet::audit(
+                &mut source(remote)?,
+                session.as_deref(),
+                limit,
+                json,
+                &mut std::io::stdout().lock(),
+            )?;
             Ok(0)
         }
         Cmd::Export {
@@ -327,6 +425,7 @@ fn run(args: Args) -> Result<i32> {
             remote,
         } => {
             let mut src = source(remote)?;
+            src.read_for("export");
             match output {
                 Some(p) => {
                     let mut f = std::io::BufWriter::new(
@@ -352,18 +451,16 @@ fn run(args: Args) -> Result<i32> {
             idle_limit,
             remote,
         } => {
-            cli::play::run(
-                &mut source(remote)?,
-                &id,
-                speed,
-                idle_limit,
-                &mut std::io::stdout().lock(),
-            )?;
+            let mut src = source(remote)?;
+            src.read_for("play");
+            cli::play::run(&mut src, &id, speed, idle_limit, &mut std::io::stdout().lock())?;
             Ok(0)
         }
         Cmd::Verify { id, host_key, remote } => {
             let key = host_key.as_deref().map(cli::verify::parse_key).transpose()?;
-            let ok = cli::verify::run(&mut source(remote)?, &id, key.as_ref(), &mut std::io::stdout().lock())?;
+            let mut src = source(remote)?;
+            src.read_for("verify");
+            let ok = cli::verify::run(&mut src, &id, key.as_ref(), &mut std::io::stdout().lock())?;
             Ok(if ok { 0 } else { 1 })
         }
         Cmd::Demo => cli::demo::run(None),

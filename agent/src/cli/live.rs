@@ -93,7 +93,8 @@ pub fn list(cfg: &Config, user: Option<&str>, json: bool, out: &mut impl Write) 
     Ok(())
 }
 
-fn idle(ms: i64) -> String {
+/// An idle time as the listings show it: 42s, 3m07s, 2h15m.
+pub fn idle(ms: i64) -> String {
     let s = ms / 1000;
     match s {
         0..60 => format!("{s}s"),
@@ -124,16 +125,30 @@ pub fn unlock(cfg: &Config, user: &str) -> Result<()> {
     Ok(())
 }
 
-/// `tail ID [--raw]`: the session's current screen, then its output as it
-/// comes, until it ends (exit status 0) or the agent goes away (1). With
-/// `raw`, only the output bytes, for a pipe. Notices go to stderr.
-pub fn tail(cfg: &Config, id: &str, raw: bool) -> Result<i32> {
-    use shelltrail_proto::v1::tail_frame::Body;
-    use std::io::IsTerminal;
-    let mut out = std::io::stdout().lock();
-    let tty = out.is_terminal();
-    let mut ended = None;
-    let reply = link::tail(&cfg.socket, id, |f| {
+/// Prints what a tail receives: the screen, the output, notices (to
+/// stderr); shared by `tail` on the host and through a collector.
+pub struct Printer<W: Write> {
+    out: W,
+    tty: bool,
+    raw: bool,
+    /// The session's exit status, once it ended.
+    pub ended: Option<i32>,
+}
+
+impl<W: Write> Printer<W> {
+    /// With `raw`, only the output bytes, for a pipe. `tty`: `out` is a terminal.
+    pub fn new(out: W, tty: bool, raw: bool) -> Self {
+        Printer {
+            out,
+            tty,
+            raw,
+            ended: None,
+        }
+    }
+
+    /// Prints one frame; false once the session has ended.
+    pub fn frame(&mut self, f: shelltrail_proto::v1::TailFrame) -> std::io::Result<bool> {
+        use shelltrail_proto::v1::tail_frame::Body;
         match f.body {
             Some(Body::Snapshot(s)) => {
                 if s.approximate {
@@ -141,9 +156,9 @@ pub fn tail(cfg: &Config, id: &str, raw: bool) -> Result<i32> {
                         "\r\nshelltrail tail: some output went by too fast to keep; the screen may be incomplete\r\n"
                     );
                 }
-                if !raw {
-                    out.write_all(&s.screen)?;
-                    if tty
+                if !self.raw {
+                    self.out.write_all(&s.screen)?;
+                    if self.tty
                         && let Some((cols, rows)) = terminal_size()
                         && (u32::from(cols), u32::from(rows)) != (s.cols, s.rows)
                     {
@@ -154,8 +169,8 @@ pub fn tail(cfg: &Config, id: &str, raw: bool) -> Result<i32> {
                     }
                 }
             }
-            Some(Body::Output(bytes)) => out.write_all(&bytes)?,
-            Some(Body::Resize(r)) if !raw => {
+            Some(Body::Output(bytes)) => self.out.write_all(&bytes)?,
+            Some(Body::Resize(r)) if !self.raw => {
                 eprint!(
                     "\r\nshelltrail tail: the session's terminal is now {}x{}\r\n",
                     r.cols, r.rows
@@ -164,20 +179,48 @@ pub fn tail(cfg: &Config, id: &str, raw: bool) -> Result<i32> {
             Some(Body::Resize(_)) => {}
             Some(Body::Notice(n)) => eprint!("\r\n{}\r\n", shown(&n)),
             Some(Body::Exit(code)) => {
-                ended = Some(code);
-                out.flush()?;
+                self.ended = Some(code);
+                self.out.flush()?;
                 return Ok(false);
             }
             None => {}
         }
-        out.flush()?;
+        self.out.flush()?;
         Ok(true)
+    }
+}
+
+/// `tail ID [--raw] [--from-start]`: the session's current screen, then
+/// its output as it comes, until it ends (exit status 0) or the agent goes
+/// away (1). With `raw`, only the output bytes, for a pipe. Notices go to
+/// stderr.
+///
+/// With `from_start`, instead of the screen: the session's output so far,
+/// read from the spool (chunks before the one the agent's snapshot names),
+/// then the live output from that chunk on. A spool keeps only what it has
+/// not shipped and retired: chunks already at the collector are named in a
+/// notice (`--collector` replays them).
+pub fn tail(cfg: &Config, id: &str, raw: bool, from_start: bool) -> Result<i32> {
+    use shelltrail_proto::v1::tail_frame::Body;
+    use std::io::IsTerminal;
+    let out = std::io::stdout().lock();
+    let tty = out.is_terminal();
+    let mut printer = Printer::new(out, tty, raw);
+    let mut first = true;
+    let reply = link::tail(&cfg.socket, id, |f| {
+        if from_start
+            && std::mem::take(&mut first)
+            && let Some(Body::Snapshot(s)) = &f.body
+        {
+            return replay_spool(cfg, id, s.next_seq, &mut printer);
+        }
+        printer.frame(f)
     })
     .context("asking the agent (is it running? `systemctl status shelltrail-agent`)")?;
     if !reply.ok {
         bail!("{}", shown(&reply.message));
     }
-    match ended {
+    match printer.ended {
         Some(code) => {
             eprint!("\r\nshelltrail tail: the session ended (exit {code})\r\n");
             Ok(0)
@@ -187,6 +230,64 @@ pub fn tail(cfg: &Config, id: &str, raw: bool) -> Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// Prints the output of the session's chunks before `until` from the
+/// spool. The agent shows a chunk to tailers as it checks it, a moment
+/// before it is durable: the last ones are waited for (briefly).
+fn replay_spool<W: Write>(cfg: &Config, name: &str, until: u64, printer: &mut Printer<W>) -> std::io::Result<bool> {
+    use shelltrail_proto::v1::{TailFrame, tail_frame::Body};
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let chunks = loop {
+        let found = (|| -> Result<Vec<crate::cli::ChunkBytes>> {
+            let mut src = crate::cli::Source::open(cfg, None)?;
+            let rows = src.list()?;
+            let row = rows
+                .iter()
+                .find(|r| r.id == name || r.id.contains(name))
+                .context("the session is not in the spool")?;
+            src.chunks(row)
+        })();
+        match found {
+            Ok(c) if c.last().is_some_and(|(seq, _)| seq + 1 >= until) || until == 0 => break c,
+            Ok(c) if std::time::Instant::now() > deadline => break c,
+            Err(e) if std::time::Instant::now() > deadline => {
+                eprint!("\r\nshelltrail tail: cannot replay from the spool: {e:#}\r\n");
+                break Vec::new();
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let first = chunks.first().map_or(until, |(seq, _)| *seq);
+    if first > 0 {
+        eprint!(
+            "\r\nshelltrail tail: chunks 0..{} of this session were shipped and are no longer on this host: \
+             replay them with --collector URL\r\n",
+            first.min(until).saturating_sub(1)
+        );
+    }
+    for (seq, bytes) in chunks.iter().filter(|(seq, _)| *seq < until) {
+        let Ok(unpacked) = shelltrail_cast::run::unpack(bytes) else {
+            eprint!("\r\nshelltrail tail: chunk {seq} in the spool does not decode; skipped\r\n");
+            continue;
+        };
+        for part in &unpacked.parts {
+            for f in shelltrail_cast::feed::events(unpacked.content(part)) {
+                let body = match f {
+                    shelltrail_cast::feed::Feed::Output(b) => Body::Output(b),
+                    shelltrail_cast::feed::Feed::Resize(c, r) => Body::Resize(shelltrail_proto::v1::Resize {
+                        cols: c.into(),
+                        rows: r.into(),
+                    }),
+                    shelltrail_cast::feed::Feed::Exit(code) => Body::Exit(code),
+                };
+                if !printer.frame(TailFrame { body: Some(body) })? {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// This terminal's size, if stdout is one.

@@ -7,6 +7,7 @@
 
 pub mod demo;
 pub mod export;
+pub mod fleet;
 pub mod live;
 pub mod play;
 pub mod sessions;
@@ -73,6 +74,8 @@ pub enum Source {
         rt: tokio::runtime::Runtime,
         client: QueryClient<tonic::transport::Channel>,
         url: String,
+        /// What the chunks are read for, for the collector's audit log.
+        purpose: &'static str,
     },
 }
 
@@ -126,6 +129,7 @@ impl Source {
             rt,
             client,
             url: c.url.clone(),
+            purpose: "read",
         })
     }
 
@@ -145,7 +149,7 @@ impl Source {
                 }
                 Ok(index.sessions.values().map(sessions::from_spool).collect())
             }
-            Source::Collector { rt, client, url } => {
+            Source::Collector { rt, client, url, .. } => {
                 let mut rows: Vec<Row> = Vec::new();
                 let mut page_token = String::new();
                 loop {
@@ -184,7 +188,7 @@ impl Source {
     /// the same minutes, so the random end is often the shorter handle.
     pub fn find(&mut self, id: &str) -> Result<Row> {
         let id = id_part(id)?;
-        if let Source::Collector { rt, client, url } = self
+        if let Source::Collector { rt, client, url, .. } = self
             && id.len() == 36
         {
             let info = rt
@@ -255,7 +259,7 @@ impl Source {
                     key_from: format!("this host's {}", public_key.display()),
                 })
             }
-            Source::Collector { rt, client, url } => {
+            Source::Collector { rt, client, url, .. } => {
                 let info = rt
                     .block_on(client.get_session(GetSessionRequest {
                         session_id: row.id.clone(),
@@ -281,6 +285,28 @@ impl Source {
         }
     }
 
+    /// The collector's runtime, client and URL, when reading from one.
+    pub fn collector(
+        &mut self,
+    ) -> Option<(
+        &tokio::runtime::Runtime,
+        &mut QueryClient<tonic::transport::Channel>,
+        &str,
+    )> {
+        match self {
+            Source::Collector { rt, client, url, .. } => Some((rt, client, url.as_str())),
+            Source::Spool { .. } => None,
+        }
+    }
+
+    /// Says what the chunks are read for (export, play, verify): a
+    /// collector keeps it in its audit log.
+    pub fn read_for(&mut self, what: &'static str) {
+        if let Source::Collector { purpose, .. } = self {
+            *purpose = what;
+        }
+    }
+
     /// The session's chunks in order.
     pub fn chunks(&mut self, row: &Row) -> Result<Vec<ChunkBytes>> {
         match self {
@@ -291,11 +317,17 @@ impl Source {
                     .map(|c| Ok((c.seq, spool::read_chunk(dir, c.loc)?)))
                     .collect()
             }
-            Source::Collector { rt, client, url } => rt.block_on(async {
+            Source::Collector {
+                rt,
+                client,
+                url,
+                purpose,
+            } => rt.block_on(async {
                 let req = ReadChunksRequest {
                     session_id: row.id.clone(),
                     from_seq: 0,
                     follow: false,
+                    purpose: purpose.to_string(),
                 };
                 let fail = |s: tonic::Status| status_failure(url, &s);
                 let mut stream = client.read_chunks(req).await.map_err(fail)?.into_inner();
@@ -331,7 +363,7 @@ impl Source {
 }
 
 /// A failed call to the collector, as a [`collector_failure`].
-fn status_failure(url: &str, status: &tonic::Status) -> anyhow::Error {
+pub(crate) fn status_failure(url: &str, status: &tonic::Status) -> anyhow::Error {
     if status.source().is_none() {
         // The collector answered: its own words are the clear ones ("no session ...").
         return anyhow::anyhow!("the collector at {url}: {}", status.message());
@@ -519,6 +551,11 @@ pub fn utc(ms: i64) -> String {
 }
 
 /// Loads the config for the CLI.
+/// Now, in milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    crate::agent::server::now_ms()
+}
+
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
     Config::load(path).context("loading the configuration")
 }

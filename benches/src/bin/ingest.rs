@@ -1030,7 +1030,7 @@ async fn run_host(conn: Conn, load: Load) -> (Conn, Track) {
                         t.give_up(s);
                     }
                 }
-                ship_response::Body::Hello(_) => {}
+                ship_response::Body::Hello(_) | ship_response::Body::Order(_) => {}
             },
             Ok(Ok(_)) => {
                 t.errors.push(format!("{host}: the collector closed the stream"));
@@ -1526,6 +1526,7 @@ async fn follow(
             session_id: id,
             from_seq: 0,
             follow: true,
+            purpose: String::new(),
         })
         .await
         .map_err(|s| format!("ReadChunks: {s}"))?
