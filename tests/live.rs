@@ -84,6 +84,13 @@ fn an_administrator_ends_a_live_session_and_the_recording_says_who_and_why() {
             .any(|l| l.contains("shelltrail::audit") && l.contains(&format!("ended session {id}"))),
         "no audit line:\n{log}"
     );
+    // Reading the recording from the spool is in the agent's audit log too.
+    assert!(
+        log.lines().any(|l| l.contains("shelltrail::audit")
+            && l.contains(&format!("read from the spool: export {id}"))
+            && l.contains("root (uid 0)")),
+        "the export is not audited:\n{log}"
+    );
     assert!(
         live_rows(&w).iter().all(|r| r["id"] != id.as_str()),
         "still listed live"

@@ -195,6 +195,7 @@ pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
         Some(control::Request::Kill(k)) => format!("end session {:?}", k.session),
         Some(control::Request::Unlock(u)) => format!("unlock {:?}", u.user),
         Some(control::Request::Tail(t)) => format!("tail {:?}", t.session),
+        Some(control::Request::Read(r)) => format!("{} {:?} from the spool", shown(&r.action), shown(&r.session)),
         None => "nothing".into(),
     };
     let who = match administrator(agent, peer) {
@@ -210,6 +211,11 @@ pub fn handle(agent: &Agent, peer: Peer, req: Control) -> ControlReply {
         Some(control::Request::Unlock(u)) => unlock(agent, &who, &u.user),
         // Answered by the connection, which goes on streaming (conn.rs).
         Some(control::Request::Tail(_)) => refused("tail is served by the connection".into()),
+        Some(control::Request::Read(r)) => ControlReply {
+            ok: true,
+            message: format!("read from the spool: {} {}", shown(&r.action), shown(&r.session)),
+            live: Vec::new(),
+        },
         None => refused("empty request".into()),
     };
     if reply.ok {

@@ -68,6 +68,10 @@ pub enum Source {
         ships_to: Option<String>,
         /// This host's public signing key (`signing.pub` beside the key).
         public_key: PathBuf,
+        /// The agent's socket: it writes each read to its audit log.
+        socket: PathBuf,
+        /// What the chunks are read for.
+        purpose: &'static str,
     },
     /// A collector's Query service.
     Collector {
@@ -106,6 +110,8 @@ impl Source {
                 index,
                 ships_to: Some(cfg.ship.collector.clone()).filter(|u| !u.is_empty()),
                 public_key: crate::agent::signer::public_key_path(&cfg.signing_key()),
+                socket: cfg.socket.clone(),
+                purpose: "read",
             });
         };
         let mut ship = cfg.ship.clone();
@@ -143,7 +149,13 @@ impl Source {
 
     fn list_unordered(&mut self) -> Result<Vec<Row>> {
         match self {
-            Source::Spool { index, .. } => {
+            Source::Spool {
+                index, socket, purpose, ..
+            } => {
+                // `sessions`; a read of one session is noted with its id.
+                if *purpose == "read" {
+                    note_read(socket, "list", "");
+                }
                 for p in &index.problems {
                     eprintln!("warning: {}", shown::shown(p));
                 }
@@ -300,17 +312,28 @@ impl Source {
     }
 
     /// Says what the chunks are read for (export, play, verify): a
-    /// collector keeps it in its audit log.
+    /// collector keeps it in its audit log, the agent in its own (for a
+    /// spool). Empty: not noted (a read on behalf of something audited
+    /// already, such as `tail --from-start`).
     pub fn read_for(&mut self, what: &'static str) {
-        if let Source::Collector { purpose, .. } = self {
-            *purpose = what;
+        match self {
+            Source::Collector { purpose, .. } | Source::Spool { purpose, .. } => *purpose = what,
         }
     }
 
     /// The session's chunks in order.
     pub fn chunks(&mut self, row: &Row) -> Result<Vec<ChunkBytes>> {
         match self {
-            Source::Spool { dir, index, .. } => {
+            Source::Spool {
+                dir,
+                index,
+                socket,
+                purpose,
+                ..
+            } => {
+                if !purpose.is_empty() {
+                    note_read(socket, purpose, &row.id);
+                }
                 let s = index.sessions.get(&row.id).context("session vanished from the spool")?;
                 s.chunks
                     .iter()
@@ -359,6 +382,28 @@ impl Source {
             buf: Vec::new(),
             pos: 0,
         })
+    }
+}
+
+/// Tells the agent that this user read recordings from the spool, for its
+/// audit log (who, by SO_PEERCRED). Best effort: the files are readable
+/// without the agent, so a read goes on, with a warning, if it cannot be
+/// noted.
+fn note_read(socket: &std::path::Path, action: &str, session: &str) {
+    use shelltrail_proto::v1::{Control, Read, control};
+    let req = Control {
+        request: Some(control::Request::Read(Read {
+            action: action.to_string(),
+            session: session.to_string(),
+        })),
+    };
+    match crate::shell::link::control(socket, req) {
+        Ok(r) if r.ok => {}
+        Ok(r) => eprintln!(
+            "warning: the agent did not record this read: {}",
+            shown::shown(&r.message)
+        ),
+        Err(e) => eprintln!("warning: the agent did not record this read (is it running?): {e}"),
     }
 }
 
