@@ -797,6 +797,119 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// A `shelltrail collector` process; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct CollectorProc {
+    child: std::process::Child,
+    pub port: u16,
+    /// Its `data_dir`.
+    pub data: PathBuf,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+/// A collector's own certificate and key, and the CA its clients' are checked against.
+#[derive(Debug, Clone)]
+pub struct CollectorTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl CollectorProc {
+    /// Writes the collector's config in `dir` and starts it on `port`,
+    /// storing in `dir/data`; returns once the port accepts connections.
+    pub fn start(cli: &Path, dir: &Path, tls: &CollectorTls, port: u16) -> Result<CollectorProc, String> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let data = dir.join("data");
+        let config = dir.join("collector.toml");
+        let text = format!(
+            "# Written by the shelltrail benchmarks.\n\
+             [collector]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data:?}\noperators = [\"operator\"]\n\n\
+             [collector.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n",
+            cert = tls.cert,
+            key = tls.key,
+            ca = tls.client_ca,
+        );
+        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
+        let log = dir.join("collector.log");
+        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(cli)
+            .arg("--config")
+            .arg(&config)
+            .arg("collector")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().map_err(|e| e.to_string())?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", cli.display()))?;
+        let mut c = CollectorProc { child, port, data, log };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(st)) = c.child.try_wait() {
+                return Err(format!("the collector exited ({st}): {}", c.log_text()));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("the collector did not listen within 15 s: {}", c.log_text()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(c)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// Stops the collector: SIGTERM, up to 20 s (it gives streams 10 s), then SIGKILL.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CollectorProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Seconds since the Unix epoch, as the collector writes `received_unix_ms`.
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now()

@@ -65,9 +65,9 @@
 //! (keep the temporary directory).
 
 use shelltrail_benches::{
-    Agent, Opened, Rng, SysWin, cpu_time, dir_bytes, machine, mib, mixed_text, next_frame, open_session, percentile,
-    print_table, print_table_left, raise_nofile, status_kb, sys_cpu, sys_window, target_dir, unix_now, version_of,
-    which,
+    Agent, CollectorProc, CollectorTls, Opened, Rng, SysWin, cpu_time, dir_bytes, free_port, machine, mib, mixed_text,
+    next_frame, open_session, percentile, print_table, print_table_left, raise_nofile, status_kb, sys_cpu, sys_window,
+    target_dir, unix_now, version_of, which,
 };
 use shelltrail_cast::{Chunker, Encoder, Header};
 use shelltrail_collector::ClientTlsFiles;
@@ -403,6 +403,15 @@ impl Pki {
         })
     }
 
+    /// The collector's own certificate, key and client CA.
+    fn collector_tls(&self) -> CollectorTls {
+        CollectorTls {
+            cert: self.collector.0.clone(),
+            key: self.collector.1.clone(),
+            client_ca: self.ca.clone(),
+        }
+    }
+
     fn client(&self, id: &Identity) -> ClientTlsFiles {
         ClientTlsFiles {
             ca: self.ca.clone(),
@@ -410,109 +419,6 @@ impl Pki {
             key: id.key.clone(),
             domain: None,
         }
-    }
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
-/// A `shelltrail collector` process; stopped (SIGTERM, then SIGKILL) when dropped.
-struct CollectorProc {
-    child: std::process::Child,
-    port: u16,
-    data: PathBuf,
-    log: PathBuf,
-}
-
-impl CollectorProc {
-    /// Writes the collector's config in `dir` and starts it on `port`,
-    /// storing in `dir/data`; returns once the port accepts connections.
-    fn start(cli: &Path, dir: &Path, pki: &Pki, port: u16) -> Result<CollectorProc, String> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let data = dir.join("data");
-        let config = dir.join("collector.toml");
-        let text = format!(
-            "# Written by the shelltrail ingest benchmark.\n\
-             [collector]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data:?}\noperators = [\"operator\"]\n\n\
-             [collector.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n",
-            cert = pki.collector.0,
-            key = pki.collector.1,
-            ca = pki.ca,
-        );
-        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
-        let log = dir.join("collector.log");
-        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let child = std::process::Command::new(cli)
-            .arg("--config")
-            .arg(&config)
-            .arg("collector")
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().map_err(|e| e.to_string())?)
-            .stderr(out)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", cli.display()))?;
-        let mut c = CollectorProc { child, port, data, log };
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(st)) = c.child.try_wait() {
-                return Err(format!("the collector exited ({st}): {}", c.log_text()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("the collector did not listen within 15 s: {}", c.log_text()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(c)
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    }
-
-    /// Stops the collector: SIGTERM, up to 20 s (it gives streams 10 s), then SIGKILL.
-    fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for CollectorProc {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -1320,7 +1226,7 @@ fn ingest(
         .collect();
 
     let (paced_checks, sat_checks) = (checks_us(&paced), checks_us(&sat));
-    let collector = CollectorProc::start(cli, &dir.join("collector"), pki, free_port()?)?;
+    let collector = CollectorProc::start(cli, &dir.join("collector"), &pki.collector_tls(), free_port()?)?;
     progress!("connecting {} host streams...", hosts.len());
     let url = collector.url();
     let mut connect_errors = Vec::new();
@@ -1667,7 +1573,7 @@ fn drain(
     ));
 
     progress!("starting the collector (the outage ends)...");
-    let mut collector = CollectorProc::start(cli, &dir.join("drain-collector"), pki, port)?;
+    let mut collector = CollectorProc::start(cli, &dir.join("drain-collector"), &pki.collector_tls(), port)?;
     let t_up = unix_now();
     let cpid = collector.pid();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -1818,7 +1724,7 @@ struct Sizes {
 fn compact_all(cli: &Path, pki: &Pki, data: &Path, groups: &[&[Expect]]) -> Result<f64, String> {
     let parent = data.parent().ok_or("data directory without a parent")?;
     let t0 = Instant::now();
-    let mut c = CollectorProc::start(cli, parent, pki, free_port()?)?;
+    let mut c = CollectorProc::start(cli, parent, &pki.collector_tls(), free_port()?)?;
     let dirs: Vec<PathBuf> = groups
         .iter()
         .flat_map(|g| g.iter())
