@@ -38,6 +38,8 @@
 //! * [`quotas`]: a `base64 /dev/urandom` hog held at its user's spool quota,
 //!   ended with a message under `deny`, its gap recorded under `allow`,
 //!   while another user logs in and is recorded.
+//! * [`install`]: what a fleet rollout must not get wrong: a second agent
+//!   on the same spool refuses to start, naming the first.
 //! * [`lifecycle`]: an interactive session left open and idle while waves
 //!   of megabyte sessions come, end and ship, and the agent is restarted
 //!   (SIGTERM, SIGKILL, SIGTERM): the spool drains back to a few segments
@@ -72,6 +74,7 @@ mod durability;
 mod exec;
 mod fleet_live;
 mod identity;
+mod install;
 mod interactive;
 mod lifecycle;
 mod live;

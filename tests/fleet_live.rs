@@ -146,7 +146,14 @@ fn a_responder_tails_and_ends_a_session_through_the_collector_and_it_is_all_audi
         "{ended:#?}"
     );
 
+    // Reading the recording is audited with what it was read for.
+    run_ok(ship.remote(&["export", &id, "-o", "/dev/null"]), TIMEOUT);
     let log = audit(&ship, &[]);
+    assert!(
+        log.iter()
+            .any(|e| e["who"] == "operator" && e["action"] == "export" && e["session_id"] == id.as_str()),
+        "{log:#?}"
+    );
     let has = |who: &str, action: &str, allowed: bool| {
         log.iter()
             .any(|e| e["who"] == who && e["action"] == action && e["allowed"] == allowed)

@@ -66,12 +66,16 @@ pub struct Agent {
     pub(crate) locks: crate::agent::control::Locks,
     /// Each live session's current screen and feed, for `shelltrail tail`.
     pub(crate) views: crate::agent::live::Views,
+    /// This agent's hold on the spool: one agent per spool.
+    _lock: crate::agent::spool::log::SpoolLock,
 }
 
 impl Agent {
     /// Recovers the spool and starts the writer thread. A session whose
     /// stored recording is damaged is quarantined, never a reason not to start.
     pub fn start(cfg: Config) -> Result<Arc<Agent>> {
+        refuse_root_on_a_service_spool(&cfg.spool_dir)?;
+        let lock = crate::agent::spool::log::lock_spool(&cfg.spool_dir)?;
         let signer = Signer::load_or_create(&cfg.signing_key(), crate::agent::ship::host_facts().hostname)?;
         tracing::info!(key = %signer.public_key(), "sessions are sealed with this host's key");
         let (spool, recovered) = Spool::recover(&cfg.spool_dir, cfg.agent.segment_bytes, now_ms())
@@ -122,6 +126,7 @@ impl Agent {
             signer,
             locks,
             views: Default::default(),
+            _lock: lock,
         });
         if let Some(shipper) = &agent.shipper {
             // Weak: the agent owns the shipper.
@@ -180,6 +185,32 @@ fn fd_room() -> u32 {
         soft
     };
     soft.saturating_sub(SPARE_FDS).clamp(1, u64::from(u32::MAX)) as u32
+}
+
+/// An agent run by hand as root on the spool of the service's user would
+/// write segments that user cannot read or delete: it refuses, saying how
+/// to run it.
+fn refuse_root_on_a_service_spool(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Ok(md) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if md.uid() == 0 {
+        return Ok(());
+    }
+    let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(md.uid()))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {}", md.uid()), |u| u.name);
+    anyhow::bail!(
+        "the spool {} belongs to {owner}, and this agent runs as root: it would leave segments {owner} \
+         cannot read or delete. Start the service (`systemctl start shelltrail-agent`) or run it as \
+         that user (`runuser -u {owner} -- shelltrail agent`)",
+        dir.display()
+    )
 }
 
 /// Binds the socket and serves until the process is stopped.

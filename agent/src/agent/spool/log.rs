@@ -39,6 +39,13 @@ pub enum SpoolError {
     BadMagic { path: PathBuf },
     #[error("corrupt record in {path} at byte {offset}: {why}")]
     Corrupt { path: PathBuf, offset: u64, why: String },
+    #[error(
+        "another shelltrail agent{} is already running on the spool {dir}: two agents on one spool would \
+         take each other's socket and write each other's segments. Stop it first (`systemctl stop \
+         shelltrail-agent`), or give this one its own spool_dir and socket",
+        pid.map_or(String::new(), |p| format!(" (pid {p})"))
+    )]
+    Locked { dir: PathBuf, pid: Option<u32> },
 }
 
 pub(super) fn io_err(path: &Path, source: std::io::Error) -> SpoolError {
@@ -711,6 +718,48 @@ pub fn disk_usage(dir: &Path) -> Result<u64, SpoolError> {
 }
 
 /// Creates the spool directory if needed and makes sure users cannot read it.
+/// The file in the spool directory that the agent owning the spool holds
+/// locked (flock), with its pid in it.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// The spool's lock, held for as long as the agent runs (the kernel drops
+/// it when the process ends, however it ends).
+#[derive(Debug)]
+pub struct SpoolLock(#[allow(dead_code)] File);
+
+/// Takes the spool's lock, or says which agent holds it.
+pub fn lock_spool(dir: &Path) -> Result<SpoolLock, SpoolError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    prepare_dir(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o640)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(SpoolError::Locked {
+                dir: dir.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, e)),
+    }
+    let pid = format!("{}\n", std::process::id());
+    f.set_len(0)
+        .and_then(|()| f.rewind())
+        .and_then(|()| f.write_all(pid.as_bytes()))
+        .map_err(|e| io_err(&path, e))?;
+    Ok(SpoolLock(f))
+}
+
 pub fn prepare_dir(dir: &Path) -> Result<(), SpoolError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
