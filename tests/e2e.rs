@@ -39,7 +39,10 @@
 //!   ended with a message under `deny`, its gap recorded under `allow`,
 //!   while another user logs in and is recorded.
 //! * [`install`]: what a fleet rollout must not get wrong: a second agent
-//!   on the same spool refuses to start, naming the first.
+//!   on the same spool refuses to start, naming the first; root does not
+//!   run the agent on the service's spool; a break-glass login gets in with
+//!   the agent down, is recorded to a fallback file and imported (or
+//!   resumed) when the agent returns; others cannot claim break-glass.
 //! * [`lifecycle`]: an interactive session left open and idle while waves
 //!   of megabyte sessions come, end and ship, and the agent is restarted
 //!   (SIGTERM, SIGKILL, SIGTERM): the spool drains back to a few segments

@@ -1,7 +1,8 @@
 //! What a fleet rollout must never get wrong (issue 13): one agent per
-//! spool, and never root on the service's spool; ...
+//! spool, and never root on the service's spool; break-glass logins that
+//! get in and are recorded when the agent is down.
 
-use shelltrail_tests::proc::run;
+use shelltrail_tests::proc::{run, run_ok};
 use shelltrail_tests::{TIMEOUT, World};
 use std::process::Command;
 
@@ -47,4 +48,113 @@ fn root_refuses_to_run_the_agent_on_the_service_users_spool() {
     );
     std::os::unix::fs::chown(&w.spool, Some(0), Some(0)).unwrap();
     w.start_agent();
+}
+
+const BREAK_GLASS: &str = "shelltrail-e2e-bg";
+
+/// The fallback files in the world's fallback directory.
+fn fallback_files(w: &World) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(w.path.join("fallback"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The agent is down, as during a bad rollout: a member of the break-glass
+/// group still gets in (sshd's `Match Group` runs the recorder with
+/// `--break-glass`), the session is recorded into a fallback file only the
+/// recorder's user owns, and the agent, once back, imports it: listed and
+/// flagged as break-glass, byte for byte, the file gone.
+#[test]
+fn break_glass_gets_in_without_the_agent_and_is_recorded_all_the_same() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::builder().break_glass(BREAK_GLASS).agent_down().build();
+    let out = w.ssh().command("echo bg-$((6*7)); seq 1 3000").run_within(TIMEOUT);
+    assert_eq!(out.code(), 0, "{out}");
+    assert!(out.stdout_str().starts_with("bg-42\n"), "{out}");
+    let files = fallback_files(&w);
+    assert_eq!(files.len(), 1, "{files:?}; the session said: {}", out.stderr_str());
+    let md = std::fs::metadata(&files[0]).unwrap();
+    assert_eq!(
+        md.uid(),
+        shelltrail_tests::users::recorder_user(),
+        "owned by the recorder's user"
+    );
+    assert_eq!(md.mode() & 0o777, 0o640, "{:o}", md.mode());
+
+    w.start_agent();
+    let row = w.wait_session("the imported break-glass session", TIMEOUT, |s| {
+        s.break_glass && !s.live && s.exit_status == Some(0)
+    });
+    assert_eq!(
+        w.export_raw(&row.id),
+        out.stdout,
+        "the imported recording is not the session"
+    );
+    assert!(fallback_files(&w).is_empty(), "the imported file is still there");
+    let table = run_ok(w.cli(&["sessions"]), TIMEOUT).stdout_str();
+    assert!(table.contains("[BREAK-GLASS]"), "{table}");
+    assert!(w.agent_log_text().contains("importing a BREAK-GLASS session"));
+    let verified = run(w.cli(&["verify", &row.id]), TIMEOUT);
+    assert_eq!(verified.code(), 0, "{verified}");
+}
+
+/// A break-glass session whose agent dies mid-session (kill -9) goes on
+/// into the fallback file; when the agent is back the session is resumed
+/// from where the agent stood: nothing lost, nothing twice, `verify` OK.
+#[test]
+fn a_break_glass_session_survives_its_agent_and_is_resumed_from_the_file() {
+    let w = World::builder().break_glass(BREAK_GLASS).build();
+    let mut t = w.ssh().term(80, 24);
+    t.line("echo one-$((6*7))");
+    t.expect("one-42");
+    let id = w
+        .wait_session("the live break-glass session", TIMEOUT, |s| {
+            s.live && s.break_glass && s.chunks > 0
+        })
+        .id;
+    w.kill_agent();
+    t.line("echo two-$((6*7))");
+    t.expect("two-42");
+    t.line("exit");
+    t.wait_exit(TIMEOUT);
+    assert_eq!(fallback_files(&w).len(), 1, "the rest went to the fallback file");
+    w.start_agent();
+    let row = w.wait_session("the resumed session", TIMEOUT, |s| {
+        s.id == id && !s.live && s.exit_status.is_some()
+    });
+    assert_eq!(row.lost_chunks, 0, "{row:#?}");
+    let cast = String::from_utf8_lossy(&w.export_raw(&id)).into_owned();
+    assert!(cast.contains("one-42") && cast.contains("two-42"), "{cast:?}");
+    let verified = run(w.cli(&["verify", &id]), TIMEOUT);
+    assert_eq!(verified.code(), 0, "{verified}");
+}
+
+/// `--break-glass` is for the group's members only: anyone else calling
+/// the set-uid recorder with it is refused, and `--help` just prints usage.
+#[test]
+fn break_glass_is_refused_to_others_and_help_is_plain() {
+    use std::os::unix::process::CommandExt;
+    let w = World::builder().no_sshd().build();
+    let mut c2 = Command::new(&w.shell_bin);
+    c2.args(["--config"])
+        .arg(&w.config)
+        .args(["--break-glass", "-c", "true"])
+        .env_remove("SSH_CONNECTION")
+        .uid(w.user.uid)
+        .gid(w.user.uid);
+    let out = run(c2, TIMEOUT);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(
+        out.stderr_str().contains("--break-glass is for members of the group"),
+        "{out}"
+    );
+    let mut help = Command::new(&w.shell_bin);
+    help.arg("--help");
+    let out = run(help, TIMEOUT);
+    assert_eq!(out.code(), 0, "{out}");
+    assert!(out.stdout_str().contains("usage: shelltrail-shell"), "{out}");
 }

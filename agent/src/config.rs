@@ -72,6 +72,11 @@ pub struct Config {
     pub socket: PathBuf,
     /// The durable spool (agent-owned, mode 0750).
     pub spool_dir: PathBuf,
+    /// Where a break-glass session is recorded while the agent cannot be
+    /// reached (see `shell/fallback.rs`): owned by `recorder_user`, group
+    /// the agent's, mode 0770; the agent imports and deletes what it finds.
+    /// Unset: `fallback` beside the spool directory.
+    pub fallback_dir: Option<PathBuf>,
     /// The system user `shelltrail-shell` is installed set-uid to. The
     /// recorder runs as it once the session's child is started, so the
     /// recorded user can neither signal nor trace it; the agent believes the
@@ -123,6 +128,11 @@ pub struct ShellConfig {
     pub compression_level: i32,
     /// Seconds to wait at session end for the agent to acknowledge the rest.
     pub close_timeout_secs: u64,
+    /// Members of this group may log in with `shelltrail-shell --break-glass`
+    /// (the shipped sshd drop-in's `Match Group`): never refused because the
+    /// agent is away, recorded to the agent when it answers and otherwise
+    /// to `fallback_dir`, logged loudly and flagged in listings.
+    pub break_glass_group: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -214,6 +224,7 @@ impl Default for Config {
         Config {
             socket: "/run/shelltrail/agent.sock".into(),
             spool_dir: "/var/lib/shelltrail/spool".into(),
+            fallback_dir: None,
             recorder_user: "shelltrail-rec".into(),
             shell: ShellConfig::default(),
             agent: AgentConfig::default(),
@@ -237,6 +248,7 @@ impl Default for ShellConfig {
             chunk_interval_ms: 100,
             compression_level: 1,
             close_timeout_secs: 10,
+            break_glass_group: "shelltrail-breakglass".into(),
         }
     }
 }
@@ -317,6 +329,14 @@ impl Config {
             .signing_key
             .clone()
             .unwrap_or_else(|| self.spool_dir.parent().unwrap_or(Path::new("/")).join("signing.key"))
+    }
+
+    /// Where break-glass sessions go while the agent is away:
+    /// `fallback_dir`, or `fallback` beside the spool directory.
+    pub fn fallback_dir(&self) -> PathBuf {
+        self.fallback_dir
+            .clone()
+            .unwrap_or_else(|| self.spool_dir.parent().unwrap_or(Path::new("/")).join("fallback"))
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -98,6 +98,24 @@ pub fn recorder_user() -> u32 {
         .as_raw()
 }
 
+/// Makes the group `group` (once per machine) with `user` among its members.
+pub fn ensure_group_with(group: &str, user: &str) {
+    crate::require_root();
+    let _lock = lock();
+    let found = nix::unistd::Group::from_name(group).expect("reading the group database");
+    if found.as_ref().is_some_and(|g| g.mem.iter().any(|m| m == user)) {
+        return;
+    }
+    if found.is_none() {
+        let mut c = Command::new("groupadd");
+        c.arg(group);
+        must(c);
+    }
+    let mut c = Command::new("gpasswd");
+    c.args(["-a", user, group]);
+    must(c);
+}
+
 /// Installs the recorder at `to` as the packages do: owned by the recorder
 /// user, set-uid, with the capabilities to take the terminal.
 pub fn install_setuid_recorder(to: &Path) {

@@ -47,9 +47,20 @@ pub struct WorldBuilder {
     user: Option<TestUser>,
     user_ca: bool,
     tables: Vec<String>,
+    break_glass: Option<String>,
 }
 
 impl WorldBuilder {
+    /// Break-glass as the shipped sshd drop-in sets it up: members of
+    /// `group` (made here, with the test user in it) get the recorder with
+    /// `--break-glass`, whose fallback directory (`fallback/` in the world)
+    /// belongs to the recorder's user.
+    pub fn break_glass(mut self, group: &str) -> Self {
+        self.break_glass = Some(group.to_string());
+        self.shell.push(format!("break_glass_group = {group:?}"));
+        self
+    }
+
     /// Adds a line to the config's `[shell]` table, e.g. `record_input = true`.
     pub fn shell(mut self, line: &str) -> Self {
         self.shell.push(line.to_string());
@@ -155,6 +166,7 @@ impl World {
             user: None,
             user_ca: false,
             tables: Vec::new(),
+            break_glass: None,
         }
     }
 
@@ -242,6 +254,19 @@ impl World {
         let shell_bin = bin.join("shelltrail-shell");
         let cli_bin = bin.join("shelltrail");
         let force_command = format!("{} --config {}", shell_bin.display(), config.display());
+        if let Some(group) = &b.break_glass {
+            crate::users::ensure_group_with(group, &user.name);
+            let fallback = path.join("fallback");
+            std::fs::create_dir(&fallback).expect("mkdir fallback");
+            set_mode(&fallback, 0o770);
+            let rec = nix::unistd::User::from_name(crate::users::RECORDER_USER)
+                .unwrap()
+                .expect("the recorder's user");
+            nix::unistd::chown(&fallback, Some(rec.uid), None::<nix::unistd::Gid>).expect("chown fallback/");
+            sshd_extra.push(format!(
+                "Match Group {group}\n    ForceCommand {force_command} --break-glass"
+            ));
+        }
         let sshd = b.sshd.then(|| {
             Sshd::start(&SshdSpec {
                 dir: &path,

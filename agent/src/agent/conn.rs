@@ -440,8 +440,18 @@ async fn admit(
         return Err(why);
     }
     let slot = agent.limits.session(who.uid)?;
+    let mut stored = meta.clone();
+    if stored.break_glass {
+        if agent.limits.is_recorder(peer.uid) {
+            tracing::warn!(session = %sid, uid = who.uid, user = %who.user, "BREAK-GLASS session opened");
+        } else {
+            // Only the set-uid recorder checks the group: anyone else's claim is dropped.
+            tracing::warn!(session = %sid, uid = peer.uid, "a break-glass claim not from the recorder; ignored");
+            stored.break_glass = false;
+        }
+    }
     let rec = OpenRecord {
-        meta: meta.clone(),
+        meta: stored,
         peer_uid: who.uid,
         peer_pid: peer.pid,
         peer_user: who.user.clone(),

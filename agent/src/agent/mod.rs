@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod control;
+pub mod fallback;
 pub mod limits;
 pub mod live;
 pub mod server;

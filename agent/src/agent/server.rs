@@ -221,6 +221,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     tracing::info!(socket = %socket.display(), "shelltrail agent listening");
     let sweeper = agent.clone();
     tokio::spawn(async move {
+        crate::agent::fallback::import_all(&sweeper).await;
         loop {
             tokio::time::sleep(SWEEP_EVERY).await;
             sweep(&sweeper).await;
@@ -444,16 +445,20 @@ async fn record_unrecorded(agent: &Agent, u: &watch::Unrecorded) -> Result<(), S
 
 /// Sessions whose recorder is gone without a Close get one, so they stop
 /// counting as live. The recorder's pid and start time identify it.
-async fn sweep(agent: &Agent) {
+async fn sweep(agent: &Arc<Agent>) {
     if let Some(rec) = agent.limits.recorder_uid() {
         report_unrecorded(agent, rec).await;
     }
+    // Break-glass sessions recorded while the agent was away, first: such
+    // a session's recorder is gone but its end is in its file.
+    crate::agent::fallback::import_all(agent).await;
     let gone: Vec<(String, View)> = {
         let cat = agent.spool.lock();
         cat.sessions
             .iter()
             .filter(|(_, s)| !s.closed() && !s.connected)
             .filter(|(_, s)| !alive(s.open.peer_pid, s.open.peer_start_ticks))
+            .filter(|(id, _)| !crate::agent::fallback::pending(agent, id))
             .map(|(id, s)| {
                 let view = View {
                     next_seq: s.chain.next_seq(),

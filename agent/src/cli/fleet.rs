@@ -53,6 +53,8 @@ pub struct FleetRow {
     pub idle_ms: i64,
     /// Bytes the collector stores of it so far (compressed).
     pub stored_bytes: u64,
+    /// A break-glass login.
+    pub break_glass: bool,
 }
 
 fn fleet_row(i: &SessionInfo, now: i64) -> FleetRow {
@@ -89,6 +91,7 @@ fn fleet_row(i: &SessionInfo, now: i64) -> FleetRow {
         },
         idle_ms: (now - i.last_activity_unix_ms).max(0),
         stored_bytes: i.stored_bytes,
+        break_glass: m.break_glass,
     }
 }
 
@@ -148,7 +151,11 @@ pub fn list(src: &mut Source, f: &Filter, json: bool, out: &mut impl Write) -> R
             idle(r.idle_ms),
             r.stored_bytes,
             shown(&r.mode),
-            shown(&r.command),
+            if r.break_glass {
+                format!("[BREAK-GLASS] {}", shown(&r.command))
+            } else {
+                shown(&r.command).into_owned()
+            },
             shown(&r.auth),
         )?;
     }

@@ -57,6 +57,9 @@ pub struct Row {
     /// did (never shipped; kept for inspection).
     #[serde(default)]
     pub damaged: String,
+    /// A break-glass login (`shelltrail-shell --break-glass`).
+    #[serde(default)]
+    pub break_glass: bool,
 }
 
 impl Row {
@@ -129,6 +132,7 @@ fn build(
             meta.original_command.clone()
         },
         reason: meta.reason.clone(),
+        break_glass: meta.break_glass,
         start_unix_ms: start,
         claimed_start_unix_ms: meta.start_unix_ms,
         end_unix_ms: end,
@@ -233,6 +237,9 @@ pub fn run(rows: &[Row], json: bool, out: &mut impl Write) -> anyhow::Result<()>
             (false, Some(c)) => format!("exit {c}"),
         };
         let mut cmd = cut(&shown(&r.command), 60);
+        if r.break_glass {
+            cmd.insert_str(0, "[BREAK-GLASS] ");
+        }
         if r.lost_chunks > 0 {
             cmd.push_str(&format!("  [gap: {} chunks lost]", r.lost_chunks));
         }

@@ -27,11 +27,14 @@ pub struct Invocation {
     pub command: Option<String>,
     /// argv[0] began with `-`: started as a login shell.
     pub login: bool,
+    /// `--break-glass`: the sshd drop-in's `Match Group` for the break-glass
+    /// group (see `shell::fallback`).
+    pub break_glass: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UsageError {
-    #[error("usage: shelltrail-shell [--config PATH] [-c COMMAND] (got {0:?})")]
+    #[error("usage: shelltrail-shell [--config PATH] [--break-glass] [-c COMMAND] (got {0:?})")]
     Usage(String),
 }
 
@@ -65,6 +68,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Invocation, UsageError> {
             }
             // `bash -l`-style flag some tools pass to a login shell.
             "-l" | "--login" => inv.login = true,
+            "--break-glass" => inv.break_glass = true,
             other => return Err(UsageError::Usage(other.to_string())),
         }
     }
@@ -79,6 +83,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Invocation, UsageError> {
             let inner: Vec<OsString> = words.iter().map(OsString::from).collect();
             let mut nested = parse_args(&inner)?;
             nested.login = inv.login;
+            nested.break_glass |= inv.break_glass;
             return Ok(nested);
         }
     }

@@ -346,6 +346,8 @@ pub enum ToLink {
 /// What happened to the recording, reported when the link stops.
 #[derive(Debug, Default)]
 pub struct Delivery {
+    /// The break-glass fallback file the session's rest was written to.
+    pub fallback: Option<PathBuf>,
     /// Chunks never acknowledged by the agent.
     pub undelivered: u64,
     pub close_acked: bool,
@@ -374,6 +376,9 @@ pub struct Wiring {
     /// The chunk interval the agent asks for while the session is watched
     /// (ms; 0: the configured one), read by the recorder thread.
     pub watched: Arc<std::sync::atomic::AtomicU32>,
+    /// A break-glass session: where to record while the agent is away (see
+    /// `shell::fallback`).
+    pub fallback_dir: Option<PathBuf>,
 }
 
 /// Runs the link until the session's Close is acknowledged, or until
@@ -391,6 +396,7 @@ pub fn run(
         rx,
         events,
         watched,
+        fallback_dir,
     } = wiring;
     let mut link = Link {
         socket,
@@ -408,9 +414,13 @@ pub fn run(
         opened: false,
         stopped: false,
         discarded: Vec::new(),
+        fallback_dir,
+        spilled: None,
+        last_chance: false,
     };
-    if let Some(c) = conn {
-        link.attach(c);
+    match conn {
+        Some(c) => link.attach(c),
+        None => link.spill(),
     }
     let mut close_deadline: Option<Instant> = None;
     loop {
@@ -425,9 +435,13 @@ pub fn run(
                 link.budget.give_back(c.bytes.len() as u64);
                 link.discarded.push(c.seq);
             }
+            Ok(ToLink::Chunk(c)) if link.spilled.is_some() => link.spill_chunk(&c),
             Ok(ToLink::Chunk(c)) => {
                 link.send_chunk(&c);
                 link.unacked.push_back(c);
+                if link.stream.is_none() {
+                    link.spill();
+                }
             }
             Ok(ToLink::Close(mut c)) => {
                 // Chunks let go of after the agent stopped the recording are lost too.
@@ -436,6 +450,11 @@ pub fn run(
                 c.lost_seqs.dedup();
                 link.close = Some(c);
                 link.send_close();
+                if link.stream.is_none() && link.spilled.is_none() {
+                    link.last_chance = true;
+                    link.spill();
+                }
+                link.spill_close();
                 close_deadline = Some(Instant::now() + close_timeout);
             }
             Ok(ToLink::Acked { epoch, through, closed }) if epoch == link.epoch => link.acked(through, closed),
@@ -460,7 +479,7 @@ pub fn run(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        if link.stream.is_none() && !link.stopped && Instant::now() >= link.retry_at {
+        if link.stream.is_none() && !link.stopped && link.spilled.is_none() && Instant::now() >= link.retry_at {
             link.reconnect();
         }
         if link.close_acked {
@@ -471,6 +490,7 @@ pub fn run(
         }
     }
     Delivery {
+        fallback: link.spilled.as_ref().map(|f| f.path().to_path_buf()),
         undelivered: link.unacked.len() as u64,
         close_acked: link.close_acked,
     }
@@ -499,6 +519,12 @@ struct Link {
     stopped: bool,
     /// Seqs of the chunks let go of since.
     discarded: Vec<u64>,
+    /// Break-glass: where to spill when the agent is away.
+    fallback_dir: Option<PathBuf>,
+    /// The fallback file the session went to (for good).
+    spilled: Option<crate::shell::fallback::Fallback>,
+    /// The session has ended: a spill that fails now is not tried again.
+    last_chance: bool,
 }
 
 impl Link {
@@ -616,6 +642,81 @@ impl Link {
                 self.unacked.len()
             ));
             self.retry_at = Instant::now();
+            self.spill();
+        }
+    }
+
+    /// A break-glass session whose agent is away: what the agent does not
+    /// hold goes to the fallback file, and so does the rest of the session.
+    fn spill(&mut self) {
+        let Some(dir) = self.fallback_dir.take() else { return };
+        let created = crate::shell::fallback::Fallback::create(&dir, &self.meta, self.opened);
+        let mut f = match created {
+            Ok(f) => f,
+            // The recorder still has the user's effective uid until the
+            // session's program is started (privsep): try again with the
+            // next chunk; what waits is in memory meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !self.last_chance => {
+                self.fallback_dir = Some(dir);
+                return;
+            }
+            Err(e) => {
+                let msg = format!(
+                    "session {}: BREAK-GLASS: cannot create a fallback file in {}: {e}; recording into memory \
+                     until the agent returns",
+                    self.meta.session_id,
+                    dir.display()
+                );
+                syslog::error(&msg);
+                let _ = write!(std::io::stderr(), "\r\nshelltrail: {msg}\r\n");
+                return;
+            }
+        };
+        syslog::error(&format!(
+            "session {}: BREAK-GLASS: the agent is not reachable; recording to {} until the session ends \
+             (the agent imports it when it is back)",
+            self.meta.session_id,
+            f.path().display()
+        ));
+        while let Some(c) = self.unacked.pop_front() {
+            self.budget.give_back(c.bytes.len() as u64);
+            if let Err(e) = f.chunk(&c) {
+                syslog::error(&format!("session {}: fallback write failed: {e}", self.meta.session_id));
+                self.discarded.push(c.seq);
+            }
+        }
+        self.spilled = Some(f);
+        self.spill_close();
+    }
+
+    fn spill_chunk(&mut self, c: &Chunk) {
+        self.budget.give_back(c.bytes.len() as u64);
+        let Some(f) = self.spilled.as_mut() else { return };
+        if let Err(e) = f.chunk(c) {
+            syslog::error(&format!(
+                "session {}: fallback write of chunk {} failed: {e}; the gap is recorded",
+                self.meta.session_id, c.seq
+            ));
+            self.discarded.push(c.seq);
+        }
+    }
+
+    /// Writes the Close to the fallback file, if the session spilled and
+    /// has ended: then the session is delivered, as far as the recorder goes.
+    fn spill_close(&mut self) {
+        let (Some(f), Some(close)) = (self.spilled.as_mut(), self.close.as_mut()) else {
+            return;
+        };
+        close.lost_seqs.append(&mut self.discarded);
+        close.lost_seqs.sort_unstable();
+        close.lost_seqs.dedup();
+        match f.close(close) {
+            Ok(()) => self.close_acked = true,
+            Err(e) => syslog::error(&format!(
+                "session {}: cannot write the end to {}: {e}",
+                self.meta.session_id,
+                f.path().display()
+            )),
         }
     }
 
@@ -730,6 +831,7 @@ mod tests {
                 rx,
                 events,
                 watched: Default::default(),
+                fallback_dir: None,
             };
             std::thread::spawn(move || run(socket, meta, Some(conn), budget, wiring, Duration::from_secs(20)))
         };

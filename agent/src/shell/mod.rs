@@ -6,6 +6,7 @@
 //! [`link`] delivers the chunks to the agent and holds them until acked.
 
 pub mod command;
+pub mod fallback;
 pub mod link;
 pub mod meta;
 pub mod pipes;
@@ -60,8 +61,26 @@ fn refuse(msg: &str) -> i32 {
     1
 }
 
+const USAGE: &str = "\
+shelltrail-shell: records an SSH session (the ForceCommand or login shell sshd runs)
+
+usage: shelltrail-shell [--config PATH] [--break-glass] [-c COMMAND]
+
+  --config PATH   configuration file (default /etc/shelltrail/shelltrail.toml; root's only)
+  --break-glass   for members of [shell] break_glass_group: never refused because the agent
+                  is away; recorded to fallback_dir meanwhile, logged loudly
+  -c COMMAND      run COMMAND (as sshd does for an exec request) instead of the login shell
+
+Installed set-uid to the recorder's system user; see docs/deployment.md.";
+
 /// Entry point of the `shelltrail-shell` binary; returns the process exit code.
 pub fn main() -> i32 {
+    // Nothing else is read or taken for this: sshd never runs the recorder so.
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    if argv.len() == 2 && matches!(argv[1].to_str(), Some("--help" | "-h")) {
+        println!("{USAGE}");
+        return 0;
+    }
     // sshd always sets SSH_CONNECTION; without it nobody else's session is at stake.
     let local_use = std::env::var_os("SSH_CONNECTION").is_none();
     // First, while this process has one thread and before it reads anything
@@ -103,6 +122,14 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => refuse(&format!("{e:#}")),
     }
+}
+
+/// Whether `user` is in the break-glass group (its primary group, or a member).
+fn break_glass_member(user: &nix::unistd::User, group: &str) -> bool {
+    nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .is_some_and(|g| g.gid == user.gid || g.mem.contains(&user.name))
 }
 
 fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separation) -> anyhow::Result<i32> {
@@ -160,6 +187,25 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
     {
         meta.auth = Some(auth);
     }
+    if inv.break_glass {
+        if !break_glass_member(&user, &cfg.shell.break_glass_group) {
+            return Ok(refuse(&format!(
+                "--break-glass is for members of the group {:?} ([shell] break_glass_group); {} is not one",
+                cfg.shell.break_glass_group, user.name
+            )));
+        }
+        meta.break_glass = true;
+        syslog::error(&format!(
+            "BREAK-GLASS login: session {} of {} from {}",
+            meta.session_id,
+            user.name,
+            if meta.client_addr.is_empty() {
+                "this host"
+            } else {
+                meta.client_addr.as_str()
+            }
+        ));
+    }
     if cfg.shell.require_reason {
         match reason(tty) {
             Some(r) => meta.reason = r,
@@ -176,6 +222,11 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
         Ok(c) => Some(c),
         // Not the agent being away: an administrator's decision, under any policy.
         Err(link::ConnectError::Locked(why)) => return Ok(refuse(&format!("Login refused: {why}"))),
+        // Break-glass: in anyway, recorded to the fallback file meanwhile.
+        Err(e) if inv.break_glass => {
+            syslog::error(&format!("session {}: BREAK-GLASS: {e}", meta.session_id));
+            None
+        }
         Err(e) => match cfg.shell.on_agent_unavailable {
             Unavailable::Deny => {
                 return Ok(refuse(&format!(
@@ -219,12 +270,14 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
         let timeout = Duration::from_secs(cfg.shell.close_timeout_secs);
         // The link records an administrator's end of the session (a marker).
         let events = ev_tx.clone();
+        let fallback_dir = inv.break_glass.then(|| cfg.fallback_dir());
         std::thread::Builder::new().name("agent-link".into()).spawn(move || {
             let wiring = link::Wiring {
                 tx,
                 rx: link_rx,
                 events,
                 watched,
+                fallback_dir,
             };
             link::run(socket, meta, conn, budget, wiring, timeout)
         })?
@@ -237,7 +290,8 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
             chunk_interval: Duration::from_millis(cfg.shell.chunk_interval_ms),
             watched,
             compression_level: cfg.shell.compression_level,
-            wait_when_full: cfg.shell.on_agent_unavailable == Unavailable::Deny,
+            // Break-glass never makes the user wait for the agent.
+            wait_when_full: cfg.shell.on_agent_unavailable == Unavailable::Deny && !inv.break_glass,
         };
         let id = meta.session_id.clone();
         let recorder_budget = budget.clone();
@@ -312,6 +366,13 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
     };
     drop(link_guard);
     let delivery = link_thread.join().unwrap_or_default();
+    if let Some(file) = &delivery.fallback {
+        syslog::error(&format!(
+            "session {}: BREAK-GLASS session recorded to {}: the agent imports it when it is back",
+            meta.session_id,
+            file.display()
+        ));
+    }
     if !lost.is_empty() || delivery.undelivered > 0 || !delivery.close_acked {
         let msg = format!(
             "session {}: recording incomplete: {} chunks dropped while memory was full, {} chunks not delivered \
