@@ -9,6 +9,10 @@ getent passwd shelltrail >/dev/null || useradd --system --gid shelltrail --home-
 # The recorder's own identity: no login shell, no home.
 getent passwd shelltrail-rec >/dev/null || useradd --system --user-group --home-dir /nonexistent \
     --no-create-home --shell /sbin/nologin --comment "shelltrail recorder" shelltrail-rec
+# Break-glass (see packaging/debian/postinst) and its fallback directory.
+getent group shelltrail-breakglass >/dev/null || groupadd --system shelltrail-breakglass
+systemd-tmpfiles --create shelltrail.conf >/dev/null 2>&1 || \
+    { [ -e /var/lib/shelltrail-breakglass ] || install -d -o shelltrail-rec -g shelltrail -m 0770 /var/lib/shelltrail-breakglass; }
 # Certificates and keys: root installs them; each service's key is its own
 # (owner shelltrail, mode 0400): the group may read recordings, never keys.
 install -d -o root -g shelltrail -m 0750 /etc/shelltrail/tls

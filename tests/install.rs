@@ -158,3 +158,96 @@ fn break_glass_is_refused_to_others_and_help_is_plain() {
     assert_eq!(out.code(), 0, "{out}");
     assert!(out.stdout_str().contains("usage: shelltrail-shell"), "{out}");
 }
+
+/// An sshd configuration like Debian's, in `dir`: the drop-in directory
+/// included first, then the host's own settings (`extra` among them).
+fn sshd_config(dir: &std::path::Path, include: bool, extra: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dropins = dir.join("sshd_config.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    let key = dir.join("host_key");
+    if !key.exists() {
+        let mut c = Command::new("ssh-keygen");
+        c.args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key);
+        run_ok(c, TIMEOUT);
+    }
+    let config = dir.join("sshd_config");
+    let include = if include {
+        format!("Include {}/*.conf\n", dropins.display())
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "{include}HostKey {}\nUsePAM no\nX11Forwarding yes\nAcceptEnv LANG LC_*\nSubsystem sftp internal-sftp\n{extra}",
+            key.display()
+        ),
+    )
+    .unwrap();
+    (config, dropins)
+}
+
+/// sshd's effective value of `key` for a connection of `user`.
+fn effective(config: &std::path::Path, user: &str, key: &str) -> String {
+    let mut c = Command::new("/usr/sbin/sshd");
+    c.arg("-T")
+        .arg("-f")
+        .arg(config)
+        .arg("-C")
+        .arg(format!("user={user},host=localhost,addr=127.0.0.1"));
+    let out = run_ok(c, TIMEOUT).stdout_str();
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// `shelltrail enable` switches recording on with one drop-in that sshd
+/// itself checks: every user gets the recorder, the break-glass group gets
+/// it with `--break-glass`, forwarding and ~/.ssh/rc are off. A
+/// configuration sshd refuses, or one that does not read the drop-in
+/// directory, is put back as it was with sshd's reason; `disable` removes
+/// it.
+#[test]
+fn enable_and_disable_switch_sshd_with_a_checked_drop_in() {
+    let w = World::builder().break_glass(BREAK_GLASS).no_sshd().build();
+    let dir = w.path.join("etc-ssh");
+    let recorder = format!("{} --config {}", w.shell_bin.display(), w.config.display());
+    let cmd = |verb: &str, config: &std::path::Path, dropins: &std::path::Path| {
+        let mut c = w.cli(&[verb]);
+        c.arg("--sshd-config")
+            .arg(config)
+            .arg("--sshd-config-dir")
+            .arg(dropins)
+            .arg("--recorder")
+            .arg(&recorder)
+            .arg("--no-reload");
+        c
+    };
+
+    let (config, dropins) = sshd_config(&dir, true, "");
+    let out = run_ok(cmd("enable", &config, &dropins), TIMEOUT);
+    assert!(out.stdout_str().contains(&format!("break-glass (recorded, logged): {}", w.user.name)), "{out}");
+    assert_eq!(effective(&config, "root", "forcecommand"), recorder);
+    assert_eq!(effective(&config, &w.user.name, "forcecommand"), format!("{recorder} --break-glass"));
+    assert_eq!(effective(&config, "root", "disableforwarding"), "yes");
+    assert_eq!(effective(&config, "root", "permituserrc"), "no");
+    assert_eq!(effective(&config, "root", "exposeauthinfo"), "yes");
+
+    let out = run_ok(cmd("disable", &config, &dropins), TIMEOUT);
+    assert!(out.stdout_str().contains("removed"), "{out}");
+    assert_eq!(effective(&config, "root", "forcecommand"), "none");
+
+    // sshd refuses the whole configuration: nothing is left behind.
+    let (bad, bad_dropins) = sshd_config(&dir.join("bad"), true, "NoSuchKeyword yes\n");
+    let out = run(cmd("enable", &bad, &bad_dropins), TIMEOUT);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(out.stderr_str().contains("NoSuchKeyword"), "sshd's own words: {out}");
+    assert!(!bad_dropins.join("shelltrail.conf").exists());
+
+    // No Include: the drop-in would be ignored, so it is not left in place.
+    let (lone, lone_dropins) = sshd_config(&dir.join("lone"), false, "");
+    let out = run(cmd("enable", &lone, &lone_dropins), TIMEOUT);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(out.stderr_str().contains("Include"), "{out}");
+    assert!(!lone_dropins.join("shelltrail.conf").exists());
+}

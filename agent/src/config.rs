@@ -74,9 +74,10 @@ pub struct Config {
     pub spool_dir: PathBuf,
     /// Where a break-glass session is recorded while the agent cannot be
     /// reached (see `shell/fallback.rs`): owned by `recorder_user`, group
-    /// the agent's, mode 0770; the agent imports and deletes what it finds.
-    /// Unset: `fallback` beside the spool directory.
-    pub fallback_dir: Option<PathBuf>,
+    /// the agent's, mode 0770 (the packages' tmpfiles.d entry); the agent
+    /// imports and deletes what it finds. Outside the agent's state
+    /// directory, whose ownership systemd resets to the agent's user.
+    pub fallback_dir: PathBuf,
     /// The system user `shelltrail-shell` is installed set-uid to. The
     /// recorder runs as it once the session's child is started, so the
     /// recorded user can neither signal nor trace it; the agent believes the
@@ -224,7 +225,7 @@ impl Default for Config {
         Config {
             socket: "/run/shelltrail/agent.sock".into(),
             spool_dir: "/var/lib/shelltrail/spool".into(),
-            fallback_dir: None,
+            fallback_dir: "/var/lib/shelltrail-breakglass".into(),
             recorder_user: "shelltrail-rec".into(),
             shell: ShellConfig::default(),
             agent: AgentConfig::default(),
@@ -331,12 +332,9 @@ impl Config {
             .unwrap_or_else(|| self.spool_dir.parent().unwrap_or(Path::new("/")).join("signing.key"))
     }
 
-    /// Where break-glass sessions go while the agent is away:
-    /// `fallback_dir`, or `fallback` beside the spool directory.
+    /// Where break-glass sessions go while the agent is away.
     pub fn fallback_dir(&self) -> PathBuf {
-        self.fallback_dir
-            .clone()
-            .unwrap_or_else(|| self.spool_dir.parent().unwrap_or(Path::new("/")).join("fallback"))
+        self.fallback_dir.clone()
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -641,9 +641,11 @@ impl Agent {
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         let socket = dir.join("agent.sock");
         let spool = dir.join("spool");
+        let fallback = dir.join("fallback");
         let config = dir.join("shelltrail.toml");
         let text = format!(
             "# Written by the shelltrail benchmarks.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\
+             fallback_dir = {fallback:?}\n\
              recorder_user = \"shelltrail-bench-rec\"\n\n[shell]\n{shell_extra}\n\n[agent]\n{agent_extra}\n"
         );
         let text = if tables.is_empty() {

@@ -577,6 +577,7 @@ impl HostBuilder<'_> {
             .unwrap_or_else(|| w.pki.issue(&self.name, "host", &[&self.name]));
         let socket = dir.join("agent.sock");
         let spool = dir.join("spool");
+        let fallback = dir.join("fallback");
         if let Some(from) = &self.spool_from {
             std::fs::create_dir_all(&spool).expect("creating the spool copy");
             for e in std::fs::read_dir(from).expect("reading the spool to copy").flatten() {
@@ -587,6 +588,7 @@ impl HostBuilder<'_> {
         let collector = if self.direct { w.collector.url() } else { w.proxy.url() };
         let mut text = format!(
             "# Written by the shelltrail shipping tests.\nsocket = {socket:?}\nspool_dir = {spool:?}\n\
+             fallback_dir = {fallback:?}\n\
              # No sshd feeds these hosts (their recorders run unseparated, as root): with no recorder\n\
              # user the agent does not watch the machine's sshd sessions, which are other tests'.\n\
              recorder_user = \"shelltrail-e2e-none\"\n\n[shell]\n"

@@ -204,10 +204,12 @@ impl World {
         let socket = path.join("agent.sock");
         let spool = path.join("spool");
         let config = config_path(&path);
+        let fallback = path.join("fallback");
         let mut text = format!(
             "# Written by the shelltrail end-to-end tests.\n\
              socket = {socket:?}\n\
              spool_dir = {spool:?}\n\
+             fallback_dir = {fallback:?}\n\
              recorder_user = {:?}\n\n[shell]\n",
             crate::users::RECORDER_USER
         );

@@ -76,6 +76,38 @@ impl Remote {
     }
 }
 
+/// Where sshd is (`enable`, `disable`).
+#[derive(clap::Args)]
+struct SshdArgs {
+    /// sshd's drop-in directory
+    #[arg(long, value_name = "DIR", default_value = "/etc/ssh/sshd_config.d")]
+    sshd_config_dir: PathBuf,
+    /// sshd's main configuration, which must Include the drop-in directory
+    #[arg(long, value_name = "FILE", default_value = "/etc/ssh/sshd_config")]
+    sshd_config: PathBuf,
+    /// The sshd binary, to check the configuration with
+    #[arg(long, value_name = "PATH", default_value = "/usr/sbin/sshd")]
+    sshd: PathBuf,
+    /// What sshd runs for every session: the recorder and its options
+    #[arg(long, value_name = "COMMAND", default_value = "/usr/bin/shelltrail-shell")]
+    recorder: String,
+    /// Do not reload sshd afterwards
+    #[arg(long)]
+    no_reload: bool,
+}
+
+impl SshdArgs {
+    fn sshd(self) -> cli::sshd::Sshd {
+        cli::sshd::Sshd {
+            binary: self.sshd,
+            config: self.sshd_config,
+            dropin_dir: self.sshd_config_dir,
+            recorder: self.recorder,
+            reload: !self.no_reload,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the host agent (what the systemd unit starts).
@@ -166,6 +198,18 @@ enum Cmd {
         json: bool,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Switch recording on: write sshd's drop-in (every session through the
+    /// recorder, bypasses closed, break-glass for [shell] break_glass_group),
+    /// check it with `sshd -t`, reload sshd. Root only.
+    Enable {
+        #[command(flatten)]
+        sshd: SshdArgs,
+    },
+    /// Switch recording off: remove the drop-in, check, reload sshd. Root only.
+    Disable {
+        #[command(flatten)]
+        sshd: SshdArgs,
     },
     /// Write a session's recording out.
     Export {
@@ -462,6 +506,14 @@ fn run(args: Args) -> Result<i32> {
             src.read_for("verify");
             let ok = cli::verify::run(&mut src, &id, key.as_ref(), &mut std::io::stdout().lock())?;
             Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::Enable { sshd } => {
+            cli::sshd::enable(&cli::load_config(config)?, &sshd.sshd())?;
+            Ok(0)
+        }
+        Cmd::Disable { sshd } => {
+            cli::sshd::disable(&sshd.sshd())?;
+            Ok(0)
         }
         Cmd::Demo => cli::demo::run(None),
         Cmd::Collector => {

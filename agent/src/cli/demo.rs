@@ -47,13 +47,14 @@ pub fn run(shell_bin: Option<PathBuf>) -> Result<i32> {
     let config_path = dir.join("shelltrail.toml");
     let text = format!(
         "# Written by `shelltrail demo`.\n\
-         socket = {sock:?}\nspool_dir = {spool:?}\n\n\
+         socket = {sock:?}\nspool_dir = {spool:?}\nfallback_dir = {fallback:?}\n\n\
          [shell]\non_agent_unavailable = \"deny\"\n\n\
          [ship]\ncollector = {url:?}\nca = {ca:?}\ncert = {hc:?}\nkey = {hk:?}\n\n\
          [collector]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data:?}\noperators = [\"operator\"]\n\n\
          [collector.tls]\ncert = {cc:?}\nkey = {ck:?}\nclient_ca = {ca:?}\n",
         sock = dir.join("agent.sock"),
         spool = dir.join("spool"),
+        fallback = dir.join("fallback"),
         ca = ca.cert_path(),
         hc = host_cert,
         hk = host_key,

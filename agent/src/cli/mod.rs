@@ -12,6 +12,7 @@ pub mod live;
 pub mod play;
 pub mod sessions;
 pub mod shown;
+pub mod sshd;
 pub mod verify;
 
 use crate::agent::spool::{self, Index};
