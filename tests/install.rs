@@ -226,9 +226,16 @@ fn enable_and_disable_switch_sshd_with_a_checked_drop_in() {
 
     let (config, dropins) = sshd_config(&dir, true, "");
     let out = run_ok(cmd("enable", &config, &dropins), TIMEOUT);
-    assert!(out.stdout_str().contains(&format!("break-glass (recorded, logged): {}", w.user.name)), "{out}");
+    assert!(
+        out.stdout_str()
+            .contains(&format!("break-glass (recorded, logged): {}", w.user.name)),
+        "{out}"
+    );
     assert_eq!(effective(&config, "root", "forcecommand"), recorder);
-    assert_eq!(effective(&config, &w.user.name, "forcecommand"), format!("{recorder} --break-glass"));
+    assert_eq!(
+        effective(&config, &w.user.name, "forcecommand"),
+        format!("{recorder} --break-glass")
+    );
     assert_eq!(effective(&config, "root", "disableforwarding"), "yes");
     assert_eq!(effective(&config, "root", "permituserrc"), "no");
     assert_eq!(effective(&config, "root", "exposeauthinfo"), "yes");
@@ -250,4 +257,74 @@ fn enable_and_disable_switch_sshd_with_a_checked_drop_in() {
     assert_ne!(out.code(), 0, "{out}");
     assert!(out.stderr_str().contains("Include"), "{out}");
     assert!(!lone_dropins.join("shelltrail.conf").exists());
+}
+
+/// `doctor --json` at the host's findings.
+fn doctor(w: &World, config: &std::path::Path) -> (i32, Vec<serde_json::Value>) {
+    let mut c = w.cli(&["doctor", "--json"]);
+    c.arg("--sshd-config").arg(config);
+    let out = run(c, TIMEOUT);
+    let findings = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("doctor --json: {e}; {out}"));
+    (out.code(), findings)
+}
+
+fn status<'a>(findings: &'a [serde_json::Value], check: &str) -> &'a str {
+    findings
+        .iter()
+        .find(|f| f["check"] == check)
+        .and_then(|f| f["status"].as_str())
+        .unwrap_or_else(|| panic!("no {check} in {findings:#?}"))
+}
+
+/// `doctor` names each way around the recording that a weak sshd
+/// configuration leaves open (each with its fix, exit status 2), and none
+/// of sshd's once `enable`'s drop-in is in; a client-set LD_PRELOAD through
+/// AcceptEnv is named too.
+#[test]
+fn doctor_names_every_bypass_of_a_weak_sshd_and_none_with_the_drop_in() {
+    let w = World::builder().break_glass(BREAK_GLASS).no_sshd().build();
+    let dir = w.path.join("etc-ssh");
+    let (config, dropins) = sshd_config(
+        &dir,
+        true,
+        "AllowTcpForwarding yes\nPermitTunnel yes\nPermitUserRC yes\n",
+    );
+    let (code, found) = doctor(&w, &config);
+    assert_eq!(code, 2, "{found:#?}");
+    for check in [
+        "sshd.forcecommand",
+        "sshd.forwarding",
+        "sshd.permittunnel",
+        "sshd.permituserrc",
+    ] {
+        assert_eq!(status(&found, check), "bypass", "{check}: {found:#?}");
+        let fix = found.iter().find(|f| f["check"] == check).unwrap()["fix"]
+            .as_str()
+            .unwrap();
+        assert!(!fix.is_empty(), "{check} has no fix");
+    }
+    assert_eq!(status(&found, "agent.socket"), "ok", "{found:#?}");
+
+    let recorder = format!("{} --config {}", w.shell_bin.display(), w.config.display());
+    let mut enable = w.cli(&["enable", "--no-reload", "--recorder", &recorder]);
+    enable
+        .arg("--sshd-config")
+        .arg(&config)
+        .arg("--sshd-config-dir")
+        .arg(&dropins);
+    run_ok(enable, TIMEOUT);
+    let (_, found) = doctor(&w, &config);
+    let sshd_bad: Vec<_> = found
+        .iter()
+        .filter(|f| f["check"].as_str().unwrap().starts_with("sshd.") && f["status"] != "ok")
+        .collect();
+    assert!(sshd_bad.is_empty(), "with the drop-in: {sshd_bad:#?}");
+
+    let (leaky, _) = sshd_config(&dir.join("leaky"), true, "AcceptEnv LD_PRELOAD BASH_ENV\n");
+    let (code, found) = doctor(&w, &leaky);
+    assert_eq!(code, 2);
+    assert_eq!(status(&found, "sshd.acceptenv"), "bypass", "{found:#?}");
+    w.stop_agent();
+    let (_, found) = doctor(&w, &config);
+    assert_eq!(status(&found, "agent.socket"), "fail", "{found:#?}");
 }

@@ -211,6 +211,21 @@ enum Cmd {
         #[command(flatten)]
         sshd: SshdArgs,
     },
+    /// Check that this host records every session: sshd's effective
+    /// configuration, login shells, the agent. Each finding with its fix;
+    /// exit status 2 if recording can be bypassed or is not working, 1 for
+    /// warnings.
+    Doctor {
+        /// One JSON array of findings, for fleet tooling
+        #[arg(long)]
+        json: bool,
+        /// sshd's main configuration
+        #[arg(long, value_name = "FILE", default_value = "/etc/ssh/sshd_config")]
+        sshd_config: PathBuf,
+        /// The sshd binary
+        #[arg(long, value_name = "PATH", default_value = "/usr/sbin/sshd")]
+        sshd: PathBuf,
+    },
     /// Write a session's recording out.
     Export {
         /// Session id (or four or more characters from either end of it)
@@ -515,6 +530,15 @@ fn run(args: Args) -> Result<i32> {
             cli::sshd::disable(&sshd.sshd())?;
             Ok(0)
         }
+        Cmd::Doctor {
+            json,
+            sshd_config,
+            sshd,
+        } => cli::doctor::run(
+            &cli::load_config(config)?,
+            &cli::doctor::Options { sshd, sshd_config },
+            json,
+        ),
         Cmd::Demo => cli::demo::run(None),
         Cmd::Collector => {
             let cfg = cli::load_config(config)?;

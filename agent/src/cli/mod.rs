@@ -6,6 +6,7 @@
 //! (`--collector URL`). Both give the same rows and the same asciicast.
 
 pub mod demo;
+pub mod doctor;
 pub mod export;
 pub mod fleet;
 pub mod live;

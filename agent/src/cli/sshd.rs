@@ -90,7 +90,9 @@ impl Sshd {
                 return Ok(());
             }
         }
-        bail!("the configuration is in place, but neither ssh.service nor sshd.service could be reloaded: reload sshd yourself")
+        bail!(
+            "the configuration is in place, but neither ssh.service nor sshd.service could be reloaded: reload sshd yourself"
+        )
     }
 }
 
@@ -149,7 +151,9 @@ pub fn enable(cfg: &Config, sshd: &Sshd) -> Result<()> {
     }
     // A user no break-glass Match applies to (root is rarely in the group).
     let effective = sshd.force_command("root");
-    if effective.as_deref() != Ok(sshd.recorder.as_str()) && members.as_ref().is_none_or(|m| !m.contains(&"root".into())) {
+    if effective.as_deref() != Ok(sshd.recorder.as_str())
+        && members.as_ref().is_none_or(|m| !m.contains(&"root".into()))
+    {
         restore(&path, before.as_deref());
         let got = match effective {
             Ok(c) if c.is_empty() => "no ForceCommand".to_string(),
@@ -164,7 +168,10 @@ pub fn enable(cfg: &Config, sshd: &Sshd) -> Result<()> {
             sshd.dropin_dir.display()
         );
     }
-    println!("wrote {}: every SSH session now runs through the recorder", path.display());
+    println!(
+        "wrote {}: every SSH session now runs through the recorder",
+        path.display()
+    );
     match members {
         None => println!(
             "warning: the break-glass group {group:?} does not exist: nobody can log in while the agent is down. \
@@ -188,7 +195,10 @@ pub fn disable(sshd: &Sshd) -> Result<()> {
     let before = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("{} is not there: recording was not switched on by enable", path.display());
+            println!(
+                "{} is not there: recording was not switched on by enable",
+                path.display()
+            );
             return Ok(());
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -196,7 +206,10 @@ pub fn disable(sshd: &Sshd) -> Result<()> {
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     if let Err(why) = sshd.check() {
         restore(&path, Some(&before));
-        bail!("sshd does not accept its configuration without {} (put back): {why}", path.display());
+        bail!(
+            "sshd does not accept its configuration without {} (put back): {why}",
+            path.display()
+        );
     }
     println!(
         "removed {}: sessions are no longer recorded (unless sshd_config or a login shell still runs the recorder)",
@@ -220,7 +233,11 @@ mod tests {
         let text = super::render(&cfg, &sshd);
         assert!(!text.contains('@'), "{text}");
         assert!(text.contains("ForceCommand /usr/bin/shelltrail-shell\n"));
-        assert!(text.contains("Match Group shelltrail-breakglass\n    ForceCommand /usr/bin/shelltrail-shell --break-glass"));
+        assert!(
+            text.contains(
+                "Match Group shelltrail-breakglass\n    ForceCommand /usr/bin/shelltrail-shell --break-glass"
+            )
+        );
         assert!(text.trim_end().ends_with("Match all"));
     }
 }
