@@ -328,3 +328,30 @@ fn doctor_names_every_bypass_of_a_weak_sshd_and_none_with_the_drop_in() {
     let (_, found) = doctor(&w, &config);
     assert_eq!(status(&found, "agent.socket"), "fail", "{found:#?}");
 }
+
+/// Small things an administrator trips over: a session is named by any
+/// unique part of its id (here its middle), and an `export -o FILE` that
+/// fails leaves no empty file behind.
+#[test]
+fn ids_by_any_part_and_failed_exports_leave_nothing() {
+    let w = World::new();
+    let out = w.ssh().command("echo middle-$((6*7))").run_within(TIMEOUT);
+    assert_eq!(out.code(), 0, "{out}");
+    let id = w
+        .wait_session("the session", TIMEOUT, |s| !s.live && s.command.contains("middle-"))
+        .id;
+    let middle = &id[9..18];
+    let got = run_ok(w.cli(&["export", middle, "--raw"]), TIMEOUT);
+    assert_eq!(got.stdout, out.stdout);
+
+    let file = w.path.join("nothing.cast");
+    let failed = run(w.cli(&["export", "ffffffff", "-o", file.to_str().unwrap()]), TIMEOUT);
+    assert_ne!(failed.code(), 0, "{failed}");
+    assert!(!file.exists(), "a failed export left {}", file.display());
+    let leftovers: Vec<_> = std::fs::read_dir(&w.path)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

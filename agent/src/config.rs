@@ -497,6 +497,25 @@ mod tests {
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
     }
 
+    /// The commented `[collector]` tables of the shipped file, uncommented,
+    /// are a collector's valid configuration with every key.
+    #[test]
+    fn shipped_example_collector_table_parses() {
+        let text = include_str!("../../packaging/shelltrail.toml");
+        let from = text.find("# [collector]").expect("the collector's example");
+        let uncommented: String = text[from..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        let col = c.collector.expect("a [collector] table");
+        assert_eq!(col.listen.port(), 7443);
+        assert_eq!(col.roles["bob"], vec![shelltrail_collector::RoleName::Respond]);
+        assert!(col.tls.is_some());
+    }
+
     #[test]
     fn the_signing_key_sits_beside_the_spool_unless_set() {
         let c = Config::parse("").unwrap();

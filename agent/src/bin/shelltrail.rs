@@ -228,7 +228,7 @@ enum Cmd {
     },
     /// Write a session's recording out.
     Export {
-        /// Session id (or four or more characters from either end of it)
+        /// Session id (or four or more characters of it naming one session)
         id: String,
         /// Output file [default: stdout]
         #[arg(short, long)]
@@ -244,7 +244,7 @@ enum Cmd {
     },
     /// Replay a session in this terminal.
     Play {
-        /// Session id (or four or more characters from either end of it)
+        /// Session id (or four or more characters of it naming one session)
         id: String,
         /// Playback speed: 2 plays twice as fast
         #[arg(long, default_value_t = 1.0)]
@@ -265,7 +265,7 @@ enum Cmd {
     /// Check a stored session: every chunk present, in order, unaltered, and
     /// sealed as a whole by its host's key when it ended.
     Verify {
-        /// Session id (or four or more characters from either end of it)
+        /// Session id (or four or more characters of it naming one session)
         id: String,
         /// The host's signing key to check the seal with (ed25519:BASE64, or a
         /// file holding it such as the host's signing.pub) [default: the key
@@ -487,11 +487,23 @@ fn run(args: Args) -> Result<i32> {
             src.read_for("export");
             match output {
                 Some(p) => {
-                    let mut f = std::io::BufWriter::new(
-                        std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
-                    );
-                    cli::export::run(&mut src, &id, format, raw, &mut f)?;
-                    f.flush()?;
+                    // Written beside it and renamed into place once whole: a
+                    // failed export leaves no empty or partial file behind.
+                    let mut name = p.file_name().unwrap_or_default().to_os_string();
+                    name.push(format!(".{}.partial", std::process::id()));
+                    let tmp = p.with_file_name(name);
+                    let written = (|| -> Result<()> {
+                        let mut f = std::io::BufWriter::new(
+                            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+                        );
+                        cli::export::run(&mut src, &id, format, raw, &mut f)?;
+                        f.flush()?;
+                        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+                    })();
+                    if written.is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                    written?;
                 }
                 // On a terminal, the recording's JSON lines with control
                 // characters escaped (the same JSON); --raw is the program's
@@ -543,7 +555,7 @@ fn run(args: Args) -> Result<i32> {
         Cmd::Collector => {
             let cfg = cli::load_config(config)?;
             let c = cfg.collector.context(
-                "no [collector] table in the configuration: set listen, data_dir and tls (see packaging/shelltrail.toml)",
+                "no [collector] table in the configuration: uncomment the one at the end of /etc/shelltrail/shelltrail.toml and set listen, data_dir and tls (docs/deployment.md, The collector)",
             )?;
             init_logging();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
