@@ -355,3 +355,65 @@ fn ids_by_any_part_and_failed_exports_leave_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// What the packages run before removing the recorder: the drop-in of
+/// `enable` is taken out, but while sshd_config itself or a user's login
+/// shell still runs the recorder, removal is refused (that would lock those
+/// logins out), naming what to undo, and the drop-in is left as it was.
+#[test]
+fn package_removal_refuses_to_leave_logins_running_a_missing_recorder() {
+    let w = World::builder().break_glass(BREAK_GLASS).no_sshd().build();
+    let dir = w.path.join("etc-ssh");
+    let recorder = format!("{} --config {}", w.shell_bin.display(), w.config.display());
+    let passwd_clean = w.path.join("passwd-clean");
+    std::fs::write(&passwd_clean, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    let passwd_wired = w.path.join("passwd-wired");
+    std::fs::write(
+        &passwd_wired,
+        "root:x:0:0:root:/root:/bin/bash\nalice:x:1001:1001::/home/alice:/usr/bin/shelltrail-shell\n",
+    )
+    .unwrap();
+    let verb = |args: &[&str], config: &std::path::Path, dropins: &std::path::Path| {
+        let mut c = w.cli(args);
+        c.arg("--sshd-config")
+            .arg(config)
+            .arg("--sshd-config-dir")
+            .arg(dropins)
+            .arg("--recorder")
+            .arg(&recorder)
+            .arg("--no-reload");
+        c
+    };
+    let (clean, wired) = (passwd_clean.display().to_string(), passwd_wired.display().to_string());
+    fn removal(passwd: &str) -> [&str; 4] {
+        ["disable", "--package-removal", "--passwd", passwd]
+    }
+
+    // sshd_config itself also runs the recorder.
+    let (config, dropins) = sshd_config(&dir.join("a"), true, &format!("ForceCommand {recorder}\n"));
+    run_ok(verb(&["enable"], &config, &dropins), TIMEOUT);
+    let out = run(verb(&removal(&clean), &config, &dropins), TIMEOUT);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(
+        out.stderr_str().contains("refusing to remove") && out.stderr_str().contains("ForceCommand"),
+        "{out}"
+    );
+    assert!(dropins.join("shelltrail.conf").exists(), "the drop-in was not put back");
+
+    // A user's login shell is the recorder.
+    let (config, dropins) = sshd_config(&dir.join("b"), true, "");
+    run_ok(verb(&["enable"], &config, &dropins), TIMEOUT);
+    let out = run(verb(&removal(&wired), &config, &dropins), TIMEOUT);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(
+        out.stderr_str().contains("alice") && out.stderr_str().contains("usermod -s"),
+        "{out}"
+    );
+    assert!(dropins.join("shelltrail.conf").exists());
+
+    // Nothing else runs it: the drop-in goes, sshd no longer runs the recorder.
+    let out = run_ok(verb(&removal(&clean), &config, &dropins), TIMEOUT);
+    assert!(out.stdout_str().contains("removed"), "{out}");
+    assert!(!dropins.join("shelltrail.conf").exists());
+    assert_eq!(effective(&config, "root", "forcecommand"), "none");
+}

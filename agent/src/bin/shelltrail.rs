@@ -210,6 +210,18 @@ enum Cmd {
     Disable {
         #[command(flatten)]
         sshd: SshdArgs,
+        /// What the packages run before removing the recorder: also refuse
+        /// (non-zero) while sshd_config or a login shell still runs it
+        #[arg(long)]
+        package_removal: bool,
+        /// The passwd database to look for the recorder as login shell in
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/etc/passwd",
+            requires = "package_removal"
+        )]
+        passwd: PathBuf,
     },
     /// Check that this host records every session: sshd's effective
     /// configuration, login shells, the agent. Each finding with its fix;
@@ -538,7 +550,15 @@ fn run(args: Args) -> Result<i32> {
             cli::sshd::enable(&cli::load_config(config)?, &sshd.sshd())?;
             Ok(0)
         }
-        Cmd::Disable { sshd } => {
+        Cmd::Disable {
+            sshd,
+            package_removal: true,
+            passwd,
+        } => {
+            cli::sshd::release(&sshd.sshd(), &passwd)?;
+            Ok(0)
+        }
+        Cmd::Disable { sshd, .. } => {
             cli::sshd::disable(&sshd.sshd())?;
             Ok(0)
         }

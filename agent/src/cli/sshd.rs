@@ -218,6 +218,65 @@ pub fn disable(sshd: &Sshd) -> Result<()> {
     sshd.reload_sshd()
 }
 
+/// Users whose login shell (in `passwd`) is the recorder.
+fn recorder_shell_users(passwd: &Path) -> Vec<String> {
+    std::fs::read_to_string(passwd)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 7 && f[6].trim().ends_with("/shelltrail-shell")).then(|| f[0].to_string())
+        })
+        .collect()
+}
+
+/// `disable --package-removal`, run by the packages before they remove
+/// the recorder: undoes what `enable` set up, and refuses (non-zero) when
+/// the recorder is still wired in some other way, since removing it would
+/// lock those logins out (sshd runs a ForceCommand or login shell that no
+/// longer exists). Says what to undo; `SHELLTRAIL_FORCE_REMOVE=1` in the
+/// packages' environment skips this.
+pub fn release(sshd: &Sshd, passwd: &Path) -> Result<()> {
+    let path = sshd.dropin();
+    let before = std::fs::read_to_string(&path).ok();
+    if before.is_some() {
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let mut wired = Vec::new();
+    match sshd.force_command("root") {
+        Ok(c) if c.contains("shelltrail-shell") => wired.push(format!(
+            "sshd still runs `ForceCommand {c}` from {} (or a file it includes): remove that line",
+            sshd.config.display()
+        )),
+        Ok(_) => {}
+        // No sshd, or a configuration it refuses: nothing of ours to check.
+        Err(_) => {}
+    }
+    let users = recorder_shell_users(passwd);
+    if !users.is_empty() {
+        wired.push(format!(
+            "the login shell of {} is the recorder: `usermod -s /bin/bash USER` for each",
+            users.join(", ")
+        ));
+    }
+    if !wired.is_empty() {
+        if let Some(text) = &before {
+            restore(&path, Some(text));
+        }
+        bail!(
+            "refusing to remove the recorder: logins that run it would fail once it is gone, and could lock \
+             you out of this host. {}. Then remove the package again (or set SHELLTRAIL_FORCE_REMOVE=1 to \
+             remove it anyway)",
+            wired.join("; ")
+        );
+    }
+    if before.is_some() {
+        println!("removed {}: sshd no longer runs the recorder", path.display());
+        sshd.reload_sshd()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
