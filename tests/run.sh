@@ -12,7 +12,7 @@ SUDO=
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
 
 need=()
-for p in openssh-server openssh-client rsync zstd libcap2-bin; do
+for p in openssh-server openssh-client rsync zstd libcap2-bin systemd passwd; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -193,3 +193,53 @@ fn the_packages_create_the_recorder_user_without_login_or_home() {
         }
     }
 }
+
+/// Both units score 2.0 or lower in `systemd-analyze security --offline`
+/// (the bar for a daemon every host runs), and `systemd-analyze
+/// verify` finds nothing to say about them (run on copies whose
+/// ExecStart= names the binary just built, which verify wants to exist).
+#[test]
+fn the_units_are_hardened_and_verify_clean() {
+    let which = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        which.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is needed (apt install systemd; tests/run.sh installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_shelltrail"));
+    let mut copies = Vec::new();
+    for unit in ["shelltrail-agent.service", "shelltrail-collector.service"] {
+        let path = repo().join("systemd").join(unit);
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split_once("Overall exposure level for ").map(|(_, r)| r.to_string()))
+            .and_then(|r| {
+                r.split_once(": ")
+                    .and_then(|(_, v)| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("{unit}: no overall exposure in:\n{text}"));
+        assert!(score <= 2.0, "{unit}: exposure {score} > 2.0:\n{text}");
+        let copy = dir.path().join(unit);
+        let body = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/bin/shelltrail", &built.display().to_string());
+        std::fs::write(&copy, body).unwrap();
+        copies.push(copy);
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&copies)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
