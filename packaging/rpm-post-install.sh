@@ -43,7 +43,7 @@ systemctl daemon-reload >/dev/null 2>&1 || :
 # As the .deb does (and docs/deployment.md says): the agent runs from the first
 # install on; an upgrade leaves an admin's choice (disabled, stopped) alone.
 if [ "$1" = 1 ]; then
-    systemctl enable --now shelltrail-agent.service >/dev/null 2>&1 || :
+    systemctl enable --now shelltrail-agent.socket shelltrail-agent.service >/dev/null 2>&1 || :
 else
     systemctl try-restart shelltrail-agent.service >/dev/null 2>&1 || :
 fi

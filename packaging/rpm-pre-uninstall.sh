@@ -5,5 +5,5 @@ if [ "$1" = 0 ] && [ "${SHELLTRAIL_FORCE_REMOVE:-}" != 1 ] && [ -x /usr/bin/shel
     /usr/bin/shelltrail disable --package-removal || exit 1
 fi
 if [ "$1" = 0 ]; then
-    systemctl disable --now shelltrail-agent.service shelltrail-collector.service >/dev/null 2>&1 || :
+    systemctl disable --now shelltrail-agent.service shelltrail-agent.socket shelltrail-collector.service >/dev/null 2>&1 || :
 fi

@@ -417,3 +417,49 @@ fn package_removal_refuses_to_leave_logins_running_a_missing_recorder() {
     assert!(!dropins.join("shelltrail.conf").exists());
     assert_eq!(effective(&config, "root", "forcecommand"), "none");
 }
+
+/// Socket activation as systemd does it (`systemd-socket-activate`, which
+/// holds the socket and starts the agent on the first connection): the
+/// agent takes the socket it is given rather than binding its own, the
+/// session that woke it is recorded, and the agent says READY=1 on
+/// `$NOTIFY_SOCKET` once it serves (`Type=notify`).
+#[test]
+fn the_agent_takes_its_socket_from_systemd_and_says_when_it_is_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let w = World::builder().agent_down().build();
+    let notify_path = w.path.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let log = std::fs::File::create(w.path.join("activated-agent.log")).unwrap();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "exec systemd-socket-activate -l {} -E NOTIFY_SOCKET={} -E RUST_LOG=info {} --config {} agent",
+            w.socket.display(),
+            notify_path.display(),
+            w.cli_bin.display(),
+            w.config.display()
+        ))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut activator = c.spawn().unwrap();
+    shelltrail_tests::wait_until("the socket", TIMEOUT, || w.socket.exists().then_some(()));
+    // SocketMode=0666 in shelltrail-agent.socket.
+    shelltrail_tests::world::set_mode(&w.socket, 0o666);
+
+    let out = w.ssh().command("echo activated-$((6*7))").run_within(TIMEOUT);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("no READY=1 from the agent");
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let agent_log = std::fs::read_to_string(w.path.join("activated-agent.log")).unwrap_or_default();
+    let _ = activator.kill();
+    let _ = activator.wait();
+    assert_eq!(out.code(), 0, "{out}\n--- agent ---\n{agent_log}");
+    assert!(out.stdout_str().contains("activated-42"), "{out}");
+    assert!(said.contains("READY=1"), "{said:?}");
+    assert!(agent_log.contains("using the socket systemd passed"), "{agent_log}");
+    let row = w.wait_session("the session through the passed socket", TIMEOUT, |s| {
+        s.command.contains("activated-") && !s.live
+    });
+    assert_eq!(w.export_raw(&row.id), out.stdout);
+}

@@ -1,11 +1,12 @@
 //! The one module where shelltrail talks to the OS through `unsafe`: the
-//! child's set-up between fork and exec, terminal ioctls, and borrowing the
-//! PTY master's descriptor from portable-pty. Everything else in the crate is
+//! child's set-up between fork and exec, terminal ioctls, borrowing the
+//! PTY master's descriptor from portable-pty, and taking the socket systemd
+//! passes the agent. Everything else in the crate is
 //! `#![deny(unsafe_code)]`; each block here says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -205,9 +206,43 @@ pub fn fork_signaller(keep: RawFd, serve: impl FnOnce() -> i32) -> io::Result<li
 /// Takes ownership of `fd`, which the caller knows to be open and unowned
 /// (the descriptor `fork_signaller` kept for its child).
 pub fn adopt(fd: RawFd) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
     // SAFETY: per the contract above, nothing else owns or closes `fd`.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// The listening socket systemd passed this process (socket activation:
+/// `LISTEN_PID` is our pid and `LISTEN_FDS` is 1, so descriptor 3 is it), if
+/// it passed one. It must be a listening Unix stream socket.
+pub fn systemd_listener() -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    use nix::sys::socket::{AddressFamily, SockType, getsockname, getsockopt, sockopt};
+    const FIRST: RawFd = 3;
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    if !ours {
+        return Ok(None);
+    }
+    match std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<u32>().ok()) {
+        None | Some(0) => return Ok(None),
+        Some(1) => {}
+        Some(n) => {
+            return Err(io::Error::other(format!(
+                "systemd passed {n} sockets; the agent takes one"
+            )));
+        }
+    }
+    // SAFETY: systemd's protocol (sd_listen_fds(3)) hands descriptor 3 to
+    // this process (LISTEN_PID checked above) for it to own; nothing else
+    // in this process has taken it.
+    let fd = unsafe { OwnedFd::from_raw_fd(FIRST) };
+    let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(io::Error::from)?;
+    let stream = getsockopt(&fd, sockopt::SockType).map_err(io::Error::from)? == SockType::Stream;
+    let unix = getsockname::<nix::sys::socket::UnixAddr>(fd.as_raw_fd())
+        .is_ok_and(|a| nix::sys::socket::SockaddrLike::family(&a) == Some(AddressFamily::Unix));
+    if !(listening && stream && unix) {
+        return Err(io::Error::other(
+            "the socket systemd passed is not a listening Unix stream socket (check ListenStream= in shelltrail-agent.socket)",
+        ));
+    }
+    Ok(Some(std::os::unix::net::UnixListener::from(fd)))
 }
 
 /// Sets a signal's disposition to `action` (SIG_IGN or SIG_DFL, or one saved

@@ -232,6 +232,9 @@ fn the_units_are_hardened_and_verify_clean() {
         std::fs::write(&copy, body).unwrap();
         copies.push(copy);
     }
+    let socket = dir.path().join("shelltrail-agent.socket");
+    std::fs::copy(repo().join("systemd/shelltrail-agent.socket"), &socket).unwrap();
+    copies.push(socket);
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&copies)

@@ -217,8 +217,18 @@ fn refuse_root_on_a_service_spool(dir: &Path) -> Result<()> {
 pub async fn run(cfg: Config) -> Result<()> {
     let socket = cfg.socket.clone();
     let agent = Agent::start(cfg)?;
-    let listener = bind(&socket)?;
+    // Socket activation: systemd holds the socket across restarts
+    // (upgrades), so a login never finds it missing; otherwise bind it.
+    let listener = match crate::sys::systemd_listener().context("taking the socket systemd passed")? {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tracing::info!("using the socket systemd passed (shelltrail-agent.socket)");
+            UnixListener::from_std(l)?
+        }
+        None => bind(&socket)?,
+    };
     tracing::info!(socket = %socket.display(), "shelltrail agent listening");
+    notify_ready();
     let sweeper = agent.clone();
     tokio::spawn(async move {
         crate::agent::fallback::import_all(&sweeper).await;
@@ -234,6 +244,26 @@ pub async fn run(cfg: Config) -> Result<()> {
         None => tracing::info!("no collector configured ([ship] collector): recordings stay on this host"),
     }
     serve(agent, listener).await
+}
+
+/// Tells systemd the agent serves (`Type=notify`): `READY=1` on the
+/// datagram socket `$NOTIFY_SOCKET` names (a path, or `@name` for an
+/// abstract one), as sd_notify(3) does. Nothing when it is not set.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(b"READY=1\nSTATUS=recording sessions", &a));
+    if let Err(e) = sent {
+        tracing::warn!(socket = %target, "cannot tell systemd the agent is ready: {e}");
+    }
 }
 
 /// Accepts recorders forever. A failed accept (out of descriptors, a
