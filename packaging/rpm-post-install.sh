@@ -3,6 +3,9 @@
 # RuntimeDirectory= in the units): the service user owns them, so nothing here,
 # running as root, creates, chowns or chmods anything there (a link the service
 # user planted would make root change whatever it points to).
+# The users and groups of /usr/lib/sysusers.d/shelltrail.conf; without
+# systemd, the same by hand (each step skips what exists).
+command -v systemd-sysusers >/dev/null 2>&1 && systemd-sysusers shelltrail.conf
 getent group shelltrail >/dev/null || groupadd --system shelltrail
 getent passwd shelltrail >/dev/null || useradd --system --gid shelltrail --home-dir /nonexistent \
     --no-create-home --shell /sbin/nologin --comment "shelltrail agent" shelltrail

@@ -246,3 +246,29 @@ fn the_units_are_hardened_and_verify_clean() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The sysusers.d entry the packages run makes the users the scripts'
+/// fallback makes: `shelltrail` and `shelltrail-rec` with no home and no
+/// login shell, and the break-glass group (checked by running the real
+/// systemd-sysusers on an empty root).
+#[test]
+fn sysusers_makes_the_service_users_without_login_and_the_break_glass_group() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(repo().join("packaging/sysusers.d/shelltrail.conf"))
+        .output()
+        .expect("systemd-sysusers (apt install systemd)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    for user in ["shelltrail", "shelltrail-rec"] {
+        let line = passwd
+            .lines()
+            .find(|l| l.starts_with(&format!("{user}:")))
+            .unwrap_or_else(|| panic!("no {user} in {passwd}"));
+        assert!(line.ends_with(":/nonexistent:/usr/sbin/nologin"), "{line}");
+    }
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    assert!(group.lines().any(|l| l.starts_with("shelltrail-breakglass:")), "{group}");
+}
