@@ -66,10 +66,14 @@ fn assets() -> Vec<(PathBuf, String)> {
             return;
         }
         let src = repo().join("agent").join(src);
-        if let Some(dir) = src.to_str().and_then(|s| s.strip_suffix("/*.md")) {
+        let glob = src
+            .to_str()
+            .and_then(|s| s.rsplit_once("/*."))
+            .map(|(dir, ext)| (dir.to_string(), ext.to_string()));
+        if let Some((dir, ext)) = glob {
             for e in std::fs::read_dir(dir).unwrap() {
                 let p = e.unwrap().path();
-                if p.extension().is_some_and(|x| x == "md") {
+                if p.extension().is_some_and(|x| x == ext.as_str()) {
                     let name = p.file_name().unwrap().to_string_lossy().into_owned();
                     out.push((p, format!("{}{name}", dest.trim_start_matches('/'))));
                 }
@@ -270,5 +274,49 @@ fn sysusers_makes_the_service_users_without_login_and_the_break_glass_group() {
         assert!(line.ends_with(":/nonexistent:/usr/sbin/nologin"), "{line}");
     }
     let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
-    assert!(group.lines().any(|l| l.starts_with("shelltrail-breakglass:")), "{group}");
+    assert!(
+        group.lines().any(|l| l.starts_with("shelltrail-breakglass:")),
+        "{group}"
+    );
+}
+
+/// The man pages and completions the packages install are what the CLI's
+/// definitions make now (`shelltrail docs packaging` regenerates them):
+/// one page per subcommand, the recorder's, bash and zsh completions.
+#[test]
+fn man_pages_and_completions_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shelltrail"))
+        .arg("docs")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for sub in ["man", "completions"] {
+        let made = dir.path().join(sub);
+        let kept = repo().join("packaging").join(sub);
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names(&made),
+            names(&kept),
+            "packaging/{sub}: run `shelltrail docs packaging`"
+        );
+        for n in names(&made) {
+            assert_eq!(
+                std::fs::read(made.join(&n)).unwrap(),
+                std::fs::read(kept.join(&n)).unwrap(),
+                "packaging/{sub}/{n} is stale: run `shelltrail docs packaging`"
+            );
+        }
+    }
+    let pages = std::fs::read_dir(dir.path().join("man")).unwrap().count();
+    assert!(pages >= 15, "{pages} man pages");
+    assert!(dir.path().join("man/shelltrail-shell.1").exists());
 }

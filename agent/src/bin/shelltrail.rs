@@ -238,6 +238,10 @@ enum Cmd {
         #[arg(long, value_name = "PATH", default_value = "/usr/sbin/sshd")]
         sshd: PathBuf,
     },
+    /// Write the man pages and shell completions into DIR (`man/`,
+    /// `completions/`): how packaging/man and packaging/completions are made.
+    #[command(hide = true)]
+    Docs { dir: PathBuf },
     /// Write a session's recording out.
     Export {
         /// Session id (or four or more characters of it naming one session)
@@ -571,6 +575,10 @@ fn run(args: Args) -> Result<i32> {
             &cli::doctor::Options { sshd, sshd_config },
             json,
         ),
+        Cmd::Docs { dir } => {
+            write_docs(&dir)?;
+            Ok(0)
+        }
         Cmd::Demo => cli::demo::run(None),
         Cmd::Collector => {
             let cfg = cli::load_config(config)?;
@@ -609,6 +617,54 @@ fn run(args: Args) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The man pages of `shelltrail`, each of its subcommands and
+/// `shelltrail-shell`, and the bash and zsh completions.
+fn write_docs(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Args::command(), &man)?;
+    clap_mangen::Man::new(recorder_command()).generate_to(&man)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+        clap_complete::generate_to(shell, &mut Args::command(), "shelltrail", &completions)?;
+    }
+    Ok(())
+}
+
+/// `shelltrail-shell`'s command line, for its man page (it parses its own,
+/// strictly: shell/command.rs).
+fn recorder_command() -> clap::Command {
+    use clap::{Arg, ArgAction, Command};
+    Command::new("shelltrail-shell")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Record an SSH session: the ForceCommand or login shell sshd runs")
+        .long_about(
+            "Records every shell, exec and subsystem session sshd starts through it, as asciicast v3 \
+             chunks sent to the shelltrail agent. Installed set-uid to the recorder's system user \
+             (recorder_user) with the capabilities cap_chown and cap_sys_tty_config; `shelltrail enable` \
+             makes sshd run it. See /usr/share/doc/shelltrail/docs/deployment.md.",
+        )
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("PATH")
+                .help("Configuration file, root's only, under /etc/shelltrail in an SSH session [default: /etc/shelltrail/shelltrail.toml]"),
+        )
+        .arg(Arg::new("break-glass").long("break-glass").action(ArgAction::SetTrue).help(
+            "For members of [shell] break_glass_group: never refused because the agent is away; recorded to \
+             fallback_dir meanwhile, logged loudly",
+        ))
+        .arg(
+            Arg::new("command")
+                .short('c')
+                .value_name("COMMAND")
+                .help("Run COMMAND (as sshd does for an exec request) instead of the login shell"),
+        )
 }
 
 fn init_logging() {
