@@ -148,6 +148,13 @@ fn a_responder_tails_and_ends_a_session_through_the_collector_and_it_is_all_audi
 
     // Reading the recording is audited with what it was read for.
     run_ok(ship.remote(&["export", &id, "-o", "/dev/null"]), TIMEOUT);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
     let log = audit(&ship, &[]);
     assert!(
         log.iter()

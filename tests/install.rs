@@ -344,6 +344,17 @@ fn ids_by_any_part_and_failed_exports_leave_nothing() {
     let got = run_ok(w.cli(&["export", middle, "--raw"]), TIMEOUT);
     assert_eq!(got.stdout, out.stdout);
 
+    // A device is written to, never replaced by a file.
+    run_ok(w.cli(&["export", middle, "-o", "/dev/null"]), TIMEOUT);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device(),
+        "export -o /dev/null replaced /dev/null"
+    );
+
     let file = w.path.join("nothing.cast");
     let failed = run(w.cli(&["export", "ffffffff", "-o", file.to_str().unwrap()]), TIMEOUT);
     assert_ne!(failed.code(), 0, "{failed}");

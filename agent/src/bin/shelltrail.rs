@@ -502,9 +502,21 @@ fn run(args: Args) -> Result<i32> {
             let mut src = source(remote)?;
             src.read_for("export");
             match output {
+                // A device, a pipe or a link (-o /dev/null, -o /dev/stdout):
+                // written to as it is, never replaced.
+                Some(p) if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.file_type().is_file()) => {
+                    let mut f = std::io::BufWriter::new(
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&p)
+                            .with_context(|| format!("opening {}", p.display()))?,
+                    );
+                    cli::export::run(&mut src, &id, format, raw, &mut f)?;
+                    f.flush()?;
+                }
                 Some(p) => {
-                    // Written beside it and renamed into place once whole: a
-                    // failed export leaves no empty or partial file behind.
+                    // A file: written beside it and renamed into place once
+                    // whole, so a failed export leaves no empty or partial file.
                     let mut name = p.file_name().unwrap_or_default().to_os_string();
                     name.push(format!(".{}.partial", std::process::id()));
                     let tmp = p.with_file_name(name);
