@@ -479,3 +479,45 @@ fn the_agent_takes_its_socket_from_systemd_and_says_when_it_is_ready() {
     });
     assert_eq!(w.export_raw(&row.id), out.stdout);
 }
+
+/// Only the set-uid recorder's word that a session is break-glass counts
+/// (it checked the group): any other client of the agent's socket, root
+/// included, claiming it gets an ordinary session, and the agent says so.
+#[test]
+fn a_break_glass_claim_from_another_client_is_dropped() {
+    use shelltrail_proto::v1::{AgentFrame, Open, RecorderFrame, SessionMeta, agent_frame, recorder_frame};
+    use std::io::{Read, Write};
+    let w = World::builder().no_sshd().build();
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut buf = Vec::new();
+    shelltrail_proto::framing::encode(
+        &RecorderFrame {
+            body: Some(recorder_frame::Body::Open(Open {
+                meta: Some(SessionMeta {
+                    session_id: id.clone(),
+                    mode: "exec".into(),
+                    break_glass: true,
+                    ..Default::default()
+                }),
+                resume: false,
+            })),
+        },
+        &mut buf,
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&w.socket).unwrap();
+    s.write_all(&buf).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    let reply: AgentFrame = shelltrail_proto::framing::decode(&body).unwrap();
+    assert!(matches!(reply.body, Some(agent_frame::Body::Accepted(_))), "{reply:?}");
+    let row = w.wait_session("the claimed session", TIMEOUT, |r| r.id == id);
+    assert!(!row.break_glass, "{row:#?}");
+    assert!(
+        w.agent_log_text()
+            .contains("a break-glass claim not from the recorder; ignored")
+    );
+    drop(s);
+}
