@@ -15,7 +15,7 @@ getent passwd shelltrail-rec >/dev/null || useradd --system --user-group --home-
 # Break-glass (see packaging/debian/postinst) and its fallback directory.
 getent group shelltrail-breakglass >/dev/null || groupadd --system shelltrail-breakglass
 systemd-tmpfiles --create shelltrail.conf >/dev/null 2>&1 || \
-    { [ -e /var/lib/shelltrail-breakglass ] || install -d -o shelltrail-rec -g shelltrail -m 0770 /var/lib/shelltrail-breakglass; }
+    { [ -e /var/lib/shelltrail-breakglass ] || install -d -o shelltrail-rec -g shelltrail -m 2770 /var/lib/shelltrail-breakglass; }
 # Certificates and keys: root installs them; each service's key is its own
 # (owner shelltrail, mode 0400): the group may read recordings, never keys.
 install -d -o root -g shelltrail -m 0750 /etc/shelltrail/tls

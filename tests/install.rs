@@ -386,7 +386,10 @@ fn package_removal_refuses_to_leave_logins_running_a_missing_recorder() {
     let passwd_wired = w.path.join("passwd-wired");
     std::fs::write(
         &passwd_wired,
-        "root:x:0:0:root:/root:/bin/bash\nalice:x:1001:1001::/home/alice:/usr/bin/shelltrail-shell\n",
+        format!(
+            "root:x:0:0:root:/root:/bin/bash\nalice:x:1001:1001::/home/alice:{}\nbob:x:1002:1002::/home/bob:/opt/other/shelltrail-shell\n",
+            w.shell_bin.display()
+        ),
     )
     .unwrap();
     let verb = |args: &[&str], config: &std::path::Path, dropins: &std::path::Path| {

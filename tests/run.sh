@@ -12,7 +12,7 @@ SUDO=
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
 
 need=()
-for p in openssh-server openssh-client rsync zstd libcap2-bin systemd passwd; do
+for p in openssh-server openssh-client rsync zstd libcap2-bin systemd passwd lintian rpm; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -33,3 +33,26 @@ echo "== building"
 cargo build --bins --quiet
 echo "== testing"
 cargo test "$@"
+
+# The packages, built as docs/deployment.md says, then installed on this
+# machine and used (tests/packages.rs): it changes the machine (packages,
+# users, /etc/ssh/sshd_config.d), which CI's fresh machine is for.
+# SHELLTRAIL_SKIP_PACKAGES=1 leaves them out elsewhere.
+if [ "${SHELLTRAIL_SKIP_PACKAGES:-}" != 1 ]; then
+  for tool in cargo-deb cargo-generate-rpm; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      echo "== installing $tool from crates.io"
+      cargo install --locked --quiet "$tool"
+    fi
+  done
+  echo "== building the packages"
+  cargo build --profile dist --bins --quiet
+  rm -rf target/deb target/deb-upgrade target/generate-rpm
+  cargo deb -p shelltrail --no-build --profile dist --quiet -o target/deb/
+  # The same software as a newer version, to upgrade to during a live session.
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+  cargo deb -p shelltrail --no-build --profile dist --quiet --deb-version "$version-99" -o target/deb-upgrade/
+  cargo generate-rpm -p agent --profile dist
+  echo "== testing the packages"
+  cargo test -p shelltrail-tests --test packages -- --ignored
+fi

@@ -14,9 +14,14 @@ fn repo() -> PathBuf {
 }
 
 fn scripts() -> Vec<PathBuf> {
+    // The maintainer scripts (beside them: the changelog, lintian's overrides).
     let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("packaging/debian"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            ["preinst", "postinst", "prerm", "postrm"].contains(&n.as_ref())
+        })
         .collect();
     for e in std::fs::read_dir(repo().join("packaging")).unwrap() {
         let p = e.unwrap().path();

@@ -61,6 +61,32 @@ impl Ssh {
         }
     }
 
+    /// A client of an sshd the test started itself (not a world's): port,
+    /// user, and the private key sshd accepts for them.
+    pub fn to(port: u16, user: &str, key: &std::path::Path) -> Ssh {
+        let mut options: Vec<String> = vec!["-F".into(), "/dev/null".into(), "-i".into(), key.display().to_string()];
+        for opt in [
+            "IdentitiesOnly=yes",
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+            "BatchMode=yes",
+            "LogLevel=ERROR",
+            "ConnectTimeout=20",
+        ] {
+            options.push("-o".into());
+            options.push(opt.into());
+        }
+        Ssh {
+            options,
+            port,
+            user: user.to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+            command: None,
+            stdin: None,
+        }
+    }
+
     /// Logs in as `user` instead of the world's user (sshd takes the
     /// world's key for any account).
     pub fn as_user(mut self, user: &str) -> Self {

@@ -43,7 +43,7 @@ pub fn keygen(path: &Path) {
 
 /// A port nobody listens on right now (the kernel's pick). Another process
 /// may take it before sshd binds it: [`Sshd::start`] retries then.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding a free port");
     l.local_addr().expect("local addr").port()
 }

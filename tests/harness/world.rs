@@ -260,7 +260,7 @@ impl World {
             crate::users::ensure_group_with(group, &user.name);
             let fallback = path.join("fallback");
             std::fs::create_dir(&fallback).expect("mkdir fallback");
-            set_mode(&fallback, 0o770);
+            set_mode(&fallback, 0o2770);
             let rec = nix::unistd::User::from_name(crate::users::RECORDER_USER)
                 .unwrap()
                 .expect("the recorder's user");

@@ -218,14 +218,14 @@ pub fn disable(sshd: &Sshd) -> Result<()> {
     sshd.reload_sshd()
 }
 
-/// Users whose login shell (in `passwd`) is the recorder.
-fn recorder_shell_users(passwd: &Path) -> Vec<String> {
+/// Users whose login shell (in `passwd`) is `binary`, the recorder being removed.
+fn recorder_shell_users(passwd: &Path, binary: &str) -> Vec<String> {
     std::fs::read_to_string(passwd)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 7 && f[6].trim().ends_with("/shelltrail-shell")).then(|| f[0].to_string())
+            (f.len() >= 7 && f[6].trim() == binary).then(|| f[0].to_string())
         })
         .collect()
 }
@@ -242,9 +242,11 @@ pub fn release(sshd: &Sshd, passwd: &Path) -> Result<()> {
     if before.is_some() {
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
+    // The binary the removal takes away: what must no longer be run.
+    let binary = sshd.recorder.split_whitespace().next().unwrap_or_default().to_string();
     let mut wired = Vec::new();
     match sshd.force_command("root") {
-        Ok(c) if c.contains("shelltrail-shell") => wired.push(format!(
+        Ok(c) if c.split_whitespace().next() == Some(binary.as_str()) => wired.push(format!(
             "sshd still runs `ForceCommand {c}` from {} (or a file it includes): remove that line",
             sshd.config.display()
         )),
@@ -252,7 +254,7 @@ pub fn release(sshd: &Sshd, passwd: &Path) -> Result<()> {
         // No sshd, or a configuration it refuses: nothing of ours to check.
         Err(_) => {}
     }
-    let users = recorder_shell_users(passwd);
+    let users = recorder_shell_users(passwd, &binary);
     if !users.is_empty() {
         wired.push(format!(
             "the login shell of {} is the recorder: `usermod -s /bin/bash USER` for each",
@@ -272,7 +274,13 @@ pub fn release(sshd: &Sshd, passwd: &Path) -> Result<()> {
     }
     if before.is_some() {
         println!("removed {}: sshd no longer runs the recorder", path.display());
-        sshd.reload_sshd()?;
+        // The removal goes on: refusing it would not make sshd reload.
+        if let Err(e) = sshd.reload_sshd() {
+            eprintln!(
+                "shelltrail: WARNING: {e:#}. Until sshd rereads its configuration it still runs the recorder, \
+                 which is being removed: reload it now"
+            );
+        }
     }
     Ok(())
 }
