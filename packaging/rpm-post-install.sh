@@ -3,17 +3,8 @@
 # RuntimeDirectory= in the units): the service user owns them, so nothing here,
 # running as root, creates, chowns or chmods anything there (a link the service
 # user planted would make root change whatever it points to).
-# The users and groups of /usr/lib/sysusers.d/shelltrail.conf; without
-# systemd, the same by hand (each step skips what exists).
-command -v systemd-sysusers >/dev/null 2>&1 && systemd-sysusers shelltrail.conf
-getent group shelltrail >/dev/null || groupadd --system shelltrail
-getent passwd shelltrail >/dev/null || useradd --system --gid shelltrail --home-dir /nonexistent \
-    --no-create-home --shell /sbin/nologin --comment "shelltrail agent" shelltrail
-# The recorder's own identity: no login shell, no home.
-getent passwd shelltrail-rec >/dev/null || useradd --system --user-group --home-dir /nonexistent \
-    --no-create-home --shell /sbin/nologin --comment "shelltrail recorder" shelltrail-rec
+# The users and groups exist already (packaging/rpm-pre-install.sh).
 # Break-glass (see packaging/debian/postinst) and its fallback directory.
-getent group shelltrail-breakglass >/dev/null || groupadd --system shelltrail-breakglass
 systemd-tmpfiles --create shelltrail.conf >/dev/null 2>&1 || \
     { [ -e /var/lib/shelltrail-breakglass ] || install -d -o shelltrail-rec -g shelltrail -m 2770 /var/lib/shelltrail-breakglass; }
 # Certificates and keys: root installs them; each service's key is its own

@@ -181,6 +181,20 @@ fn the_packages_install_record_upgrade_and_refuse_an_unsafe_purge() {
     }
     let scripts = sh_ok(&format!("rpm -qp --scripts {}", rpm.display())).stdout_str();
     assert!(scripts.contains("disable --package-removal"), "{scripts}");
+    for want in ["preinstall scriptlet", "postuninstall scriptlet"] {
+        assert!(scripts.contains(want), "no {want}: {scripts}");
+    }
+    // The config survives an upgrade with an administrator's edits: %config(noreplace).
+    let flags = sh_ok(&format!(
+        "rpm -qp --queryformat '[%{{FILENAMES}} %{{FILEFLAGS:fflags}}\\n]' {}",
+        rpm.display()
+    ))
+    .stdout_str();
+    let conf = flags
+        .lines()
+        .find(|l| l.starts_with("/etc/shelltrail/shelltrail.toml "))
+        .unwrap_or_else(|| panic!("{flags}"));
+    assert!(conf.ends_with(" cn"), "not config(noreplace): {conf}");
 
     // Install, and look at what it made.
     let dir = tempfile::Builder::new()

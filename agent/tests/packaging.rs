@@ -190,7 +190,7 @@ fn the_packages_create_the_recorder_user_without_login_or_home() {
     // adduser never creates /nonexistent (and warns with --no-create-home).
     for (script, tool, no_home) in [
         ("packaging/debian/postinst", "adduser", "--home /nonexistent"),
-        ("packaging/rpm-post-install.sh", "useradd", "--no-create-home"),
+        ("packaging/rpm-pre-install.sh", "useradd", "--no-create-home"),
     ] {
         let lines = code_lines(&repo().join(script));
         let create = lines
