@@ -433,6 +433,11 @@ fn package_removal_refuses_to_leave_logins_running_a_missing_recorder() {
     // Nothing else runs it: the drop-in goes, sshd no longer runs the recorder.
     let out = run_ok(verb(&removal(&clean), &config, &dropins), TIMEOUT);
     assert!(out.stdout_str().contains("removed"), "{out}");
+    assert!(
+        out.stdout_str()
+            .contains(&format!("keeps the spool {}", w.spool.display())),
+        "it does not say what removal keeps: {out}"
+    );
     assert!(!dropins.join("shelltrail.conf").exists());
     assert_eq!(effective(&config, "root", "forcecommand"), "none");
 }
@@ -523,4 +528,51 @@ fn a_break_glass_claim_from_another_client_is_dropped() {
             .contains("a break-glass claim not from the recorder; ignored")
     );
     drop(s);
+}
+
+/// `doctor` on a host that ships: its certificate's validity (a
+/// certificate that ends within two weeks is named) and whether the
+/// collector answers over mutual TLS (and says so when it does not).
+#[test]
+fn doctor_checks_the_collector_and_the_certificate() {
+    let ship = shelltrail_tests::ShipWorld::new(0x61);
+    let w = World::builder().ship_to(&ship, "web-1").no_sshd().build();
+    let (_, found) = doctor(&w, std::path::Path::new("/etc/ssh/sshd_config"));
+    assert_eq!(status(&found, "ship.reachable"), "ok", "{found:#?}");
+    assert_eq!(status(&found, "ship.cert"), "ok", "{found:#?}");
+
+    // A certificate that ends in five days.
+    let mut issue = Command::new(&w.cli_bin);
+    issue.args(["pki", "issue"]).arg(&ship.pki.dir).args([
+        "web-1-short",
+        "--role",
+        "host",
+        "--san",
+        "web-1",
+        "--days",
+        "5",
+    ]);
+    run_ok(issue, TIMEOUT);
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let short = ship.pki.dir.join("web-1-short.pem");
+    let config = w.path.join("short.toml");
+    std::fs::write(
+        &config,
+        text.replace(&format!("{:?}", ship.pki.dir.join("web-1.pem")), &format!("{short:?}")),
+    )
+    .unwrap();
+    let mut c = Command::new(&w.cli_bin);
+    c.args(["--config"]).arg(&config).args(["doctor", "--json"]);
+    let out = run(c, TIMEOUT);
+    let found: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status(&found, "ship.cert"), "warn", "{found:#?}");
+    let detail = found.iter().find(|f| f["check"] == "ship.cert").unwrap()["detail"].to_string();
+    assert!(
+        detail.contains("expires in 4 days") || detail.contains("expires in 5 days"),
+        "{detail}"
+    );
+
+    ship.collector.kill();
+    let (_, found) = doctor(&w, std::path::Path::new("/etc/ssh/sshd_config"));
+    assert_eq!(status(&found, "ship.reachable"), "warn", "{found:#?}");
 }

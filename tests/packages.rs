@@ -323,7 +323,11 @@ fn the_packages_install_record_upgrade_and_refuse_an_unsafe_purge() {
     sh_ok(&format!("userdel {victim}"));
     drop(agent);
     drop(sshd);
-    sh_ok("dpkg --purge shelltrail");
+    let purged = sh_ok("dpkg --purge shelltrail").stdout_str();
+    assert!(
+        purged.contains("keeps the spool /var/lib/shelltrail/spool") && purged.contains("/etc/shelltrail/tls"),
+        "the purge does not say what it keeps: {purged}"
+    );
     assert!(!Path::new("/usr/bin/shelltrail-shell").exists());
     assert!(!Path::new("/etc/ssh/sshd_config.d/shelltrail.conf").exists());
     assert!(

@@ -162,6 +162,28 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// The DER of a PKCS#8 private key (`-----BEGIN PRIVATE KEY-----`) from a
 /// PEM file only its owner can read, checked as [`read_key`] checks TLS
 /// keys: the host's session-signing key is held to the same rule.
+/// When the first certificate in the PEM file at `path` stops being valid
+/// (seconds since the epoch), for `shelltrail doctor`.
+pub fn certificate_not_after(path: &Path) -> Result<i64, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let pem = read(path)?;
+    let der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| TlsError::Pem {
+            path: path.to_path_buf(),
+            why: "no certificate in it".into(),
+        })?
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, TlsError> {
     let pem = read_key(path)?;
     match PrivateKeyDer::from_pem_slice(&pem) {

@@ -571,7 +571,7 @@ fn run(args: Args) -> Result<i32> {
             package_removal: true,
             passwd,
         } => {
-            cli::sshd::release(&sshd.sshd(), &passwd)?;
+            cli::sshd::release(&cli::load_config(config)?, &sshd.sshd(), &passwd)?;
             Ok(0)
         }
         Cmd::Disable { sshd, .. } => {

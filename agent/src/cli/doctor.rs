@@ -380,6 +380,93 @@ fn check_agent(cfg: &Config, out: &mut Vec<Finding>) {
     });
 }
 
+/// How long before a certificate's end doctor starts to warn.
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// The collector this host ships to: its certificate's validity, and
+/// whether a connection (mutual TLS) gets through now.
+fn check_collector(cfg: &Config, out: &mut Vec<Finding>) {
+    if cfg.ship.collector.is_empty() {
+        out.push(finding(
+            "ship.collector",
+            Status::Ok,
+            "no collector configured: recordings stay on this host",
+            "",
+        ));
+        return;
+    }
+    if !cfg.ship.insecure {
+        let now = crate::cli::now_ms() / 1000;
+        for (what, path) in [("this host's certificate", &cfg.ship.cert), ("the CA", &cfg.ship.ca)] {
+            let check = format!("ship.{}", if what.contains("CA") { "ca" } else { "cert" });
+            out.push(match shelltrail_collector::tls::certificate_not_after(path) {
+                Ok(end) if end <= now => finding(
+                    &check,
+                    Status::Fail,
+                    format!(
+                        "{what} {} expired {} days ago: shipping fails",
+                        path.display(),
+                        (now - end) / 86_400
+                    ),
+                    "issue a new one (shelltrail pki issue ... --role host) and restart the agent",
+                ),
+                Ok(end) if end - now < EXPIRY_WARNING_DAYS * 86_400 => finding(
+                    &check,
+                    Status::Warn,
+                    format!("{what} {} expires in {} days", path.display(), (end - now) / 86_400),
+                    "issue a new one before then",
+                ),
+                Ok(end) => finding(
+                    &check,
+                    Status::Ok,
+                    format!(
+                        "{what} {} is valid for {} more days",
+                        path.display(),
+                        (end - now) / 86_400
+                    ),
+                    "",
+                ),
+                Err(e) => finding(&check, Status::Fail, format!("{what}: {e}"), "fix [ship] ca/cert/key"),
+            });
+        }
+    }
+    let reached = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    crate::agent::collector_channel(&cfg.ship),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(shelltrail_collector::tls::with_causes(e.as_ref())),
+                    Err(_) => Err("no answer within 10 s".into()),
+                }
+            })
+        });
+    out.push(match reached {
+        Ok(()) => finding(
+            "ship.reachable",
+            Status::Ok,
+            format!("the collector {} answers (mutual TLS)", cfg.ship.collector),
+            "",
+        ),
+        Err(e) => finding(
+            "ship.reachable",
+            Status::Warn,
+            format!(
+                "the collector {} cannot be reached now ({e}): sessions wait in the spool",
+                cfg.ship.collector
+            ),
+            "check the network, the collector and the certificates (journalctl -u shelltrail-agent says more)",
+        ),
+    });
+}
+
 /// Runs every check; prints them; the exit status (0 fine, 1 warnings, 2 a
 /// bypass or a failure).
 pub fn run(cfg: &Config, o: &Options, json: bool) -> Result<i32> {
@@ -387,6 +474,7 @@ pub fn run(cfg: &Config, o: &Options, json: bool) -> Result<i32> {
     check_sshd(cfg, o, &mut out);
     check_login_shells(&mut out);
     check_agent(cfg, &mut out);
+    check_collector(cfg, &mut out);
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

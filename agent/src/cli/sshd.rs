@@ -218,6 +218,41 @@ pub fn disable(sshd: &Sshd) -> Result<()> {
     sshd.reload_sshd()
 }
 
+/// Says what removing the package leaves behind, and where: recordings
+/// are evidence and keys are keys, removed only by hand.
+fn kept(cfg: &Config) {
+    let rows = crate::cli::Source::open(cfg, None).and_then(|mut s| {
+        s.read_for("");
+        s.list()
+    });
+    match rows {
+        Ok(rows) => {
+            let unshipped = rows.iter().filter(|r| !r.shipped && !r.live).count();
+            let live = rows.iter().filter(|r| r.live).count();
+            println!(
+                "shelltrail: the package's removal keeps the spool {} ({} sessions: {unshipped} ended and not \
+                 shipped to a collector, {live} live), the signing key {}, break-glass files in {}, and the \
+                 TLS keys in /etc/shelltrail/tls; remove them by hand once they are no longer needed",
+                cfg.spool_dir.display(),
+                rows.len(),
+                cfg.signing_key().display(),
+                cfg.fallback_dir().display()
+            );
+            if unshipped > 0 {
+                println!(
+                    "shelltrail: {unshipped} recorded sessions exist only in {}: ship or export them first if they matter",
+                    cfg.spool_dir.display()
+                );
+            }
+        }
+        Err(e) => println!(
+            "shelltrail: the package's removal keeps the spool {} (it cannot be read now: {e:#}), the signing \
+             key and the TLS keys in /etc/shelltrail/tls",
+            cfg.spool_dir.display()
+        ),
+    }
+}
+
 /// Users whose login shell (in `passwd`) is `binary`, the recorder being removed.
 fn recorder_shell_users(passwd: &Path, binary: &str) -> Vec<String> {
     std::fs::read_to_string(passwd)
@@ -236,7 +271,7 @@ fn recorder_shell_users(passwd: &Path, binary: &str) -> Vec<String> {
 /// lock those logins out (sshd runs a ForceCommand or login shell that no
 /// longer exists). Says what to undo; `SHELLTRAIL_FORCE_REMOVE=1` in the
 /// packages' environment skips this.
-pub fn release(sshd: &Sshd, passwd: &Path) -> Result<()> {
+pub fn release(cfg: &Config, sshd: &Sshd, passwd: &Path) -> Result<()> {
     let path = sshd.dropin();
     let before = std::fs::read_to_string(&path).ok();
     if before.is_some() {
@@ -272,6 +307,7 @@ pub fn release(sshd: &Sshd, passwd: &Path) -> Result<()> {
             wired.join("; ")
         );
     }
+    kept(cfg);
     if before.is_some() {
         println!("removed {}: sshd no longer runs the recorder", path.display());
         // The removal goes on: refusing it would not make sshd reload.
