@@ -107,7 +107,8 @@ pub enum Unavailable {
 pub struct ShellConfig {
     /// The shell to run when the user's passwd shell is shelltrail-shell itself.
     pub real_shell: PathBuf,
-    /// What `internal-sftp` (which lives inside sshd) maps to.
+    /// What `internal-sftp` (which lives inside sshd) maps to. Empty: the
+    /// first of [`SFTP_SERVERS`] that exists (Debian's, then RHEL's...).
     pub sftp_server: PathBuf,
     /// Record keystrokes (`i` events). Off by default: input holds secrets.
     pub record_input: bool,
@@ -235,11 +236,35 @@ impl Default for Config {
     }
 }
 
+/// Where distributions install OpenSSH's sftp-server: Debian and Ubuntu,
+/// RHEL and Fedora, Arch, others.
+pub const SFTP_SERVERS: [&str; 4] = [
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+];
+
+impl ShellConfig {
+    /// The sftp-server to run: the configured one, or the first known one
+    /// that exists (Debian's path when none does: the error then names it).
+    pub fn sftp_server(&self) -> PathBuf {
+        if !self.sftp_server.as_os_str().is_empty() {
+            return self.sftp_server.clone();
+        }
+        SFTP_SERVERS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(SFTP_SERVERS[0]))
+    }
+}
+
 impl Default for ShellConfig {
     fn default() -> Self {
         ShellConfig {
             real_shell: "/bin/bash".into(),
-            sftp_server: "/usr/lib/openssh/sftp-server".into(),
+            sftp_server: PathBuf::new(),
             record_input: false,
             record_transfer_payloads: false,
             require_reason: false,

@@ -139,13 +139,14 @@ fn session(inv: &command::Invocation, cfg: &Config, sep: &mut privsep::Separatio
         .flatten()
         .with_context(|| format!("uid {uid} has no passwd entry"))?;
     let original = std::env::var("SSH_ORIGINAL_COMMAND").ok();
+    let sftp_server = cfg.shell.sftp_server();
     let plan = command::plan(
         inv,
         &command::Context {
             original_command: original.as_deref(),
             passwd_shell: &user.shell,
             real_shell: &cfg.shell.real_shell,
-            sftp_server: &cfg.shell.sftp_server,
+            sftp_server: &sftp_server,
         },
     );
     let tty = std::io::stdin().is_terminal();
