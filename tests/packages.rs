@@ -160,7 +160,7 @@ fn wait_session(what: &str, log: &Path, pred: impl Fn(&serde_json::Value) -> boo
 fn the_packages_install_record_upgrade_and_refuse_an_unsafe_purge() {
     let deb = package("target/deb", "shelltrail_", ".deb");
     let upgrade = package("target/deb-upgrade", "shelltrail_", ".deb");
-    let rpm = package("target/generate-rpm", "shelltrail-", ".rpm");
+    let rpm = package("target/rpmbuild/RPMS/x86_64", "shelltrail-", ".rpm");
 
     // What a packager's tools say.
     let lint = sh(&format!("lintian --fail-on error,warning {}", deb.display()));
@@ -178,6 +178,18 @@ fn the_packages_install_record_upgrade_and_refuse_an_unsafe_purge() {
         "/usr/share/man/man1/shelltrail-shell.1",
     ] {
         assert!(files.lines().any(|l| l == want), "the rpm lacks {want}: {files}");
+    }
+    // The directories it owns, with their owners and modes.
+    let modes = sh_ok(&format!(
+        "rpm -qp --queryformat '[%{{FILENAMES}} %{{FILEUSERNAME}} %{{FILEMODES:perms}}\\n]' {}",
+        rpm.display()
+    ))
+    .stdout_str();
+    for want in [
+        "/etc/shelltrail root drwxr-xr-x",
+        "/var/lib/shelltrail shelltrail drwxr-x---",
+    ] {
+        assert!(modes.lines().any(|l| l == want), "the rpm does not own {want}: {modes}");
     }
     let scripts = sh_ok(&format!("rpm -qp --scripts {}", rpm.display())).stdout_str();
     assert!(scripts.contains("disable --package-removal"), "{scripts}");

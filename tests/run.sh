@@ -39,7 +39,7 @@ cargo test "$@"
 # users, /etc/ssh/sshd_config.d), which CI's fresh machine is for.
 # SHELLTRAIL_SKIP_PACKAGES=1 leaves them out elsewhere.
 if [ "${SHELLTRAIL_SKIP_PACKAGES:-}" != 1 ]; then
-  for tool in cargo-deb cargo-generate-rpm; do
+  for tool in cargo-deb; do
     if ! command -v "$tool" >/dev/null 2>&1; then
       echo "== installing $tool from crates.io"
       cargo install --locked --quiet "$tool"
@@ -47,12 +47,12 @@ if [ "${SHELLTRAIL_SKIP_PACKAGES:-}" != 1 ]; then
   done
   echo "== building the packages"
   cargo build --profile dist --bins --quiet
-  rm -rf target/deb target/deb-upgrade target/generate-rpm
+  rm -rf target/deb target/deb-upgrade target/rpmbuild
   cargo deb -p shelltrail --no-build --profile dist --quiet -o target/deb/
   # The same software as a newer version, to upgrade to during a live session.
   version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
   cargo deb -p shelltrail --no-build --profile dist --quiet --deb-version "$version-99" -o target/deb-upgrade/
-  cargo generate-rpm -p agent --profile dist
+  rpmbuild -bb --quiet --define "repo $PWD" --define "_topdir $PWD/target/rpmbuild" packaging/rpm/shelltrail.spec
   echo "== testing the packages"
   cargo test -p shelltrail-tests --test packages -- --ignored
 fi

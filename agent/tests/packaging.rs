@@ -23,7 +23,7 @@ fn scripts() -> Vec<PathBuf> {
             ["preinst", "postinst", "prerm", "postrm"].contains(&n.as_ref())
         })
         .collect();
-    for e in std::fs::read_dir(repo().join("packaging")).unwrap() {
+    for e in std::fs::read_dir(repo().join("packaging/rpm")).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "sh") {
             v.push(p);
@@ -89,9 +89,6 @@ fn assets() -> Vec<(PathBuf, String)> {
     };
     for a in meta["deb"]["assets"].as_array().unwrap() {
         add(a[0].as_str().unwrap(), a[1].as_str().unwrap());
-    }
-    for a in meta["generate-rpm"]["assets"].as_array().unwrap() {
-        add(a["source"].as_str().unwrap(), a["dest"].as_str().unwrap());
     }
     out
 }
@@ -190,7 +187,7 @@ fn the_packages_create_the_recorder_user_without_login_or_home() {
     // adduser never creates /nonexistent (and warns with --no-create-home).
     for (script, tool, no_home) in [
         ("packaging/debian/postinst", "adduser", "--home /nonexistent"),
-        ("packaging/rpm-pre-install.sh", "useradd", "--no-create-home"),
+        ("packaging/rpm/pre-install.sh", "useradd", "--no-create-home"),
     ] {
         let lines = code_lines(&repo().join(script));
         let create = lines

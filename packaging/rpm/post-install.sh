@@ -3,7 +3,7 @@
 # RuntimeDirectory= in the units): the service user owns them, so nothing here,
 # running as root, creates, chowns or chmods anything there (a link the service
 # user planted would make root change whatever it points to).
-# The users and groups exist already (packaging/rpm-pre-install.sh).
+# The users and groups exist already (packaging/rpm/pre-install.sh).
 # Break-glass (see packaging/debian/postinst) and its fallback directory.
 systemd-tmpfiles --create shelltrail.conf >/dev/null 2>&1 || \
     { [ -e /var/lib/shelltrail-breakglass ] || install -d -o shelltrail-rec -g shelltrail -m 2770 /var/lib/shelltrail-breakglass; }
