@@ -92,6 +92,8 @@ struct Sshd(Child, u16);
 
 impl Sshd {
     fn start(dir: &Path, authorized_keys: &Path) -> Sshd {
+        // sshd's privilege separation directory (the service would make it).
+        std::fs::create_dir_all("/run/sshd").unwrap();
         let port = shelltrail_tests::sshd::free_port();
         let host_key = dir.join("host_key");
         if !host_key.exists() {
