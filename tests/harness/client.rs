@@ -13,16 +13,17 @@ use std::time::Duration;
 
 /// The client options for `world`.
 pub fn ssh_options(world: &World) -> Vec<String> {
-    let mut o: Vec<String> = vec![
-        "-F".into(),
-        "/dev/null".into(),
-        "-i".into(),
-        world.client_key.display().to_string(),
-    ];
+    let mut o = base_options(&world.client_key);
     if let Some(cert) = &world.client_cert {
         o.push("-o".into());
         o.push(format!("CertificateFile={}", cert.display()));
     }
+    o
+}
+
+/// No user config, this key only, no host key checks, no prompts.
+fn base_options(key: &std::path::Path) -> Vec<String> {
+    let mut o: Vec<String> = vec!["-F".into(), "/dev/null".into(), "-i".into(), key.display().to_string()];
     for opt in [
         "IdentitiesOnly=yes",
         "StrictHostKeyChecking=no",
@@ -64,20 +65,8 @@ impl Ssh {
     /// A client of an sshd the test started itself (not a world's): port,
     /// user, and the private key sshd accepts for them.
     pub fn to(port: u16, user: &str, key: &std::path::Path) -> Ssh {
-        let mut options: Vec<String> = vec!["-F".into(), "/dev/null".into(), "-i".into(), key.display().to_string()];
-        for opt in [
-            "IdentitiesOnly=yes",
-            "StrictHostKeyChecking=no",
-            "UserKnownHostsFile=/dev/null",
-            "BatchMode=yes",
-            "LogLevel=ERROR",
-            "ConnectTimeout=20",
-        ] {
-            options.push("-o".into());
-            options.push(opt.into());
-        }
         Ssh {
-            options,
+            options: base_options(key),
             port,
             user: user.to_string(),
             args: Vec::new(),

@@ -317,28 +317,13 @@ pub(crate) fn refused(message: String) -> ControlReply {
 
 fn live_row(s: &Session) -> LiveSession {
     let m = &s.open.meta;
-    let auth = m.auth.as_ref().map_or(String::new(), |a| {
-        if a.cert_key_id.is_empty() {
-            format!("{} {}", a.method, a.key_fingerprint).trim().to_string()
-        } else {
-            format!("{} cert {:?} {}", a.method, a.cert_key_id, a.key_fingerprint)
-        }
-    });
     LiveSession {
         session_id: s.id().to_string(),
         user: s.open.peer_user.clone(),
         uid: s.uid(),
-        client: if m.client_addr.is_empty() {
-            "local".into()
-        } else {
-            format!("{}:{}", m.client_addr, m.client_port)
-        },
-        auth,
-        command: if m.original_command.is_empty() {
-            "(shell)".into()
-        } else {
-            m.original_command.clone()
-        },
+        client: crate::cli::sessions::client_of(m),
+        auth: crate::cli::sessions::auth_of(m),
+        command: crate::cli::sessions::command_of(m),
         mode: m.mode.clone(),
         opened_unix_ms: s.open.opened_unix_ms,
         last_activity_unix_ms: s.activity.last_unix_ms.max(s.open.opened_unix_ms),

@@ -60,30 +60,15 @@ pub struct FleetRow {
 fn fleet_row(i: &SessionInfo, now: i64) -> FleetRow {
     let start = i.start.clone().unwrap_or_default();
     let m = start.meta.unwrap_or_default();
-    let auth = m.auth.as_ref().map_or(String::new(), |a| {
-        if a.cert_key_id.is_empty() {
-            format!("{} {}", a.method, a.key_fingerprint).trim().to_string()
-        } else {
-            format!("{} cert {:?} {}", a.method, a.cert_key_id, a.key_fingerprint)
-        }
-    });
     FleetRow {
         id: m.session_id.clone(),
         host: i.host.clone(),
         host_connected: i.host_connected,
         user: start.verified_user.clone(),
         uid: start.verified_uid,
-        client: if m.client_addr.is_empty() {
-            "local".into()
-        } else {
-            format!("{}:{}", m.client_addr, m.client_port)
-        },
-        auth,
-        command: if m.original_command.is_empty() {
-            "(shell)".into()
-        } else {
-            m.original_command.clone()
-        },
+        client: crate::cli::sessions::client_of(&m),
+        auth: crate::cli::sessions::auth_of(&m),
+        command: crate::cli::sessions::command_of(&m),
         mode: m.mode.clone(),
         start_unix_ms: match start.opened_unix_ms {
             0 => m.start_unix_ms,

@@ -84,6 +84,38 @@ struct Verified<'a> {
     opened_unix_ms: i64,
 }
 
+/// How listings show where a session came from: `address:port`, or
+/// `local` for one not started by sshd.
+pub fn client_of(meta: &SessionMeta) -> String {
+    if meta.client_addr.is_empty() {
+        "local".into()
+    } else {
+        format!("{}:{}", meta.client_addr, meta.client_port)
+    }
+}
+
+/// How listings show what a session ran: the client's command, or
+/// `(shell)` for a login shell.
+pub fn command_of(meta: &SessionMeta) -> String {
+    if meta.original_command.is_empty() {
+        "(shell)".into()
+    } else {
+        meta.original_command.clone()
+    }
+}
+
+/// How live listings show how the user logged in: method and key, or the
+/// certificate's key id (ExposeAuthInfo; a claim of sshd's, via the user's file).
+pub fn auth_of(meta: &SessionMeta) -> String {
+    meta.auth.as_ref().map_or(String::new(), |a| {
+        if a.cert_key_id.is_empty() {
+            format!("{} {}", a.method, a.key_fingerprint).trim().to_string()
+        } else {
+            format!("{} cert {:?} {}", a.method, a.cert_key_id, a.key_fingerprint)
+        }
+    })
+}
+
 /// What both sources share: the recorder's metadata, the agent's word, the end.
 fn build(
     meta: &SessionMeta,
@@ -120,17 +152,9 @@ fn build(
         } else {
             host.to_string()
         },
-        client: if meta.client_addr.is_empty() {
-            "local".into()
-        } else {
-            format!("{}:{}", meta.client_addr, meta.client_port)
-        },
+        client: client_of(meta),
         mode: meta.mode.clone(),
-        command: if meta.original_command.is_empty() {
-            "(shell)".into()
-        } else {
-            meta.original_command.clone()
-        },
+        command: command_of(meta),
         reason: meta.reason.clone(),
         break_glass: meta.break_glass,
         start_unix_ms: start,
