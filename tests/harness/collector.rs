@@ -118,20 +118,23 @@ impl Daemon {
         let mut slot = self.child.lock().expect("daemon lock");
         assert!(slot.is_none(), "{} is already running", self.what);
         let offset = std::fs::metadata(&self.log).map_or(0, |m| m.len()) as usize;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("opening a log file");
-        let mut child = shelltrail()
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.what));
+        let spawn = || {
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("opening a log file");
+            shelltrail()
+                .args(&self.args)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", self.what))
+        };
+        let mut child = spawn();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -139,6 +142,16 @@ impl Daemon {
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
+                // The data directory's lock is released when the previous
+                // collector's descriptor is closed everywhere; a child this
+                // test process forks at that moment holds a copy until it
+                // execs (flock locks belong to the open file). Try again.
+                let since = text.get(offset..).unwrap_or_default();
+                if since.contains("is in use by another") && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                    child = spawn();
+                    continue;
+                }
                 panic!(
                     "{} exited ({st}) during start-up\n--- log ---\n{}",
                     self.what,
