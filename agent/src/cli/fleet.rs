@@ -83,27 +83,14 @@ fn fleet_row(i: &SessionInfo, now: i64) -> FleetRow {
 /// The sessions not ended at the collector that match `f`, newest first.
 fn live_sessions(src: &mut Source, f: &Filter) -> Result<Vec<SessionInfo>> {
     let (rt, client, url) = collector(src)?;
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let req = ListSessionsRequest {
-            host: f.host.clone().unwrap_or_default(),
-            user: f.user.clone().unwrap_or_default(),
-            since_unix_ms: f.since_unix_ms.unwrap_or(0),
-            state: list_sessions_request::State::Live.into(),
-            page_token,
-            ..Default::default()
-        };
-        let resp = rt
-            .block_on(client.list_sessions(req))
-            .map_err(|s| status_failure(url, &s))?
-            .into_inner();
-        out.extend(resp.sessions);
-        if resp.next_page_token.is_empty() {
-            return Ok(out);
-        }
-        page_token = resp.next_page_token;
-    }
+    let filter = ListSessionsRequest {
+        host: f.host.clone().unwrap_or_default(),
+        user: f.user.clone().unwrap_or_default(),
+        since_unix_ms: f.since_unix_ms.unwrap_or(0),
+        state: list_sessions_request::State::Live.into(),
+        ..Default::default()
+    };
+    crate::cli::list_pages(rt, client, url, filter)
 }
 
 /// `sessions --live --collector URL [--host H] [--user U] [--since D]`.

@@ -165,23 +165,10 @@ impl Source {
                 Ok(index.sessions.values().map(sessions::from_spool).collect())
             }
             Source::Collector { rt, client, url, .. } => {
-                let mut rows: Vec<Row> = Vec::new();
-                let mut page_token = String::new();
-                loop {
-                    let req = ListSessionsRequest {
-                        page_token,
-                        ..Default::default()
-                    };
-                    let resp = rt
-                        .block_on(client.list_sessions(req))
-                        .map_err(|s| status_failure(url, &s))?
-                        .into_inner();
-                    rows.extend(resp.sessions.iter().map(sessions::from_collector));
-                    if resp.next_page_token.is_empty() {
-                        break;
-                    }
-                    page_token = resp.next_page_token;
-                }
+                let mut rows: Vec<Row> = list_pages(rt, client, url, ListSessionsRequest::default())?
+                    .iter()
+                    .map(sessions::from_collector)
+                    .collect();
                 rows.sort_by(|a, b| a.id.cmp(&b.id));
                 rows.dedup_by(|a, b| a.id == b.id);
                 Ok(rows)
@@ -385,6 +372,29 @@ impl Source {
             buf: Vec::new(),
             pos: 0,
         })
+    }
+}
+
+/// Every session a collector lists for `filter`, following its pages (the
+/// filter's own page_token is where the first page starts).
+pub(crate) fn list_pages(
+    rt: &tokio::runtime::Runtime,
+    client: &mut QueryClient<tonic::transport::Channel>,
+    url: &str,
+    filter: ListSessionsRequest,
+) -> Result<Vec<shelltrail_proto::v1::SessionInfo>> {
+    let mut out = Vec::new();
+    let mut req = filter;
+    loop {
+        let resp = rt
+            .block_on(client.list_sessions(req.clone()))
+            .map_err(|s| status_failure(url, &s))?
+            .into_inner();
+        out.extend(resp.sessions);
+        if resp.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        req.page_token = resp.next_page_token;
     }
 }
 
